@@ -1,0 +1,1 @@
+"""mamba-pkd: Progressive Knowledge Distillation into Mamba students (JAX/Flax)."""

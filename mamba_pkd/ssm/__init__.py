@@ -1,0 +1,1 @@
+"""Pure selective-scan functions (no Flax)."""
