@@ -1,0 +1,406 @@
+"""Selective scan (Mamba-1 S6 recurrence): one contract, several methods.
+
+Notation (code name -> paper symbol, Gu & Dao 2023, Algorithm 2):
+
+  ==========  ===========  ===============================================
+  code        paper        meaning
+  ==========  ===========  ===============================================
+  ``u``       x            input sequence, [batch, L, d_inner]
+  ``delta``   Delta        raw step size (before bias and softplus)
+  ``dt``      Delta        step size after ``softplus(delta + delta_bias)``
+  ``A``       A            state matrix (diagonal per channel), [d_inner, N]
+  ``B``       B            input projection, [batch, L, N]
+  ``C``       C            output projection, [batch, L, N]
+  ``D``       D            skip connection, [d_inner]
+  ``dA``      A-bar        ``exp(dt * A)``, [batch, d_inner, N] per step
+  ``dBu``     B-bar x      ``dt * B * u``, [batch, d_inner, N] per step
+  ``h``       h            hidden state, [batch, d_inner, N]
+  ==========  ===========  ===============================================
+
+Recurrence (zero initial state): ``h_t = dA_t * h_{t-1} + dBu_t`` and
+``y_t[d] = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]``. ``reverse=True`` runs it from
+``t = L - 1`` down to ``0``.
+
+Methods (all agree to float32 rounding and are differentiable):
+
+* ``"sequential"``: ``lax.scan`` over time, discretising inside the step; the
+  reference. Memory O(batch * d_inner * N) per step, autodiff saves every state.
+* ``"parallel"``: ``lax.associative_scan`` over ``(dA, dBu)`` pairs; materialises
+  [batch, L, d_inner, N] tensors (the textbook formulation, memory heavy).
+* ``"chunked"``: associative scan inside chunks of ``chunk_size`` steps, state
+  carried sequentially across chunks; memory bounded by ``chunk_size``.
+* ``"fused"``: ``jax.custom_vjp`` with a scan forward that saves only the inputs
+  and the states at chunk boundaries, and a hand-written backward that recomputes
+  each chunk's states and runs the reverse-time recurrence of the state gradient.
+  The fast path on CPU.
+* ``"pallas"``: the kernel in :mod:`mamba_pkd.ssm.pallas_scan` (imported lazily;
+  ``interpret=True`` off GPU).
+* ``"auto"``: ``"pallas"`` on GPU, ``"fused"`` elsewhere.
+
+Inputs may be float32 or bfloat16; everything is accumulated in float32 (float64
+if the inputs are float64, for gradient checks) and ``y`` is returned in
+``u.dtype``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SCAN_METHODS = ("sequential", "parallel", "chunked", "fused", "pallas", "auto")
+
+# Chunk length of the fused method's backward recomputation (time steps whose
+# states are rebuilt at once). Chosen by experiments/bench_scan.py on CPU.
+FUSED_CHUNK = 16
+
+_logger = logging.getLogger(__name__)
+_AUTO_LOGGED = set()
+
+
+# --------------------------------------------------------------------------
+# Validation and shared preprocessing
+# --------------------------------------------------------------------------
+
+
+def _check_shape(name, x, expected, description):
+  if x is None:
+    raise ValueError(f"{name} is None; expected an array of shape {description} = {expected}")
+  shape = tuple(jnp.shape(x))
+  if shape != tuple(expected):
+    raise ValueError(
+        f"{name} has shape {shape}; expected {description} = {tuple(expected)}")
+
+
+def _validate(u, delta, A, B, C, D, delta_bias, method, chunk_size):
+  """Raises ValueError naming the first bad argument; cheap, shape-only."""
+  if method not in SCAN_METHODS:
+    raise ValueError(f"method={method!r} is not a valid scan method; valid: {SCAN_METHODS}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+  if jnp.ndim(u) != 3:
+    raise ValueError(
+        f"u has shape {tuple(jnp.shape(u))}; expected 3 dims (batch, L, d_inner)")
+  batch, length, d_inner = jnp.shape(u)
+  if jnp.ndim(A) != 2 or jnp.shape(A)[0] != d_inner:
+    raise ValueError(
+        f"A has shape {tuple(jnp.shape(A))}; expected (d_inner, N) with d_inner = {d_inner}")
+  n_state = jnp.shape(A)[1]
+  _check_shape("delta", delta, (batch, length, d_inner), "(batch, L, d_inner)")
+  _check_shape("B", B, (batch, length, n_state), "(batch, L, N)")
+  _check_shape("C", C, (batch, length, n_state), "(batch, L, N)")
+  if D is not None:
+    _check_shape("D", D, (d_inner,), "(d_inner,)")
+  if delta_bias is not None:
+    _check_shape("delta_bias", delta_bias, (d_inner,), "(d_inner,)")
+  for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
+                  ("delta_bias", delta_bias)):
+    if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise ValueError(f"{name} has dtype {jnp.result_type(x)}; expected a floating dtype")
+
+
+def _compute_dtype(*arrays):
+  """float32, or float64 when an input is float64 (x64 gradient checks)."""
+  dtypes = [jnp.result_type(x) for x in arrays if x is not None]
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
+def compute_dt(delta, delta_bias=None, delta_softplus=True, dtype=jnp.float32):
+  """Step size ``dt = softplus(delta + delta_bias)`` in ``dtype``.
+
+  Args:
+    delta: [batch, L, d_inner] raw step size.
+    delta_bias: [d_inner] or None.
+    delta_softplus: apply softplus after the bias.
+    dtype: accumulation dtype.
+
+  Returns:
+    [batch, L, d_inner] array of ``dtype``.
+  """
+  dt = delta.astype(dtype)
+  if delta_bias is not None:
+    dt = dt + delta_bias.astype(dtype)
+  if delta_softplus:
+    dt = jax.nn.softplus(dt)
+  return dt
+
+
+# --------------------------------------------------------------------------
+# Core scans: inputs u, dt [b, l, d]; A [d, n]; B, C [b, l, n]; forward in time.
+# They return the SSM output without the D skip, [b, l, d], compute dtype.
+# --------------------------------------------------------------------------
+
+
+def _scan_sequential(u, dt, A, B, C, reverse):
+  """lax.scan over time; discretises inside the step."""
+  batch, _, d_inner = u.shape
+  n_state = A.shape[1]
+  xs = tuple(jnp.swapaxes(x, 0, 1) for x in (u, dt, B, C))  # time-major
+
+  def step(h, x):
+    u_t, dt_t, b_t, c_t = x  # [b, d], [b, d], [b, n], [b, n]
+    dA = jnp.exp(dt_t[:, :, None] * A)  # [b, d, n]
+    h = dA * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]  # [b, d, n]
+    y_t = jnp.sum(h * c_t[:, None, :], axis=-1)  # [b, d]
+    return h, y_t
+
+  h0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
+  _, ys = lax.scan(step, h0, xs, reverse=reverse)
+  return jnp.swapaxes(ys, 0, 1)
+
+
+def _combine(left, right):
+  """Composition of affine maps h -> a*h + b; ``left`` acts first."""
+  a1, b1 = left
+  a2, b2 = right
+  return a1 * a2, a2 * b1 + b2
+
+
+def _scan_parallel(u, dt, A, B, C, reverse):
+  """Associative scan over materialised (dA, dBu) of shape [b, l, d, n]."""
+  dA = jnp.exp(dt[..., None] * A)  # [b, l, d, n]
+  dBu = (dt * u)[..., None] * B[:, :, None, :]  # [b, l, d, n]
+  _, h = lax.associative_scan(_combine, (dA, dBu), axis=1, reverse=reverse)
+  return jnp.einsum("bldn,bln->bld", h, C)
+
+
+def _pad_time(x, pad):
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _to_chunks(x, n_chunks, chunk):
+  """[b, n_chunks*chunk, ...] -> [n_chunks, b, chunk, ...]."""
+  x = x.reshape((x.shape[0], n_chunks, chunk) + x.shape[2:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _scan_chunked(u, dt, A, B, C, reverse, chunk_size):
+  """Associative scan inside chunks, sequential state carry across chunks.
+
+  The sequence is zero-padded to a multiple of ``chunk_size``: ``dt = 0`` gives
+  the identity element ``(dA, dBu) = (1, 0)``, so padding never changes the state.
+  """
+  if reverse:
+    u, dt, B, C = (jnp.flip(x, axis=1) for x in (u, dt, B, C))
+  batch, length, d_inner = u.shape
+  n_state = A.shape[1]
+  chunk = min(chunk_size, length)
+  n_chunks = -(-length // chunk)
+  pad = n_chunks * chunk - length
+  xs = tuple(_to_chunks(_pad_time(x, pad), n_chunks, chunk) for x in (u, dt, B, C))
+
+  def chunk_step(h, x):
+    u_c, dt_c, b_c, c_c = x  # [b, T, d], [b, T, d], [b, T, n], [b, T, n]
+    dA = jnp.exp(dt_c[..., None] * A)  # [b, T, d, n]
+    dBu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]  # [b, T, d, n]
+    a_cum, h_loc = lax.associative_scan(_combine, (dA, dBu), axis=1)
+    h_all = a_cum * h[:, None] + h_loc  # [b, T, d, n]
+    y_c = jnp.einsum("btdn,btn->btd", h_all, c_c)
+    return h_all[:, -1], y_c
+
+  h0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
+  _, ys = lax.scan(chunk_step, h0, xs)  # [n_chunks, b, T, d]
+  y = jnp.swapaxes(ys, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :length]
+  if reverse:
+    y = jnp.flip(y, axis=1)
+  return y
+
+
+# --------------------------------------------------------------------------
+# Fused: custom_vjp with chunk-boundary checkpoints and a hand-written backward.
+# Internally time-major and padded: u, dt [nc, T, b, d]; B, C [nc, T, b, n].
+# --------------------------------------------------------------------------
+
+
+def _fused_chunk_states(h0, u_c, dt_c, b_c, A):
+  """States of one chunk: returns (H [T, b, d, n], dA [T, b, d, n], dBu [T, b, d, n])."""
+  dA = jnp.exp(dt_c[..., None] * A)  # [T, b, d, n]
+  dBu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]  # [T, b, d, n]
+
+  def step(h, x):
+    dA_t, dBu_t = x
+    h = dA_t * h + dBu_t
+    return h, h
+
+  _, H = lax.scan(step, h0, (dA, dBu))
+  return H, dA, dBu
+
+
+def _fused_forward(u, dt, A, B, C):
+  """Forward over chunks; returns (y [nc, T, b, d], chunk-start states [nc, b, d, n])."""
+  _, _, batch, d_inner = u.shape
+  n_state = A.shape[1]
+
+  def chunk_step(h, x):
+    u_c, dt_c, b_c, c_c = x
+
+    def step(h, xt):
+      u_t, dt_t, b_t, c_t = xt
+      dA = jnp.exp(dt_t[:, :, None] * A)  # [b, d, n]
+      h = dA * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+      return h, jnp.sum(h * c_t[:, None, :], axis=-1)
+
+    h_end, y_c = lax.scan(step, h, (u_c, dt_c, b_c, c_c))
+    return h_end, (y_c, h)
+
+  h0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
+  _, (y, h_starts) = lax.scan(chunk_step, h0, (u, dt, B, C))
+  return y, h_starts
+
+
+@jax.custom_vjp
+def _fused_core(u, dt, A, B, C):
+  y, _ = _fused_forward(u, dt, A, B, C)
+  return y
+
+
+def _fused_core_fwd(u, dt, A, B, C):
+  y, h_starts = _fused_forward(u, dt, A, B, C)
+  return y, (u, dt, A, B, C, h_starts)
+
+
+def _fused_core_bwd(res, gy):
+  """Reverse-time recurrence of the state gradient, chunk by chunk.
+
+  With ``g_t = dL/dh_t``: ``g_t = C_t * gy_t + dA_{t+1} * g_{t+1}``. Per step:
+  ``dC_t = sum_d gy_t h_t``; ``d(dBu_t) = g_t``; ``d(dA_t) = g_t * h_{t-1}`` and
+  ``dA_t * h_{t-1} = h_t - dBu_t``, so the exp-chain terms need only ``h_t`` and
+  ``dBu_t`` (never a division by ``dA``, which may underflow to 0).
+  """
+  u, dt, A, B, C, h_starts = res
+  _, _, batch, d_inner = u.shape
+  n_state = A.shape[1]
+
+  def chunk_step(carry, x):
+    g_next, gA = carry  # [b, d, n] = dA_{t+1} * g_{t+1} at the chunk end; [d, n]
+    u_c, dt_c, b_c, c_c, gy_c, h0 = x
+    H, dA, dBu = _fused_chunk_states(h0, u_c, dt_c, b_c, A)
+
+    def rstep(g_next, xt):
+      dA_t, c_t, gy_t = xt
+      g = c_t[:, None, :] * gy_t[:, :, None] + g_next  # [b, d, n]
+      return dA_t * g, g
+
+    g_prev, G = lax.scan(rstep, g_next, (dA, c_c, gy_c), reverse=True)  # G [T, b, d, n]
+    gC = jnp.einsum("tbdn,tbd->tbn", H, gy_c)
+    gB = jnp.einsum("tbdn,tbd->tbn", G, dt_c * u_c)
+    gBsum = jnp.einsum("tbdn,tbn->tbd", G, b_c)  # sum_n g * B
+    R = G * (H - dBu)  # [T, b, d, n] = g_t * dA_t * h_{t-1}
+    gdt = gBsum * u_c + jnp.einsum("tbdn,dn->tbd", R, A)
+    gu = gBsum * dt_c
+    gA = gA + jnp.einsum("tbdn,tbd->dn", R, dt_c)
+    return (g_prev, gA), (gu, gdt, gB, gC)
+
+  g0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
+  gA0 = jnp.zeros_like(A)
+  (_, gA), (gu, gdt, gB, gC) = lax.scan(
+      chunk_step, (g0, gA0), (u, dt, B, C, gy, h_starts), reverse=True)
+  return gu, gdt, gA, gB, gC
+
+
+_fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
+
+
+def _scan_fused(u, dt, A, B, C, reverse, chunk):
+  if reverse:
+    u, dt, B, C = (jnp.flip(x, axis=1) for x in (u, dt, B, C))
+  batch, length, d_inner = u.shape
+  chunk = min(chunk, length)
+  n_chunks = -(-length // chunk)
+  pad = n_chunks * chunk - length
+
+  def prep(x):  # [b, l, k] -> [nc, T, b, k]
+    x = _pad_time(x, pad)
+    x = jnp.moveaxis(x, 1, 0)
+    return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+  y = _fused_core(prep(u), prep(dt), A, prep(B), prep(C))  # [nc, T, b, d]
+  y = jnp.moveaxis(y.reshape(n_chunks * chunk, batch, d_inner), 0, 1)[:, :length]
+  if reverse:
+    y = jnp.flip(y, axis=1)
+  return y
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+
+def _resolve_auto():
+  """'pallas' on GPU (if its module imports), 'fused' elsewhere; logs the reason once."""
+  platform = jax.default_backend()
+  method, reason = "fused", f"default backend is {platform!r}, not 'gpu'"
+  if platform == "gpu":
+    try:
+      from mamba_pkd.ssm import pallas_scan  # pylint: disable=g-import-not-at-top,unused-import
+      method, reason = "pallas", "default backend is 'gpu'"
+    except ImportError as e:
+      reason = f"default backend is 'gpu' but mamba_pkd.ssm.pallas_scan failed to import: {e}"
+  if method not in _AUTO_LOGGED:
+    _AUTO_LOGGED.add(method)
+    _logger.info("selective_scan method='auto' -> %r (%s)", method, reason)
+  return method
+
+
+def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=True,
+                   reverse=False, method="auto", chunk_size=64):
+  """Selective scan ``y = S6(u)`` with Mamba's discretisation.
+
+  Args:
+    u: [batch, L, d_inner] input, float32 or bfloat16.
+    delta: [batch, L, d_inner] raw step size (bias and softplus applied here).
+    A: [d_inner, N] state matrix (negative real in practice, ``-exp(A_log)``).
+    B: [batch, L, N] input-dependent input projection.
+    C: [batch, L, N] input-dependent output projection.
+    D: [d_inner] skip connection, or None.
+    delta_bias: [d_inner] added to ``delta`` before the softplus, or None.
+    delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+    reverse: run the recurrence from ``t = L - 1`` down to ``0``.
+    method: one of ``SCAN_METHODS``.
+    chunk_size: steps per chunk of the ``"chunked"`` method (>= 1).
+
+  Returns:
+    y: [batch, L, d_inner] in ``u.dtype``.
+
+  Raises:
+    ValueError: bad shapes, dtypes, ``method`` or ``chunk_size``.
+  """
+  _validate(u, delta, A, B, C, D, delta_bias, method, chunk_size)
+  if method == "auto":
+    method = _resolve_auto()
+  if method == "pallas":
+    return _selective_scan_pallas(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse)
+
+  cdt = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+  dt = compute_dt(delta, delta_bias, delta_softplus, cdt)
+  uc, Ac, Bc, Cc = (x.astype(cdt) for x in (u, A, B, C))
+  if method == "sequential":
+    y = _scan_sequential(uc, dt, Ac, Bc, Cc, reverse)
+  elif method == "parallel":
+    y = _scan_parallel(uc, dt, Ac, Bc, Cc, reverse)
+  elif method == "chunked":
+    y = _scan_chunked(uc, dt, Ac, Bc, Cc, reverse, chunk_size)
+  else:  # fused
+    y = _scan_fused(uc, dt, Ac, Bc, Cc, reverse, FUSED_CHUNK)
+  if D is not None:
+    y = y + uc * D.astype(cdt)
+  return y.astype(u.dtype)
+
+
+def _selective_scan_pallas(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse):
+  try:
+    from mamba_pkd.ssm import pallas_scan  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "method='pallas' needs mamba_pkd.ssm.pallas_scan, which failed to import: "
+        f"{e}; use method='fused' instead") from e
+  interpret = jax.default_backend() != "gpu"
+  return pallas_scan.selective_scan_pallas(
+      u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
+      reverse=reverse, interpret=interpret)
