@@ -1,0 +1,120 @@
+"""Analytic inference FLOPs and parameter counts of a :class:`ModelConfig`.
+
+Conventions (per image, inference, batch-independent):
+
+* a multiply-add is 2 FLOPs (matmuls, convolutions, the scan's ``C . h``);
+* every other elementwise arithmetic op is 1 FLOP per element (bias adds,
+  residual adds, products, the softplus/SiLU arithmetic);
+* a transcendental (exp, log, logistic, rsqrt) is 1 FLOP per element.
+
+These match what XLA's ``cost_analysis()`` reports as ``flops +
+transcendentals`` for the matmul-dominated parts exactly; elementwise chains
+are counted the way XLA lowers them (e.g. SiLU = logistic + multiply), so the
+analytic total lands within a few percent of XLA's. :func:`xla_forward_flops`
+reads XLA's number for comparison (tests state the tolerance).
+
+Symbols: L tokens, d = d_model, E = d_inner = expand*d, N = d_state,
+R = dt_rank, K = d_conv, P = patch_size**2 * channels, Q = num_classes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mamba_pkd.models import ModelConfig, create_model, init_params
+
+# Elementwise op counts, per element.
+_SILU = 2          # logistic (transcendental) + multiply
+_SOFTPLUS = 4      # XLA lowers log1p(exp(-|x|)) + max(x, 0): abs/neg, exp, log1p, add/max
+_RMSNORM = 4       # square, (mean: add), rsqrt, multiply, scale (+1 per row, ignored)
+
+
+def mixer_flops(config: ModelConfig) -> dict[str, int]:
+  """FLOPs of one MambaMixer (per image), broken down by part."""
+  tokens, d, e = config.num_tokens, config.d_model, config.d_inner
+  n, r, k = config.d_state, config.resolved_dt_rank, config.d_conv
+  branches = 2 if config.bidirectional else 1
+  per_branch = {
+      "conv1d": tokens * e * (2 * k + 1),                       # depthwise MACs + bias
+      "silu_x": tokens * e * _SILU,
+      "x_proj": 2 * tokens * e * (r + 2 * n),
+      "dt_proj": tokens * e * (2 * r + 1),                      # matmul + bias
+      "softplus": tokens * e * _SOFTPLUS,
+      # per step and (channel, state): dt*A, exp, *B, dA*h + dBu (2), C.h (2) -> 7;
+      # per step and channel: dt*u, D*u + y (2) -> 3.
+      "scan": tokens * e * (7 * n + 3),
+  }
+  out = {name: branches * value for name, value in per_branch.items()}
+  out["in_proj"] = 2 * tokens * d * 2 * e
+  out["branch_sum"] = (branches - 1) * tokens * e
+  out["gate"] = tokens * e * (_SILU + 1)
+  out["out_proj"] = 2 * tokens * e * d
+  return out
+
+
+def model_flops(config: ModelConfig) -> dict[str, int]:
+  """Analytic inference FLOPs per image of ``MambaClassifier(config)``.
+
+  Returns a dict with the parts (``patch_embed``, ``blocks``, ``head``, ...) and
+  ``total``.
+  """
+  tokens, d = config.num_tokens, config.d_model
+  h, w, c = config.image_shape
+  del h, w
+  patch = config.patch_size**2 * c
+  block = sum(mixer_flops(config).values()) + tokens * d * _RMSNORM + tokens * d  # + residual
+  parts = {
+      "patch_embed": tokens * d * (2 * patch + 1) + tokens * d,  # conv + bias + position
+      "blocks": config.n_layers * block,
+      "final_norm": tokens * d * _RMSNORM,
+      "pool": tokens * d if config.pool == "mean" else 0,
+      "connect": (2 * config.connect_dim + 2) * d if config.connect_dim else 0,
+      "head": config.num_classes * (2 * d + 1),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def count_flops(config: ModelConfig) -> int:
+  """Total analytic inference FLOPs per image."""
+  return model_flops(config)["total"]
+
+
+def count_params(config: ModelConfig) -> int:
+  """Analytic parameter count of ``MambaClassifier(config)``."""
+  d, e, n = config.d_model, config.d_inner, config.d_state
+  r, k = config.resolved_dt_rank, config.d_conv
+  branch = (k * e + e) + e * (r + 2 * n) + (r * e + e) + e * n + e  # conv, x_proj, dt_proj, A, D
+  mixer = d * 2 * e + (2 if config.bidirectional else 1) * branch + e * d
+  block = mixer + d  # + RMSNorm weight
+  patch = config.patch_size**2 * config.image_shape[2]
+  return (patch * d + d                       # patch embedding conv + bias
+          + config.num_tokens * d             # position embedding
+          + config.n_layers * block
+          + d                                 # final norm
+          + (config.connect_dim * d + d if config.connect_dim else 0)
+          + d * config.num_classes + config.num_classes)
+
+
+def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, float]:
+  """XLA's own count for the compiled forward, per image.
+
+  Uses the ``sequential`` scan unrolled over time (XLA's cost analysis counts a
+  while-loop body once, not once per iteration), so every step is counted.
+
+  Returns: {"flops", "transcendentals", "total"} per image.
+  """
+  cfg = config.replace(scan_method="sequential_unrolled")
+  params = init_params(cfg, jax.random.key(0))
+  images = jnp.zeros((batch_size, *cfg.image_shape), jnp.float32)
+  prev = jnp.zeros((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None
+  model = create_model(cfg)
+  compiled = jax.jit(lambda p, x, f: model.apply({"params": p}, x, f)).lower(
+      params, images, prev).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
+    cost = cost[0]
+  flops = float(cost.get("flops", 0.0)) / batch_size
+  trans = float(cost.get("transcendentals", 0.0)) / batch_size
+  return {"flops": flops, "transcendentals": trans, "total": flops + trans}

@@ -1,0 +1,162 @@
+"""Mamba image classifiers and the size ladder (teacher down to ~1% of its FLOPs).
+
+An image is cut into non-overlapping ``patch_size`` patches (``patch_size=1``
+gives pixel-level sequences: 784 tokens for MNIST), embedded, given a learned
+position embedding, passed through ``n_layers`` pre-norm Mamba blocks, a final
+RMSNorm, pooled over tokens, and mapped to class logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mamba_pkd import layers
+
+Array = jax.Array
+
+POOLINGS = ("mean", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a :class:`MambaClassifier` (hashable; no ConfigDict).
+
+  Attributes:
+    image_shape: (H, W, C) of the input images.
+    num_classes: number of output logits.
+    patch_size: side of the square patches; must divide H and W.
+    d_model: width of the residual stream.
+    n_layers: number of residual Mamba blocks.
+    d_state: N, SSM state size per channel.
+    expand: d_inner = expand * d_model.
+    d_conv: causal depthwise conv kernel size.
+    dt_rank: step-size projection rank, "auto" = ceil(d_model / 16).
+    bidirectional: add a reversed scan branch in every mixer.
+    pool: "mean" over tokens or the "last" token.
+    connect_dim: width of the previous student's penultimate features that this
+      model reads through a learned projection (0 = no connection).
+    scan_method: selective-scan method (see ``mamba_pkd.ssm.SCAN_METHODS``).
+  """
+
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+  num_classes: int = 10
+  patch_size: int = 4
+  d_model: int = 64
+  n_layers: int = 4
+  d_state: int = 16
+  expand: int = 2
+  d_conv: int = 4
+  dt_rank: int | str = "auto"
+  bidirectional: bool = False
+  pool: str = "mean"
+  connect_dim: int = 0
+  scan_method: str = "auto"
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+    validate_model_config(self)
+
+  @property
+  def num_tokens(self) -> int:
+    h, w, _ = self.image_shape
+    return (h // self.patch_size) * (w // self.patch_size)
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def resolved_dt_rank(self) -> int:
+    return layers.resolve_dt_rank(self.d_model, self.dt_rank)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def validate_model_config(config: ModelConfig) -> None:
+  """Raises ValueError naming the first invalid field of ``config``."""
+  if len(config.image_shape) != 3 or min(config.image_shape) < 1:
+    raise ValueError(f"image_shape must be (H, W, C) of positive ints, got {config.image_shape}")
+  for field in ("num_classes", "patch_size", "d_model", "n_layers", "d_state", "expand", "d_conv"):
+    value = getattr(config, field)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field} must be a positive int, got {value!r}")
+  if config.num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {config.num_classes}")
+  h, w, _ = config.image_shape
+  if h % config.patch_size or w % config.patch_size:
+    raise ValueError(
+        f"patch_size={config.patch_size} must divide the image height and width "
+        f"(image_shape={config.image_shape}); valid patch sizes: "
+        f"{[p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]}")
+  layers.resolve_dt_rank(config.d_model, config.dt_rank)
+  if config.pool not in POOLINGS:
+    raise ValueError(f"pool must be one of {POOLINGS}, got {config.pool!r}")
+  if not isinstance(config.connect_dim, int) or config.connect_dim < 0:
+    raise ValueError(f"connect_dim must be an int >= 0, got {config.connect_dim!r}")
+  from mamba_pkd.ssm.scan import SCAN_METHODS  # pylint: disable=g-import-not-at-top
+  if config.scan_method not in SCAN_METHODS:
+    raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {config.scan_method!r}")
+
+
+class MambaClassifier(nn.Module):
+  """Images -> patches -> Mamba blocks -> norm -> pool -> linear head.
+
+  Call with ``images`` [batch, H, W, C] float; returns logits [batch, num_classes]
+  (float32), or ``(logits, features)`` with ``return_features=True`` where
+  ``features`` [batch, d_model] is the pooled penultimate representation. A model
+  with ``connect_dim > 0`` also takes ``prev_features`` [batch, connect_dim]
+  (the frozen previous student's features), projected and added before the head.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, images: Array, prev_features: Array | None = None,
+               return_features: bool = False):
+    cfg = self.config
+    if images.shape[1:] != cfg.image_shape:
+      raise ValueError(f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}], "
+                       f"got {tuple(images.shape)}")
+    tokens = layers.PatchEmbed(cfg.patch_size, cfg.d_model, name="patch_embed")(images)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.d_model))
+    hidden = tokens + pos  # [B, L, d_model]
+    for i in range(cfg.n_layers):
+      hidden = layers.ResidualBlock(
+          d_model=cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+          dt_rank=cfg.dt_rank, bidirectional=cfg.bidirectional, scan_method=cfg.scan_method,
+          name=f"layers_{i}")(hidden)
+    hidden = layers.RMSNorm(name="norm_f")(hidden)
+    features = hidden.mean(axis=1) if cfg.pool == "mean" else hidden[:, -1]  # [B, d_model]
+    if cfg.connect_dim:
+      if prev_features is None or prev_features.shape[-1] != cfg.connect_dim:
+        raise ValueError(
+            f"this model has connect_dim={cfg.connect_dim}: pass prev_features of shape "
+            f"[batch, {cfg.connect_dim}], got "
+            f"{None if prev_features is None else tuple(prev_features.shape)}")
+      features = features + nn.Dense(cfg.d_model, name="connect")(
+          jax.lax.stop_gradient(prev_features))
+    logits = nn.Dense(cfg.num_classes, name="head")(features).astype(jnp.float32)
+    return (logits, features) if return_features else logits
+
+
+def create_model(config: ModelConfig) -> MambaClassifier:
+  """Returns the Flax module for ``config``."""
+  return MambaClassifier(config)
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict:
+  """Initial parameters of ``MambaClassifier(config)`` (a nested dict of arrays)."""
+  images = jnp.zeros((1, *config.image_shape), jnp.float32)
+  prev = jnp.zeros((1, config.connect_dim), jnp.float32) if config.connect_dim else None
+  return create_model(config).init(rng, images, prev)["params"]
+
+
+def count_params(params: Mapping) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
