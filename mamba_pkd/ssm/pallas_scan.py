@@ -1,0 +1,673 @@
+"""Pallas (Triton-backed) GPU kernel for the Mamba-1 selective scan.
+
+A forward kernel and a backward kernel tied together by a `jax.custom_vjp`.
+The kernels run compiled through the Pallas Triton backend on CUDA GPUs and
+through Pallas' interpreter (`interpret=True`) everywhere else, which is how
+the tests exercise them on CPU.
+
+Notation (code name -> paper symbol, Mamba / S6, Gu & Dao 2023):
+
+    u        x_t        input sequence              [batch, L, d_inner]
+    delta    Delta_t    raw step size (pre softplus) [batch, L, d_inner]
+    dt       Delta_t    step size after bias and softplus
+    A        A          state matrix (diagonal)      [d_inner, N]
+    B, C     B_t, C_t   input-dependent projections  [batch, L, N]
+    D        D          skip connection              [d_inner]
+    dA       A_bar_t    exp(dt * A)                  [d_inner, N] per step
+    dBu      B_bar_t x_t  dt * B * u                 [d_inner, N] per step
+    h        h_t        hidden state                 [d_inner, N]
+    y        y_t        output <C_t, h_t> + D * u_t  [batch, L, d_inner]
+
+Kernel layout. Both kernels run on the grid (batch, d_inner // block_d); each
+program owns one batch row and one tile of `block_d` channels, keeps the state
+tile h [block_d, N] in registers and walks over time with `lax.fori_loop`,
+loading one time step at a time (u_t, delta_t: [block_d]; B_t, C_t: [N]) from
+refs that hold the whole sequence of its tile. Every in-kernel array therefore
+has a power-of-two size (Triton's requirement) whatever L is: the wrapper pads
+d_inner to a multiple of `block_d` and N to a power of two (padded channels
+and states have A = 0, B = C = 0, u = 0, so they stay exactly zero and are
+sliced away). Loads are prefetched `prefetch` steps ahead through the loop
+carry so the global-memory latency overlaps with the arithmetic.
+
+Forward: inputs are read once and y is written once. When differentiated the
+forward also stores the state at the start of every chunk of `chunk_size`
+steps ([batch, num_chunks, d_inner, N], small).
+
+Backward: the same grid walks the chunks in reverse. For each chunk it
+recomputes the chunk's states from the saved start state into a per-program
+scratch buffer in global memory (the Triton backend has no scratch memory; the
+buffer is an extra, discarded output of shape
+[batch, d_tiles, chunk_size, block_d, N] that stays in L2), then runs the
+reverse recurrence
+
+    g_h_t = C_t * gy_t + dA_{t+1} * g_h_{t+1}
+
+accumulating the gradients of u, delta (through bias and softplus), B, C
+(per step, reduced over the channel tile: each tile writes a partial
+[batch, d_tiles, L, N] that the wrapper sums), A, D and delta_bias
+(accumulated per program, summed over batch in the wrapper). h_{t-1} is never
+recovered by dividing by dA (that is unstable when exp underflows).
+
+Everything accumulates in float32; bfloat16 inputs are upcast in the kernel
+and y is returned in `u.dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+try:  # Pallas is an experimental, version-dependent API: import it here only.
+  from jax.experimental import pallas as pl
+  _PALLAS_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as _e:  # pragma: no cover - depends on the installed JAX
+  pl = None
+  _PALLAS_IMPORT_ERROR = _e
+
+try:
+  from jax.experimental.pallas import triton as pltriton
+  _TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as _e:  # pragma: no cover - depends on the installed JAX
+  pltriton = None
+  _TRITON_IMPORT_ERROR = _e
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_D = 32
+DEFAULT_CHUNK_SIZE = 32
+DEFAULT_PREFETCH = 2
+_MAX_BLOCK_D = 1024
+
+
+def pallas_available(interpret: bool) -> tuple[bool, str]:
+  """Says whether this JAX can run the kernel.
+
+  Args:
+    interpret: True for Pallas' interpreter (any backend), False for the
+      compiled Triton kernel (CUDA GPUs).
+
+  Returns:
+    (available, reason): `reason` explains what is missing when unavailable.
+  """
+  if pl is None or not hasattr(pl, "pallas_call"):
+    return False, (
+        f"jax.experimental.pallas is unavailable in JAX {jax.__version__}: "
+        f"{_PALLAS_IMPORT_ERROR!r}")
+  if not interpret:
+    if pltriton is None or not hasattr(pltriton, "CompilerParams"):
+      return False, (
+          "jax.experimental.pallas.triton.CompilerParams is unavailable in JAX "
+          f"{jax.__version__} ({_TRITON_IMPORT_ERROR!r}); the compiled kernel "
+          "needs the Pallas Triton backend (use interpret=True or another "
+          "scan method)")
+    if not hasattr(pltriton, "debug_barrier"):
+      return False, (
+          "jax.experimental.pallas.triton.debug_barrier is unavailable in JAX "
+          f"{jax.__version__}; the compiled backward kernel needs it")
+  return True, ""
+
+
+def _require_pallas(interpret: bool) -> None:
+  ok, reason = pallas_available(interpret)
+  if not ok:
+    raise ImportError(f"selective_scan_pallas: {reason}")
+
+
+# ----------------------------------------------------------------------------
+# Static configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static (hashable) parameters of one kernel instantiation."""
+  seq_len: int          # L
+  chunk_size: int       # K: steps between saved states (<= L)
+  block_d: int          # channels per program
+  reverse: bool
+  delta_softplus: bool
+  interpret: bool
+  num_warps: int
+  prefetch: int         # steps of loads issued ahead of their use
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _chunk_layout(seq_len: int, chunk: int) -> tuple[int, int]:
+  """Chunks in scan order: a partial head chunk of `rem` steps, then full ones.
+
+  Returns:
+    (rem, num_full): chunk 0 is [0, rem) when rem > 0; full chunk c covers
+    [rem + c*chunk, rem + (c+1)*chunk). Putting the partial chunk first keeps
+    every loop bound static: the backward walks the full chunks in a loop and
+    the partial one last.
+  """
+  return seq_len % chunk, seq_len // chunk
+
+
+# ----------------------------------------------------------------------------
+# In-kernel helpers (pure jnp on small float32 tiles).
+
+
+def _step_size(delta, bias, delta_softplus):
+  """dt and d(dt)/d(delta) for raw `delta`, [block_d] each."""
+  x = delta + bias
+  if not delta_softplus:
+    return x, jnp.ones_like(x)
+  # softplus(x) = max(x, 0) + log1p(exp(-|x|)); sigmoid(x) = exp(x - softplus).
+  dt = jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return dt, jnp.exp(x - dt)
+
+
+def _scan_index(i, cfg: _Config):
+  """Sequence position of scan step i (reverse scans walk L-1 .. 0)."""
+  return (cfg.seq_len - 1 - i) if cfg.reverse else i
+
+
+def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, cfg):
+  """Runs `count` (static) scan steps with loads prefetched ahead.
+
+  Args:
+    first: scan step index (traced int) of the first step when not
+      `backwards`, of the last step otherwise.
+    count: static number of steps.
+    step_fn: (k, i, loaded, carry) -> carry, with k the position inside this
+      run (0..count-1 in execution order) and i the scan step index.
+    load_fn: i -> tuple of loaded arrays for scan step i (clamped to [0, L)).
+    carry: loop carry.
+    backwards: execute steps first+count-1 down to first.
+    cfg: static config.
+
+  Returns:
+    The final carry.
+  """
+  last_step = cfg.seq_len - 1
+
+  def index(k):
+    return first + (count - 1 - k) if backwards else first + k
+
+  def clamped_load(k):
+    return load_fn(jnp.clip(index(k), 0, last_step))
+
+  if cfg.prefetch == 0:
+    def body(k, c):
+      i = index(k)
+      return step_fn(k, i, load_fn(i), c)
+    return lax.fori_loop(0, count, body, carry)
+
+  depth = cfg.prefetch
+  buf = tuple(clamped_load(p) for p in range(depth))
+
+  def body_prefetch(k, state):
+    c, buf = state
+    nxt = clamped_load(k + depth)
+    c = step_fn(k, index(k), buf[0], c)
+    return c, buf[1:] + (nxt,)
+
+  carry, _ = lax.fori_loop(0, count, body_prefetch, (carry, buf))
+  return carry
+
+
+def _barrier(cfg: _Config) -> None:
+  """Orders global-memory scratch writes before reads across the program."""
+  if not cfg.interpret:
+    pltriton.debug_barrier()
+
+
+# ----------------------------------------------------------------------------
+# Forward kernel.
+
+
+def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
+                    y_ref, *hs_refs, cfg: _Config):
+  """One (batch row, channel tile) program of the forward scan.
+
+  Refs (leading batch dim squeezed by the BlockSpecs):
+    u_ref, delta_ref: [L, block_d]; a_ref: [block_d, N]; b_ref, c_ref: [L, N];
+    d_ref, bias_ref: [block_d]; y_ref: [L, block_d];
+    hs_refs: () or ([num_chunks, block_d, N],) the state at each chunk start.
+  """
+  f32 = jnp.float32
+  a = a_ref[...].astype(f32)          # [bd, N]
+  d_skip = d_ref[...].astype(f32)     # [bd]
+  bias = bias_ref[...].astype(f32)    # [bd]
+
+  def load(i):
+    t = _scan_index(i, cfg)
+    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :], c_ref[t, :])
+
+  def step(k, i, loaded, h):
+    del k
+    u, delta, b, c = (x.astype(f32) for x in loaded)
+    dt, _ = _step_size(delta, bias, cfg.delta_softplus)
+    d_a = jnp.exp(dt[:, None] * a)                        # [bd, N]
+    h = d_a * h + (dt * u)[:, None] * b[None, :]          # [bd, N]
+    y = jnp.sum(h * c[None, :], axis=1) + d_skip * u      # [bd]
+    y_ref[_scan_index(i, cfg), :] = y.astype(y_ref.dtype)
+    return h
+
+  h = jnp.zeros(a.shape, f32)
+  run = functools.partial(_run_steps, step_fn=step, load_fn=load,
+                          backwards=False, cfg=cfg)
+  if not hs_refs:
+    run(0, cfg.seq_len, carry=h)
+    return
+
+  (hs_ref,) = hs_refs
+  rem, num_full = _chunk_layout(cfg.seq_len, cfg.chunk_size)
+  offset = 1 if rem else 0
+  if rem:
+    hs_ref[0] = h
+    h = run(0, rem, carry=h)
+
+  def chunk_body(c, h):
+    hs_ref[c + offset] = h
+    return run(rem + c * cfg.chunk_size, cfg.chunk_size, carry=h)
+
+  lax.fori_loop(0, num_full, chunk_body, h)
+
+
+# ----------------------------------------------------------------------------
+# Backward kernel.
+
+
+def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
+                     hs_ref, gy_ref,
+                     gu_ref, gdelta_ref, ga_ref, gb_ref, gc_ref, gd_ref,
+                     gbias_ref, scratch_ref, *, cfg: _Config):
+  """One (batch row, channel tile) program of the backward scan.
+
+  Refs (leading batch / tile dims squeezed by the BlockSpecs):
+    inputs as in `_forward_kernel`; hs_ref: [num_chunks, block_d, N];
+    gy_ref: [L, block_d].
+    outputs: gu_ref, gdelta_ref: [L, block_d]; ga_ref: [block_d, N];
+    gb_ref, gc_ref: [L, N] (this tile's partial sums); gd_ref, gbias_ref:
+    [block_d]; scratch_ref: [chunk_size, block_d, N] (h_{t-1} of the chunk).
+  """
+  f32 = jnp.float32
+  a = a_ref[...].astype(f32)          # [bd, N]
+  d_skip = d_ref[...].astype(f32)     # [bd]
+  bias = bias_ref[...].astype(f32)    # [bd]
+
+  def load_fwd(i):
+    t = _scan_index(i, cfg)
+    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :])
+
+  def load_bwd(i):
+    t = _scan_index(i, cfg)
+    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :], c_ref[t, :],
+            gy_ref[t, :])
+
+  def recompute_step(k, i, loaded, h):
+    del i
+    u, delta, b = (x.astype(f32) for x in loaded)
+    scratch_ref[k] = h                                    # h_{i-1}
+    dt, _ = _step_size(delta, bias, cfg.delta_softplus)
+    d_a = jnp.exp(dt[:, None] * a)
+    return d_a * h + (dt * u)[:, None] * b[None, :]
+
+  def make_reverse_step(count):
+    def reverse_step(k, i, loaded, carry):
+      g_next, ga_acc, gd_acc, gbias_acc = carry
+      u, delta, b, c, gy = (x.astype(f32) for x in loaded)
+      h_prev = scratch_ref[count - 1 - k]                 # [bd, N]
+      dt, ddt_ddelta = _step_size(delta, bias, cfg.delta_softplus)
+      d_a = jnp.exp(dt[:, None] * a)                      # [bd, N]
+      dtu = dt * u                                        # [bd]
+      h = d_a * h_prev + dtu[:, None] * b[None, :]        # [bd, N]
+      g_h = c[None, :] * gy[:, None] + g_next             # [bd, N]
+      g_hb = jnp.sum(g_h * b[None, :], axis=1)            # [bd]
+      g_c = jnp.sum(gy[:, None] * h, axis=0)              # [N]
+      g_b = jnp.sum(g_h * dtu[:, None], axis=0)           # [N]
+      g_u = gy * d_skip + dt * g_hb                       # [bd]
+      g_da_da = g_h * h_prev * d_a                        # [bd, N]
+      g_dt = jnp.sum(g_da_da * a, axis=1) + u * g_hb      # [bd]
+      g_delta = g_dt * ddt_ddelta                         # [bd]
+      t = _scan_index(i, cfg)
+      gu_ref[t, :] = g_u.astype(gu_ref.dtype)
+      gdelta_ref[t, :] = g_delta.astype(gdelta_ref.dtype)
+      gb_ref[t, :] = g_b
+      gc_ref[t, :] = g_c
+      return (d_a * g_h,
+              ga_acc + g_da_da * dt[:, None],
+              gd_acc + gy * u,
+              gbias_acc + g_delta)
+    return reverse_step
+
+  def process_chunk(first, count, hs_index, carry):
+    run = functools.partial(_run_steps, first, count, cfg=cfg)
+    run(recompute_step, load_fwd, hs_ref[hs_index], backwards=False)
+    _barrier(cfg)
+    carry = run(make_reverse_step(count), load_bwd, carry, backwards=True)
+    _barrier(cfg)
+    return carry
+
+  rem, num_full = _chunk_layout(cfg.seq_len, cfg.chunk_size)
+  offset = 1 if rem else 0
+  carry = (jnp.zeros(a.shape, f32), jnp.zeros(a.shape, f32),
+           jnp.zeros(d_skip.shape, f32), jnp.zeros(d_skip.shape, f32))
+
+  def chunk_body(j, carry):
+    c = num_full - 1 - j
+    return process_chunk(rem + c * cfg.chunk_size, cfg.chunk_size, c + offset,
+                         carry)
+
+  carry = lax.fori_loop(0, num_full, chunk_body, carry)
+  if rem:
+    carry = process_chunk(0, rem, 0, carry)
+  _, ga_acc, gd_acc, gbias_acc = carry
+  ga_ref[...] = ga_acc
+  gd_ref[...] = gd_acc
+  gbias_ref[...] = gbias_acc
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers (inputs already padded: d_inner % block_d == 0, N a
+# power of two).
+
+
+def _compiler_params(cfg: _Config):
+  if cfg.interpret:
+    return None
+  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _specs(cfg: _Config, num_n: int):
+  """BlockSpecs shared by both kernels, grid (batch, d_tiles)."""
+  seq_len, bd = cfg.seq_len, cfg.block_d
+  seq = pl.BlockSpec((None, seq_len, bd), lambda b, j: (b, 0, j))
+  mat = pl.BlockSpec((bd, num_n), lambda b, j: (j, 0))
+  proj = pl.BlockSpec((None, seq_len, num_n), lambda b, j: (b, 0, 0))
+  vec = pl.BlockSpec((bd,), lambda b, j: (j,))
+  return seq, mat, proj, vec
+
+
+def _forward_call(u, delta, a, b, c, d_skip, bias, cfg: _Config, save: bool):
+  """Runs the forward kernel; returns y [b, L, d] and (if save) hs."""
+  batch, seq_len, d_inner = u.shape
+  num_n = a.shape[1]
+  seq, mat, proj, vec = _specs(cfg, num_n)
+  out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+  out_specs = [seq]
+  if save:
+    rem, num_full = _chunk_layout(seq_len, cfg.chunk_size)
+    num_chunks = num_full + (1 if rem else 0)
+    out_shape.append(jax.ShapeDtypeStruct(
+        (batch, num_chunks, d_inner, num_n), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, num_chunks, cfg.block_d, num_n),
+                                  lambda b_, j: (b_, 0, j, 0)))
+  outs = pl.pallas_call(
+      functools.partial(_forward_kernel, cfg=cfg),
+      out_shape=out_shape,
+      grid=(batch, d_inner // cfg.block_d),
+      in_specs=[seq, seq, mat, proj, proj, vec, vec],
+      out_specs=out_specs,
+      interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg),
+      name="selective_scan_fwd",
+  )(u, delta, a, b, c, d_skip, bias)
+  return outs[0], (outs[1] if save else None)
+
+
+def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
+  """Runs the backward kernel; returns the gradients of all seven inputs."""
+  batch, seq_len, d_inner = u.shape
+  num_n = a.shape[1]
+  bd = cfg.block_d
+  d_tiles = d_inner // bd
+  seq, mat, proj, vec = _specs(cfg, num_n)
+  hs_spec = pl.BlockSpec((None, hs.shape[1], bd, num_n),
+                         lambda b_, j: (b_, 0, j, 0))
+  f32 = jnp.float32
+  out_shape = [
+      jax.ShapeDtypeStruct(u.shape, u.dtype),                          # gu
+      jax.ShapeDtypeStruct(delta.shape, delta.dtype),                  # gdelta
+      jax.ShapeDtypeStruct((batch, d_inner, num_n), f32),              # gA
+      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gB
+      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gC
+      jax.ShapeDtypeStruct((batch, d_inner), f32),                     # gD
+      jax.ShapeDtypeStruct((batch, d_inner), f32),                     # gbias
+      jax.ShapeDtypeStruct((batch, d_tiles, cfg.chunk_size, bd, num_n),
+                           f32),                                       # scratch
+  ]
+  partial_proj = pl.BlockSpec((None, None, seq_len, num_n),
+                              lambda b_, j: (b_, j, 0, 0))
+  per_row_vec = pl.BlockSpec((None, bd), lambda b_, j: (b_, j))
+  out_specs = [
+      seq, seq,
+      pl.BlockSpec((None, bd, num_n), lambda b_, j: (b_, j, 0)),
+      partial_proj, partial_proj,
+      per_row_vec, per_row_vec,
+      pl.BlockSpec((None, None, cfg.chunk_size, bd, num_n),
+                   lambda b_, j: (b_, j, 0, 0, 0)),
+  ]
+  gu, gdelta, ga, gb, gc, gd, gbias, _ = pl.pallas_call(
+      functools.partial(_backward_kernel, cfg=cfg),
+      out_shape=out_shape,
+      grid=(batch, d_tiles),
+      in_specs=[seq, seq, mat, proj, proj, vec, vec, hs_spec, seq],
+      out_specs=out_specs,
+      interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg),
+      name="selective_scan_bwd",
+  )(u, delta, a, b, c, d_skip, bias, hs, gy)
+  return (gu, gdelta,
+          jnp.sum(ga, axis=0).astype(a.dtype),
+          jnp.sum(gb, axis=1).astype(b.dtype),
+          jnp.sum(gc, axis=1).astype(c.dtype),
+          jnp.sum(gd, axis=0).astype(d_skip.dtype),
+          jnp.sum(gbias, axis=0).astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _scan_padded(u, delta, a, b, c, d_skip, bias, cfg):
+  y, _ = _forward_call(u, delta, a, b, c, d_skip, bias, cfg, save=False)
+  return y
+
+
+def _scan_padded_fwd(u, delta, a, b, c, d_skip, bias, cfg):
+  y, hs = _forward_call(u, delta, a, b, c, d_skip, bias, cfg, save=True)
+  return y, (u, delta, a, b, c, d_skip, bias, hs)
+
+
+def _scan_padded_bwd(cfg, residuals, gy):
+  u, delta, a, b, c, d_skip, bias, hs = residuals
+  return _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg)
+
+
+_scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+def _check_shape(name: str, x, expected: tuple[int, ...], names: str) -> None:
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(
+        f"{name} has shape {tuple(x.shape)}; expected {names} = "
+        f"{tuple(expected)}")
+
+
+def _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size,
+              num_warps, prefetch) -> None:
+  """Raises ValueError naming the first bad argument."""
+  if u.ndim != 3:
+    raise ValueError(
+        f"u has shape {tuple(u.shape)}; expected (batch, L, d_inner) with 3 "
+        "dimensions")
+  batch, seq_len, d_inner = u.shape
+  if seq_len < 1 or batch < 1 or d_inner < 1:
+    raise ValueError(
+        f"u has shape {tuple(u.shape)}; batch, L and d_inner must all be >= 1")
+  _check_shape("delta", delta, u.shape, "(batch, L, d_inner)")
+  if A.ndim != 2:
+    raise ValueError(
+        f"A has shape {tuple(A.shape)}; expected (d_inner, N) with d_inner = "
+        f"{d_inner}")
+  num_n = A.shape[1]
+  _check_shape("A", A, (d_inner, num_n), "(d_inner, N)")
+  _check_shape("B", B, (batch, seq_len, num_n), "(batch, L, N)")
+  _check_shape("C", C, (batch, seq_len, num_n), "(batch, L, N)")
+  if D is not None:
+    _check_shape("D", D, (d_inner,), "(d_inner,)")
+  if delta_bias is not None:
+    _check_shape("delta_bias", delta_bias, (d_inner,), "(d_inner,)")
+  for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
+                  ("D", D), ("delta_bias", delta_bias)):
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(
+          f"{name} has dtype {x.dtype}; expected a floating dtype "
+          "(float32 or bfloat16)")
+  if block_d is not None and (
+      not isinstance(block_d, int) or not _is_power_of_two(block_d)
+      or block_d > _MAX_BLOCK_D):
+    raise ValueError(
+        f"block_d={block_d!r} is invalid; expected a power of two in "
+        f"[1, {_MAX_BLOCK_D}] (d_inner={d_inner} is padded up to a multiple "
+        "of block_d), e.g. 16, 32 or 64")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(
+        f"chunk_size={chunk_size!r} is invalid; expected an int >= 1")
+  if num_warps is not None and (
+      not isinstance(num_warps, int) or not _is_power_of_two(num_warps)
+      or num_warps > 32):
+    raise ValueError(
+        f"num_warps={num_warps!r} is invalid; expected a power of two in "
+        "[1, 32]")
+  if not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
+    raise ValueError(
+        f"prefetch={prefetch!r} is invalid; expected an int in [0, 8]")
+
+
+def default_block_d(d_inner: int) -> int:
+  """The channel tile used when `block_d` is None."""
+  return min(DEFAULT_BLOCK_D, _next_power_of_two(d_inner))
+
+
+def default_num_warps(block_d: int, num_n: int) -> int:
+  """Warps per program: about 256 state elements per warp, 1 to 4 warps."""
+  return int(min(4, max(1, (block_d * _next_power_of_two(num_n)) // 256)))
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
+                          delta_softplus=True, reverse=False, block_d=None,
+                          interpret=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                          num_warps=None, prefetch=DEFAULT_PREFETCH):
+  """Selective scan (Mamba-1) as a Pallas kernel with a kernel backward.
+
+  Computes, with zero initial state and float32 accumulation,
+  `dt = softplus(delta + delta_bias)`, `h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`,
+  `y_t = <C_t, h_t> + D u_t` (see the module docstring).
+
+  Args:
+    u: [batch, L, d_inner] float32 or bfloat16 input.
+    delta: [batch, L, d_inner] raw step sizes (same dtype family as u).
+    A: [d_inner, N] float32 state matrix (negative in practice).
+    B: [batch, L, N] input projection.
+    C: [batch, L, N] output projection.
+    D: [d_inner] skip connection, or None.
+    delta_bias: [d_inner] added to delta before the softplus, or None.
+    delta_softplus: apply softplus to delta (+ bias).
+    reverse: run the recurrence from t = L-1 down to 0.
+    block_d: channels per kernel program, a power of two; d_inner is padded
+      up to a multiple of it. None: `default_block_d(d_inner)`.
+    interpret: run through Pallas' interpreter. None: interpret unless the
+      default backend is a GPU.
+    chunk_size: steps between the states saved for the backward (>= 1).
+    num_warps: Triton warps per program (power of two). None:
+      `default_num_warps(block_d, N)`.
+    prefetch: how many steps ahead the kernels issue their loads (0..8).
+
+  Returns:
+    y: [batch, L, d_inner] in u.dtype.
+
+  Raises:
+    ValueError: a shape, dtype or tile argument is invalid (raised before any
+      work).
+    ImportError: the installed JAX lacks the Pallas features the kernel needs.
+  """
+  _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps,
+            prefetch)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  interpret = bool(interpret)
+  _require_pallas(interpret)
+
+  batch, seq_len, d_inner = u.shape
+  num_n = A.shape[1]
+  bd = default_block_d(d_inner) if block_d is None else block_d
+  n_pad = _next_power_of_two(num_n)
+  d_pad = -(-d_inner // bd) * bd
+  cfg = _Config(
+      seq_len=seq_len,
+      chunk_size=min(chunk_size, seq_len),
+      block_d=bd,
+      reverse=bool(reverse),
+      delta_softplus=bool(delta_softplus),
+      interpret=interpret,
+      num_warps=default_num_warps(bd, n_pad) if num_warps is None else num_warps,
+      prefetch=prefetch,
+  )
+
+  f32 = jnp.float32
+  d_skip = jnp.zeros((d_inner,), f32) if D is None else D
+  bias = jnp.zeros((d_inner,), f32) if delta_bias is None else delta_bias
+  pad_d, pad_n = d_pad - d_inner, n_pad - num_n
+  if pad_d or pad_n:
+    # Padded channels/states: A = 0, B = C = 0, u = 0 -> their state stays 0.
+    u_p = jnp.pad(u, ((0, 0), (0, 0), (0, pad_d)))
+    delta_p = jnp.pad(delta, ((0, 0), (0, 0), (0, pad_d)))
+    a_p = jnp.pad(A, ((0, pad_d), (0, pad_n)))
+    b_p = jnp.pad(B, ((0, 0), (0, 0), (0, pad_n)))
+    c_p = jnp.pad(C, ((0, 0), (0, 0), (0, pad_n)))
+    d_p = jnp.pad(d_skip, (0, pad_d))
+    bias_p = jnp.pad(bias, (0, pad_d))
+  else:
+    u_p, delta_p, a_p, b_p, c_p, d_p, bias_p = (
+        u, delta, A, B, C, d_skip, bias)
+  y = _scan_padded(u_p, delta_p, a_p, b_p, c_p, d_p, bias_p, cfg)
+  return y[:, :, :d_inner] if pad_d else y
+
+
+def selective_scan_pallas_reference(u, delta, A, B, C, D=None, *,
+                                    delta_bias=None, delta_softplus=True,
+                                    reverse=False):
+  """Plain `lax.scan` version of `selective_scan_pallas` (same arguments).
+
+  The slow reference kept beside the kernel: float32 accumulation, y in
+  u.dtype. Shapes as in `selective_scan_pallas`.
+  """
+  f32 = jnp.float32
+  x = delta.astype(f32)
+  if delta_bias is not None:
+    x = x + delta_bias.astype(f32)
+  dt = jax.nn.softplus(x) if delta_softplus else x        # [b, L, d]
+  uf = u.astype(f32)
+  a = A.astype(f32)
+
+  def step(h, inputs):
+    dt_t, u_t, b_t, c_t = inputs                           # [b,d],[b,d],[b,N]
+    d_a = jnp.exp(dt_t[:, :, None] * a)                    # [b, d, N]
+    h = d_a * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+    return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in
+             (dt, uf, B.astype(f32), C.astype(f32)))
+  h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), f32)
+  _, ys = lax.scan(step, h0, xs, reverse=reverse)
+  y = jnp.moveaxis(ys, 0, 1)
+  if D is not None:
+    y = y + D.astype(f32) * uf
+  return y.astype(u.dtype)
