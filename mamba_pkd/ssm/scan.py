@@ -44,6 +44,7 @@ if the inputs are float64, for gradient checks) and ``y`` is returned in
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -51,10 +52,6 @@ import jax.numpy as jnp
 from jax import lax
 
 SCAN_METHODS = ("sequential", "parallel", "chunked", "fused", "pallas", "auto")
-
-# Chunk length of the fused method's backward recomputation (time steps whose
-# states are rebuilt at once). Chosen by experiments/bench_scan.py on CPU.
-FUSED_CHUNK = 16
 
 _logger = logging.getLogger(__name__)
 _AUTO_LOGGED = set()
@@ -214,114 +211,157 @@ def _scan_chunked(u, dt, A, B, C, reverse, chunk_size):
 
 # --------------------------------------------------------------------------
 # Fused: custom_vjp with chunk-boundary checkpoints and a hand-written backward.
-# Internally time-major and padded: u, dt [nc, T, b, d]; B, C [nc, T, b, n].
+#
+# Layout, chosen by measurement on a 2-core CPU (experiments/bench_scan.py):
+#  * the state is kept as [bt, N, d_inner] (d_inner minor): reductions over N
+#    are then vector adds, where a minor-axis reduction over N = 16 was ~2x slower;
+#  * the batch is cut into tiles of bt rows (lax.map over tiles) so that a tile's
+#    state (~64 KiB) stays in L1/L2 across all time steps; one big [batch, D, N]
+#    state (512 KiB at batch 64, D 128) was ~2x slower per element;
+#  * time is cut into nc chunks of T steps; the forward saves only the state at
+#    each chunk start ([nb, nc, bt, N, d_inner]); the backward recomputes one
+#    chunk's states ([T, bt, N, d_inner]) and then runs the reverse recurrence
+#    step by step, computing every gradient inside that step.
+# Tiled arrays: u, dt, gy [nb, nc, T, bt, d]; B, C [nb, nc, T, bt, N]; At [N, d].
 # --------------------------------------------------------------------------
 
-
-def _fused_chunk_states(h0, u_c, dt_c, b_c, A):
-  """States of one chunk: returns (H [T, b, d, n], dA [T, b, d, n], dBu [T, b, d, n])."""
-  dA = jnp.exp(dt_c[..., None] * A)  # [T, b, d, n]
-  dBu = (dt_c * u_c)[..., None] * b_c[:, :, None, :]  # [T, b, d, n]
-
-  def step(h, x):
-    dA_t, dBu_t = x
-    h = dA_t * h + dBu_t
-    return h, h
-
-  _, H = lax.scan(step, h0, (dA, dBu))
-  return H, dA, dBu
+# Largest chunk (time steps whose states the backward rebuilds at once) and the
+# target number of state elements per batch tile (16384 floats = 64 KiB).
+FUSED_MAX_CHUNK = 32
+FUSED_TILE_ELEMENTS = 16384
 
 
-def _fused_forward(u, dt, A, B, C):
-  """Forward over chunks; returns (y [nc, T, b, d], chunk-start states [nc, b, d, n])."""
-  _, _, batch, d_inner = u.shape
-  n_state = A.shape[1]
+def fused_geometry(batch, length, d_inner, n_state, max_chunk=FUSED_MAX_CHUNK,
+                   tile_elements=FUSED_TILE_ELEMENTS):
+  """Tiling of the fused method: returns (nb, bt, nc, T).
+
+  ``nb * bt >= batch`` and ``nc * T >= length``, with the padding kept small:
+  ``bt`` rows per batch tile (about ``tile_elements`` state elements) and ``T``
+  steps per chunk (at most ``max_chunk``).
+  """
+  bt_max = max(1, min(batch, tile_elements // (d_inner * n_state)))
+  nb = -(-batch // bt_max)
+  bt = -(-batch // nb)
+  nc = -(-length // max_chunk)
+  chunk = -(-length // nc)
+  return nb, bt, nc, chunk
+
+
+def _to_tiles(x, nb, bt, nc, chunk):
+  """[batch, L, k] -> [nb, nc, T, bt, k], zero-padded (zeros are inert: dt = 0)."""
+  batch, length, k = x.shape
+  x = jnp.pad(x, ((0, nb * bt - batch), (0, nc * chunk - length), (0, 0)))
+  return x.reshape(nb, bt, nc, chunk, k).transpose(0, 2, 3, 1, 4)
+
+
+def _from_tiles(x, batch, length):
+  """[nb, nc, T, bt, k] -> [batch, L, k] (drops the padding)."""
+  nb, nc, chunk, bt, k = x.shape
+  x = x.transpose(0, 3, 1, 2, 4).reshape(nb * bt, nc * chunk, k)
+  return x[:batch, :length]
+
+
+def _fused_step(h, u_t, dt_t, b_t, At):
+  """One step: h [bt, N, d]; u_t, dt_t [bt, d]; b_t [bt, N] -> (h_t, dA_t)."""
+  dA = jnp.exp(dt_t[:, None, :] * At)  # [bt, N, d]
+  return dA * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None], dA
+
+
+def _fused_tile_forward(u, dt, At, B, C, save_states):
+  """Forward of one batch tile: y [nc, T, bt, d] (and chunk-start states [nc, bt, N, d])."""
+  n_state, d_inner = At.shape
 
   def chunk_step(h, x):
-    u_c, dt_c, b_c, c_c = x
-
     def step(h, xt):
       u_t, dt_t, b_t, c_t = xt
-      dA = jnp.exp(dt_t[:, :, None] * A)  # [b, d, n]
-      h = dA * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-      return h, jnp.sum(h * c_t[:, None, :], axis=-1)
+      h, _ = _fused_step(h, u_t, dt_t, b_t, At)
+      return h, jnp.einsum("bnd,bn->bd", h, c_t)
 
-    h_end, y_c = lax.scan(step, h, (u_c, dt_c, b_c, c_c))
-    return h_end, (y_c, h)
+    h_end, y_c = lax.scan(step, h, x)
+    return h_end, ((y_c, h) if save_states else y_c)
 
-  h0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
-  _, (y, h_starts) = lax.scan(chunk_step, h0, (u, dt, B, C))
-  return y, h_starts
+  h0 = jnp.zeros((u.shape[2], n_state, d_inner), u.dtype)
+  _, out = lax.scan(chunk_step, h0, (u, dt, B, C))
+  return out
+
+
+def _fused_tile_backward(u, dt, At, B, C, gy, h_starts):
+  """Backward of one batch tile; returns ((gu, gdt, gB, gC) tiled, gA [N, d]).
+
+  With ``g_t = dL/dh_t`` (total, through later states):
+  ``g_t = C_t gy_t + dA_{t+1} g_{t+1}``, and per step
+  ``dL/dC_t = sum_d gy_t h_t``, ``dL/dB_t = sum_d g_t dt_t u_t``,
+  ``dL/du_t = dt_t sum_N g_t B_t``,
+  ``dL/ddt_t = u_t sum_N g_t B_t + sum_N A g_t dA_t h_{t-1}``,
+  ``dL/dA = sum_{b,t} dt_t g_t dA_t h_{t-1}``.
+  ``h_{t-1}`` comes from recomputing the chunk forward from its saved start
+  state (never from dividing by ``dA``, which may underflow to 0).
+  """
+
+  def chunk_step(carry, x):
+    g_next, gA = carry  # [bt, N, d] = dA_{t+1} g_{t+1} past the chunk end; [bt, N, d]
+    u_c, dt_c, b_c, c_c, gy_c, h0 = x
+
+    def recompute(h, xt):
+      u_t, dt_t, b_t, gy_t = xt
+      h_new, _ = _fused_step(h, u_t, dt_t, b_t, At)
+      return h_new, (h, jnp.einsum("bnd,bd->bn", h_new, gy_t))  # h_{t-1}, dL/dC_t
+
+    _, (h_prev, gC) = lax.scan(recompute, h0, (u_c, dt_c, b_c, gy_c))
+
+    def reverse_step(carry, xt):
+      g_next, gA = carry
+      u_t, dt_t, b_t, c_t, gy_t, hp_t = xt
+      dA = jnp.exp(dt_t[:, None, :] * At)  # [bt, N, d]
+      g = c_t[:, :, None] * gy_t[:, None, :] + g_next  # [bt, N, d]
+      gB = jnp.einsum("bnd,bd->bn", g, dt_t * u_t)
+      g_bsum = jnp.sum(g * b_t[:, :, None], axis=1)  # [bt, d]
+      r = g * dA * hp_t  # [bt, N, d] = g_t dA_t h_{t-1}
+      gdt = g_bsum * u_t + jnp.sum(r * At, axis=1)
+      gA = gA + r * dt_t[:, None, :]  # summed over the tile after the scan
+      return (dA * g, gA), (g_bsum * dt_t, gdt, gB)
+
+    carry, (gu, gdt, gB) = lax.scan(
+        reverse_step, (g_next, gA), (u_c, dt_c, b_c, c_c, gy_c, h_prev), reverse=True)
+    return carry, (gu, gdt, gB, gC)
+
+  zeros = jnp.zeros(h_starts.shape[1:], u.dtype)  # [bt, N, d]
+  (_, gA), grads = lax.scan(chunk_step, (zeros, zeros), (u, dt, B, C, gy, h_starts),
+                            reverse=True)
+  return grads, jnp.sum(gA, axis=0)
 
 
 @jax.custom_vjp
-def _fused_core(u, dt, A, B, C):
-  y, _ = _fused_forward(u, dt, A, B, C)
-  return y
+def _fused_core(u, dt, At, B, C):
+  return lax.map(lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], False),
+                 (u, dt, B, C))
 
 
-def _fused_core_fwd(u, dt, A, B, C):
-  y, h_starts = _fused_forward(u, dt, A, B, C)
-  return y, (u, dt, A, B, C, h_starts)
+def _fused_core_fwd(u, dt, At, B, C):
+  y, h_starts = lax.map(lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], True),
+                        (u, dt, B, C))
+  return y, (u, dt, At, B, C, h_starts)
 
 
 def _fused_core_bwd(res, gy):
-  """Reverse-time recurrence of the state gradient, chunk by chunk.
-
-  With ``g_t = dL/dh_t``: ``g_t = C_t * gy_t + dA_{t+1} * g_{t+1}``. Per step:
-  ``dC_t = sum_d gy_t h_t``; ``d(dBu_t) = g_t``; ``d(dA_t) = g_t * h_{t-1}`` and
-  ``dA_t * h_{t-1} = h_t - dBu_t``, so the exp-chain terms need only ``h_t`` and
-  ``dBu_t`` (never a division by ``dA``, which may underflow to 0).
-  """
-  u, dt, A, B, C, h_starts = res
-  _, _, batch, d_inner = u.shape
-  n_state = A.shape[1]
-
-  def chunk_step(carry, x):
-    g_next, gA = carry  # [b, d, n] = dA_{t+1} * g_{t+1} at the chunk end; [d, n]
-    u_c, dt_c, b_c, c_c, gy_c, h0 = x
-    H, dA, dBu = _fused_chunk_states(h0, u_c, dt_c, b_c, A)
-
-    def rstep(g_next, xt):
-      dA_t, c_t, gy_t = xt
-      g = c_t[:, None, :] * gy_t[:, :, None] + g_next  # [b, d, n]
-      return dA_t * g, g
-
-    g_prev, G = lax.scan(rstep, g_next, (dA, c_c, gy_c), reverse=True)  # G [T, b, d, n]
-    gC = jnp.einsum("tbdn,tbd->tbn", H, gy_c)
-    gB = jnp.einsum("tbdn,tbd->tbn", G, dt_c * u_c)
-    gBsum = jnp.einsum("tbdn,tbn->tbd", G, b_c)  # sum_n g * B
-    R = G * (H - dBu)  # [T, b, d, n] = g_t * dA_t * h_{t-1}
-    gdt = gBsum * u_c + jnp.einsum("tbdn,dn->tbd", R, A)
-    gu = gBsum * dt_c
-    gA = gA + jnp.einsum("tbdn,tbd->dn", R, dt_c)
-    return (g_prev, gA), (gu, gdt, gB, gC)
-
-  g0 = jnp.zeros((batch, d_inner, n_state), u.dtype)
-  gA0 = jnp.zeros_like(A)
-  (_, gA), (gu, gdt, gB, gC) = lax.scan(
-      chunk_step, (g0, gA0), (u, dt, B, C, gy, h_starts), reverse=True)
-  return gu, gdt, gA, gB, gC
+  u, dt, At, B, C, h_starts = res
+  (gu, gdt, gB, gC), gA = lax.map(
+      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], x[4], x[5]),
+      (u, dt, B, C, gy, h_starts))
+  return gu, gdt, jnp.sum(gA, axis=0), gB, gC
 
 
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
-def _scan_fused(u, dt, A, B, C, reverse, chunk):
+def _scan_fused(u, dt, A, B, C, reverse):
   if reverse:
     u, dt, B, C = (jnp.flip(x, axis=1) for x in (u, dt, B, C))
   batch, length, d_inner = u.shape
-  chunk = min(chunk, length)
-  n_chunks = -(-length // chunk)
-  pad = n_chunks * chunk - length
-
-  def prep(x):  # [b, l, k] -> [nc, T, b, k]
-    x = _pad_time(x, pad)
-    x = jnp.moveaxis(x, 1, 0)
-    return x.reshape((n_chunks, chunk) + x.shape[1:])
-
-  y = _fused_core(prep(u), prep(dt), A, prep(B), prep(C))  # [nc, T, b, d]
-  y = jnp.moveaxis(y.reshape(n_chunks * chunk, batch, d_inner), 0, 1)[:, :length]
+  nb, bt, nc, chunk = fused_geometry(batch, length, d_inner, A.shape[1])
+  tiles = functools.partial(_to_tiles, nb=nb, bt=bt, nc=nc, chunk=chunk)
+  y = _fused_core(tiles(u), tiles(dt), A.T, tiles(B), tiles(C))  # [nb, nc, T, bt, d]
+  y = _from_tiles(y, batch, length)
   if reverse:
     y = jnp.flip(y, axis=1)
   return y
@@ -387,7 +427,7 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
   elif method == "chunked":
     y = _scan_chunked(uc, dt, Ac, Bc, Cc, reverse, chunk_size)
   else:  # fused
-    y = _scan_fused(uc, dt, Ac, Bc, Cc, reverse, FUSED_CHUNK)
+    y = _scan_fused(uc, dt, Ac, Bc, Cc, reverse)
   if D is not None:
     y = y + uc * D.astype(cdt)
   return y.astype(u.dtype)
