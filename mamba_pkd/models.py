@@ -160,3 +160,66 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
 def count_params(params: Mapping) -> int:
   """Total number of scalars in a parameter pytree."""
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------
+# The size ladder.
+# ----------------------------------------------------------------------------
+
+# (d_model, n_layers, d_state) per named size, patch size per family. Students
+# climb from ~1% of the teacher's FLOPs by ~1.6-2x a rung (printed exactly by
+# `python -m mamba_pkd.main --ladder`; see the README's table).
+LADDERS: dict[str, dict] = {
+    # 28x28 inputs (MNIST, Fashion-MNIST), 4x4 patches -> 49 tokens.
+    "mnist": {
+        "patch_size": 4,
+        "sizes": {
+            "teacher": (64, 4, 16),
+            "s1": (10, 1, 4), "s2": (14, 1, 4), "s3": (18, 1, 8), "s4": (26, 1, 8),
+            "s5": (24, 2, 8), "s6": (32, 2, 16), "s7": (44, 2, 16), "s8": (62, 2, 16),
+        },
+    },
+    # 32x32 inputs (CIFAR-10/100, SVHN), 4x4 patches -> 64 tokens.
+    "cifar": {
+        "patch_size": 4,
+        "sizes": {
+            "teacher": (96, 6, 16),
+            "s1": (18, 1, 8), "s2": (24, 1, 8), "s3": (32, 1, 16), "s4": (32, 2, 16),
+            "s5": (44, 2, 16), "s6": (60, 2, 16), "s7": (84, 2, 16), "s8": (96, 3, 16),
+        },
+    },
+    # Small inputs for smoke runs and tests (any H, W divisible by 4).
+    "tiny": {
+        "patch_size": 4,
+        "sizes": {
+            "teacher": (16, 2, 4),
+            "s1": (4, 1, 2), "s2": (6, 1, 2), "s3": (8, 1, 4), "s4": (12, 1, 4),
+        },
+    },
+}
+
+
+def ladder_configs(family: str, *, image_shape: tuple[int, int, int], num_classes: int,
+                   **overrides) -> dict[str, ModelConfig]:
+  """The named sizes of a ladder family as ModelConfigs, teacher first.
+
+  Args:
+    family: a key of :data:`LADDERS`.
+    image_shape: (H, W, C) of the dataset.
+    num_classes: number of classes.
+    **overrides: other ModelConfig fields for every size (e.g. ``scan_method``,
+      ``bidirectional``).
+
+  Raises:
+    ValueError: unknown family (valid ones listed) or a size that does not fit
+      the images.
+  """
+  if family not in LADDERS:
+    raise ValueError(f"unknown ladder family {family!r}; valid: {sorted(LADDERS)}")
+  spec = LADDERS[family]
+  return {
+      name: ModelConfig(image_shape=tuple(image_shape), num_classes=num_classes,
+                        patch_size=spec["patch_size"], d_model=d, n_layers=n, d_state=s,
+                        **overrides)
+      for name, (d, n, s) in spec["sizes"].items()
+  }

@@ -1,0 +1,70 @@
+r"""Default run: offline MNIST subset (mnist5k), ensemble PKD, finishes on 2 CPU cores.
+
+Launch (after `pip install -e .`):
+
+  python -m mamba_pkd.main --config=configs/default.py --workdir=runs/default
+
+Trains the teacher (d_model 64 x 4 blocks, 49 tokens) on 3,600 of the 4,000
+training digits (400 held out for the weak-learner test), then up to 7 students
+from ~1% of the teacher's FLOPs upward, then baselines (each accepted size
+trained alone), and writes results.json / results.md / accuracy_vs_flops.png.
+Expected on 2 CPU cores: see the README's table (wall time printed at the end).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0                      # data split, initialisation, batch order
+  config.dataset = "mnist5k"           # mnist5k | <tfds name> | npz:/path.npz | synthetic
+  config.data_dir = ""                 # TFDS data_dir ("" = TFDS default)
+  config.validation_size = 400         # held out of the training set for the weak-learner test
+  config.eval_batch_size = 500         # prediction batch (global)
+  config.checkpoint_every = 100        # steps between checkpoints within a stage
+  config.log_every = 50                # steps between progress lines / metrics records
+  config.baselines = True              # train each accepted size alone with CE for comparison
+
+  config.model = ml_collections.ConfigDict()
+  config.model.ladder = "mnist"        # size family: mnist | cifar | tiny (models.LADDERS)
+  config.model.scan_method = "auto"    # auto | fused | sequential | parallel | chunked | pallas
+  config.model.bidirectional = False   # add a reversed scan branch to every mixer
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.epochs = 15
+  config.teacher.learning_rate = 2e-3
+  config.teacher.weight_decay = 0.05
+  config.teacher.warmup_fraction = 0.05
+  config.teacher.batch_size = 128
+  config.teacher.grad_clip = 1.0
+  config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip
+
+  config.student = ml_collections.ConfigDict()
+  config.student.epochs = 30           # small students need more epochs and a higher lr
+  config.student.learning_rate = 5e-3
+  config.student.weight_decay = 0.0
+  config.student.warmup_fraction = 0.05
+  config.student.batch_size = 128
+  config.student.grad_clip = 1.0
+  config.student.augment = "none"      # "none" lets the frozen models' logits be cached
+
+  config.pkd = ml_collections.ConfigDict()
+  config.pkd.mode = "ensemble"         # ensemble (boosting on the residual) | chain (assistants)
+  config.pkd.ladder = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")  # sizes, cheapest first
+  config.pkd.max_students = 7
+  config.pkd.flops_budget_pct = 100.0  # stop before the students' FLOPs exceed this % of the teacher
+  config.pkd.epsilon = -1.0            # stop when held-out accuracy is within epsilon of the teacher (<0: off)
+  config.pkd.alpha = 0.5               # L = alpha * CE + (1 - alpha) * T^2 KL
+  config.pkd.temperature = 4.0
+  config.pkd.loss = "kd"               # kd | bdistil
+  config.pkd.accept = "fit"            # fit (held-out KL to teacher drops) | edge (gamma)
+  config.pkd.margin = 0.0              # required drop of the held-out KL for "fit"
+  config.pkd.gamma = 0.0               # required edge for "edge"
+  config.pkd.max_accuracy_drop = 0.005  # reject a student that costs more held-out accuracy
+  config.pkd.reseeds = 1               # retries with another seed before the next ladder size
+  config.pkd.connect = False           # student k reads student k-1's frozen features
+
+  config.report = ml_collections.ConfigDict()
+  config.report.latency = True         # measure CPU latency per image (batch 1 and 256)
+  config.report.repeats = 10
+  return config

@@ -1,0 +1,39 @@
+r"""Smoke run for tests: synthetic 16x16 data, tiny ladder, seconds on a CPU.
+
+  python -m mamba_pkd.main --config=configs/smoke.py --workdir=/tmp/smoke
+
+The data is SYNTHETIC (noisy class templates), never MNIST.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _default_config():
+  path = pathlib.Path(__file__).with_name("default.py")
+  spec = importlib.util.spec_from_file_location("mamba_pkd_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  config = _default_config()
+  config.dataset = "synthetic:num_train=256,num_test=100,height=16,width=16,num_classes=4"
+  config.validation_size = 64
+  config.eval_batch_size = 64
+  config.checkpoint_every = 4
+  config.log_every = 4
+  config.model.ladder = "tiny"
+  config.model.scan_method = "sequential"
+  config.teacher.epochs = 2
+  config.teacher.batch_size = 32
+  config.teacher.augment = "none"
+  config.student.epochs = 2
+  config.student.batch_size = 32
+  config.pkd.ladder = ("s1", "s2", "s3")
+  config.pkd.max_students = 2
+  config.pkd.reseeds = 0
+  config.pkd.max_accuracy_drop = 1.0
+  config.report.latency = False
+  return config

@@ -1,0 +1,165 @@
+"""The one module that knows about devices and processes.
+
+The training and evaluation steps in :mod:`mamba_pkd.train` are per-device
+functions that reduce over the named axis ``"batch"`` with ``lax.pmean``; this
+module wraps them with ``jax.pmap`` over the local devices (all processes'
+devices together form the axis in a multi-host run), places replicated
+arguments, and hides the multi-controller runtime (``jax.distributed``).
+
+``jax.pmap`` is in maintenance mode from JAX 0.8 on; in JAX >= 0.8 it is
+implemented on top of ``shard_map``, and it is what the user's design card
+asks for. If a future JAX drops it, only :func:`data_parallel` changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AXIS = "batch"
+
+
+def local_device_count() -> int:
+  return jax.local_device_count()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_writer() -> bool:
+  """True on the process that writes files (reports, checkpoints): process 0."""
+  return jax.process_index() == 0
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, *, auto: bool = False) -> None:
+  """Starts JAX's multi-controller runtime (one call per process, before any jax op).
+
+  Args:
+    coordinator_address: "host:port" of process 0, or None with ``auto``.
+    num_processes: total number of processes.
+    process_id: this process's index in [0, num_processes).
+    auto: let JAX detect the cluster (SLURM, Cloud TPU, ...).
+
+  Raises:
+    ValueError: inconsistent arguments (named in the message).
+  """
+  if auto:
+    jax.distributed.initialize()
+  else:
+    if not coordinator_address:
+      raise ValueError("coordinator_address must be 'host:port' (or pass auto=True)")
+    if num_processes is None or num_processes < 1:
+      raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is None or not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if jax.default_backend() == "cpu" or _cpu_only_requested():
+      # CPU collectives across processes need an implementation; gloo ships with jaxlib.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def _cpu_only_requested() -> bool:
+  platforms = jax.config.jax_platforms or ""
+  return platforms.strip().lower() == "cpu"
+
+
+def data_parallel(step: Callable, *, donate_first: bool = False) -> Callable:
+  """``jax.pmap`` of a per-device step over the local devices, axis ``"batch"``.
+
+  Every argument carries a leading device axis: batches come reshaped
+  ``[local_devices, per_device, ...]`` and replicated arguments (train state,
+  frozen models) are placed with :func:`replicate`.
+
+  Args:
+    step: per-device function.
+    donate_first: donate the first argument's buffers (the train state).
+  """
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate_first else ())
+
+
+def replicate(tree: Any) -> Any:
+  """Copies every leaf to all local devices: leaf [...] -> [local_devices, ...].
+
+  The arrays go through a pmapped identity so that they carry exactly the
+  placement a pmapped step returns: feeding a step's output back in then hits
+  the same compiled executable (``jax.device_put_replicated`` is deprecated).
+  """
+  if not jax.tree.leaves(tree):
+    return tree
+  num = jax.local_device_count()
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num, *np.shape(x))), tree)
+  return _pmapped_identity(stacked)
+
+
+_pmapped_identity = jax.pmap(lambda tree: tree, axis_name=AXIS)
+
+
+def unreplicate(tree: Any) -> Any:
+  """Host NumPy copy of device 0's replica: leaf [devices, ...] -> [...]."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def split_rngs(rng: jax.Array, num: int | None = None) -> jax.Array:
+  """One key per local device: [local_devices] keys."""
+  num = num or jax.local_device_count()
+  return jax.random.split(rng, num)
+
+
+def device_rngs(rng: jax.Array, step: int) -> jax.Array:
+  """Per-device keys for ``step``, distinct across all devices of all processes."""
+  keys = jax.random.split(jax.random.fold_in(rng, step), jax.device_count())
+  start = jax.process_index() * jax.local_device_count()
+  return keys[start:start + jax.local_device_count()]
+
+
+def gather_from_processes(array: np.ndarray) -> np.ndarray:
+  """Concatenates each process's rows (same shape on every process) in process order."""
+  if jax.process_count() == 1:
+    return array
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(array, tiled=False)  # [processes, ...]
+  return np.concatenate(list(np.asarray(gathered)), axis=0)
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def describe_devices() -> str:
+  devs = jax.local_devices()
+  return (f"{len(devs)} local {devs[0].platform} device(s), process {jax.process_index()} of "
+          f"{jax.process_count()}, {jax.device_count()} global")
+
+
+def check_batch_divisible(batch_size: int, name: str = "batch_size") -> None:
+  """Raises ValueError unless the global batch splits evenly over all devices."""
+  devices = jax.device_count()
+  if batch_size % devices:
+    raise ValueError(
+        f"{name}={batch_size} is not divisible by the number of devices ({devices} = "
+        f"{jax.process_count()} process(es) x {jax.local_device_count()} local device(s)); "
+        f"use a multiple of {devices}")
+

@@ -1,0 +1,428 @@
+"""Training and evaluation of one stage: state, per-device steps, the loop.
+
+A *stage* trains one model (the teacher, a student, a baseline) with a stage
+loss from :mod:`mamba_pkd.losses`, against *frozen* models that are arguments of
+the step, never part of the state, the optimizer or the checkpoint:
+
+    train_step(state, batch, frozen, rng) -> (state, metrics)
+
+``frozen`` is a :class:`Frozen` pytree of parameters (the teacher and the
+earlier students), replicated over devices. When a stage has no random
+augmentation, the frozen models' outputs on the training set are computed
+once and passed inside the batch instead (``batch["teacher_logits"]``,
+``batch["prefix_logits"]``, ``batch["prev_features"]``), which removes their
+forward pass from every step.
+
+The steps are per-device functions with an explicit ``lax.pmean`` over the
+axis ``"batch"``; :mod:`mamba_pkd.parallel` maps them over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mamba_pkd import input_pipeline, losses, parallel
+from mamba_pkd.models import ModelConfig, create_model, init_params
+
+Array = jax.Array
+PyTree = Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a stage's loss becomes NaN or Inf."""
+
+
+# ----------------------------------------------------------------------------
+# State and optimizer.
+# ----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a stage optimises and checkpoints (never a frozen model).
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the trained model's parameters.
+    opt_state: optax state of ``params``.
+  """
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Static optimisation settings of a stage (plain values, validated)."""
+  learning_rate: float = 2e-3
+  weight_decay: float = 0.05
+  warmup_fraction: float = 0.05
+  epochs: int = 10
+  batch_size: int = 128
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+    if self.weight_decay < 0:
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    if not 0 <= self.warmup_fraction < 1:
+      raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+    if self.epochs < 1:
+      raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.grad_clip < 0:
+      raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+def create_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay to 0 (plus global-norm clipping)."""
+  warmup = max(1, int(optim.warmup_fraction * total_steps))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optim.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1))
+  adamw = optax.adamw(schedule, weight_decay=optim.weight_decay)
+  if optim.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+  return adamw
+
+
+def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------
+# Frozen models.
+# ----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Frozen:
+  """Parameters of the frozen models a stage reads (a pytree; replicated).
+
+  Attributes:
+    teacher: parameters of the model whose logits are ``"teacher"`` (in chain
+      mode the previous model), or None.
+    students: parameters of the earlier students whose summed logits are
+      ``"prefix"`` (ensemble mode), in order; may be empty.
+  """
+  teacher: PyTree = None
+  students: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenSpec:
+  """Static side of :class:`Frozen`: the model configs, in the same order."""
+  teacher: ModelConfig | None = None
+  students: tuple[ModelConfig, ...] = ()
+
+
+def apply_students(configs: Sequence[ModelConfig], params: Sequence[PyTree],
+                   images: Array) -> tuple[list[Array], list[Array]]:
+  """Runs a chain of students; student j reads student j-1's features if connected.
+
+  Returns:
+    (logits, features): lists with one [B, K] / [B, d_model_j] array per student.
+  """
+  all_logits, all_features, prev = [], [], None
+  for cfg, p in zip(configs, params):
+    logits, features = create_model(cfg).apply(
+        {"params": p}, images, prev if cfg.connect_dim else None, return_features=True)
+    all_logits.append(logits)
+    all_features.append(features)
+    prev = features
+  return all_logits, all_features
+
+
+def frozen_outputs(spec: FrozenSpec, frozen: Frozen, batch: Mapping[str, Array]) -> dict:
+  """The frozen models' outputs for a batch: cached in the batch, or computed.
+
+  Returns a dict with any of ``"teacher"`` [B, K], ``"prefix"`` [B, K] and
+  ``"prev_features"`` [B, d], all wrapped in ``stop_gradient``.
+  """
+  out = {}
+  if "teacher_logits" in batch:
+    out["teacher"] = batch["teacher_logits"]
+  elif spec.teacher is not None:
+    out["teacher"] = create_model(spec.teacher).apply({"params": frozen.teacher}, batch["image"])
+  if "prefix_logits" in batch:
+    out["prefix"] = batch["prefix_logits"]
+    if "prev_features" in batch:
+      out["prev_features"] = batch["prev_features"]
+  elif spec.students:
+    logits, features = apply_students(spec.students, frozen.students, batch["image"])
+    out["prefix"] = sum(logits[1:], logits[0])
+    out["prev_features"] = features[-1]
+  return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+# ----------------------------------------------------------------------------
+# Per-device steps.
+# ----------------------------------------------------------------------------
+
+
+def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
+                    stage_loss: losses.StageLoss, spec: FrozenSpec) -> Callable:
+  """Returns the per-device ``train_step(state, batch, frozen, rng)``.
+
+  ``batch`` holds ``image`` [b, H, W, C], ``label`` [b] and optionally the
+  cached frozen outputs; gradients and metrics are averaged over the axis
+  ``"batch"`` with ``lax.pmean``.
+  """
+  model = create_model(model_config)
+
+  def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Frozen, rng: Array):
+    del rng  # The models are deterministic; kept in the signature for stochastic layers.
+    context = frozen_outputs(spec, frozen, batch)
+    prev_features = context.pop("prev_features", None)
+    if not model_config.connect_dim:
+      prev_features = None
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["image"], prev_features)
+      named = {"student": logits, **context}
+      if "teacher" in named:
+        named["previous"] = named["teacher"]  # chain mode's name for the same model
+      loss, metrics = stage_loss(named, batch["label"], None)
+      return loss, (metrics, logits)
+
+    (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss,
+                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                   grad_norm=optax.global_norm(grads))
+    metrics = jax.lax.pmean(metrics, parallel.AXIS)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_predict_step(model_config: ModelConfig) -> Callable:
+  """Per-device ``predict_step(params, images, prev_features) -> (logits, features)``."""
+  model = create_model(model_config)
+
+  def predict_step(params, images, prev_features):
+    return model.apply({"params": params}, images,
+                       prev_features if model_config.connect_dim else None,
+                       return_features=True)
+
+  return predict_step
+
+
+# ----------------------------------------------------------------------------
+# Host-side helpers: predictions over a whole array, metrics files.
+# ----------------------------------------------------------------------------
+
+
+_PREDICT_CACHE: dict = {}
+
+
+def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.ndarray, *,
+                    mean: np.ndarray, std: np.ndarray, batch_size: int,
+                    prev_features: np.ndarray | None = None,
+                    replicated_params: PyTree | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Logits and pooled features of every example (padding and mask, no drop).
+
+  Each process evaluates its slice of every batch; the slices are gathered, so
+  every process returns the full arrays.
+
+  Returns:
+    (logits float32 [N, K], features float32 [N, d_model]).
+  """
+  key = model_config
+  if key not in _PREDICT_CACHE:
+    _PREDICT_CACHE[key] = parallel.data_parallel(make_predict_step(model_config))
+  predict = _PREDICT_CACHE[key]
+  rep = replicated_params if replicated_params is not None else parallel.replicate(params)
+  num = len(images_uint8)
+  logits_out = np.zeros((num, model_config.num_classes), np.float32)
+  feats_out = np.zeros((num, model_config.d_model), np.float32)
+  width = prev_features.shape[1] if prev_features is not None else 1
+  for batch in input_pipeline.eval_batches(
+      images_uint8, np.zeros(num, np.int32), mean=mean, std=std, batch_size=batch_size,
+      num_devices=parallel.local_device_count(), process_index=parallel.process_index(),
+      process_count=parallel.process_count()):
+    index = batch["index"]
+    if prev_features is not None:
+      prev = np.where(index[..., None] >= 0, prev_features[np.maximum(index, 0)], 0.0)
+    else:
+      prev = np.zeros(index.shape + (width,), np.float32)
+    logits, feats = predict(rep, batch["image"], prev.astype(np.float32))
+    index = parallel.gather_from_processes(np.asarray(index).reshape(-1))
+    logits = parallel.gather_from_processes(np.asarray(logits).reshape(-1, model_config.num_classes))
+    feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, model_config.d_model))
+    real = index >= 0
+    logits_out[index[real]] = logits[real]
+    feats_out[index[real]] = feats[real]
+  return logits_out, feats_out
+
+
+class MetricsWriter:
+  """JSON-lines metrics (``metrics.jsonl``) and TensorBoard summaries, process 0 only."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    except ImportError:
+      logging.info("tensorboardX is not installed: TensorBoard summaries are off "
+                   "(metrics.jsonl is still written)")
+
+  def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with self.path.open("a", encoding="utf-8") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    if self._tb is not None:
+      for name, value in metrics.items():
+        self._tb.add_scalar(f"{stage}/{name}", float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+# ----------------------------------------------------------------------------
+# The stage loop.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StageData:
+  """What a stage trains on.
+
+  Attributes:
+    dataset: the :class:`input_pipeline.Dataset`.
+    train_index: rows of ``dataset.x_train`` used for training (the rest may
+      be a held-out split).
+    augment: augmentation name for :func:`input_pipeline.train_batches`.
+    cached: per-row frozen outputs on ``x_train`` (``teacher_logits``
+      [N, K], ``prefix_logits`` [N, K], ``prev_features`` [N, d]); used only
+      when ``augment == "none"``.
+  """
+  dataset: input_pipeline.Dataset
+  train_index: np.ndarray
+  augment: str = "none"
+  cached: Mapping[str, np.ndarray] | None = None
+
+
+def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
+  """Training batches of the stage's rows, with cached frozen outputs attached."""
+  ds = data.dataset
+  sub = dataclasses.replace(ds, x_train=ds.x_train[data.train_index],
+                            y_train=ds.y_train[data.train_index])
+  for batch in input_pipeline.train_batches(
+      sub, batch_size=batch_size, seed=seed, epoch=epoch, augment=data.augment,
+      num_devices=parallel.local_device_count(), process_index=parallel.process_index(),
+      process_count=parallel.process_count()):
+    out = {"image": batch["image"], "label": batch["label"]}
+    if data.cached and data.augment == "none":
+      rows = data.train_index[batch["index"]]
+      for name, table in data.cached.items():
+        out[name] = table[rows]
+    yield out
+
+
+def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.StageLoss,
+                optim: OptimConfig, data: StageData, seed: int,
+                spec: FrozenSpec = FrozenSpec(), frozen: Frozen = Frozen(),
+                checkpointer=None, checkpoint_every: int = 200,
+                metrics_writer: MetricsWriter | None = None, log_every: int = 50,
+                init: PyTree | None = None) -> PyTree:
+  """Trains one stage and returns its parameters (host NumPy).
+
+  Resumes from ``checkpointer``'s latest good step if there is one. Raises
+  :class:`NonFiniteLossError` (naming the stage and step range) if the loss
+  turns NaN/Inf; the last good checkpoint is kept.
+  """
+  parallel.check_batch_divisible(optim.batch_size, "batch_size")
+  num_train = len(data.train_index)
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, optim.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f"stage {name}: batch_size={optim.batch_size} is larger than the "
+                     f"{num_train} training examples")
+  total_steps = steps_per_epoch * optim.epochs
+  tx = create_optimizer(optim, total_steps)
+  rng = jax.random.key(seed)
+  params = init if init is not None else init_params(model_config, jax.random.fold_in(rng, 0))
+  state = create_train_state(params, tx)
+  start = 0
+  if checkpointer is not None:
+    restored = checkpointer.restore_latest(parallel.to_host(state))
+    if restored is not None:
+      start, host_state = restored
+      state = jax.tree.map(jnp.asarray, host_state)
+      logging.info("stage %s: resuming from step %d of %d", name, start, total_steps)
+  if start >= total_steps:
+    return parallel.to_host(state.params)
+
+  step_fn = parallel.data_parallel(
+      make_train_step(model_config, tx, stage_loss, spec), donate_first=True)
+  state_r = parallel.replicate(state)
+  frozen_r = parallel.replicate(frozen)
+  logging.info("stage %s: %d steps (%d epochs x %d), batch %d on %s; compiling...",
+               name, total_steps, optim.epochs, steps_per_epoch, optim.batch_size,
+               parallel.describe_devices())
+  last_good = start
+  t_start, t_window, window_steps = time.time(), None, 0
+  sums: dict[str, Array] = {}
+  summed = 0
+  step = start
+  for epoch in range(start // steps_per_epoch, optim.epochs):
+    skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+    for i, batch in enumerate(_stage_batches(data, batch_size=optim.batch_size, seed=seed,
+                                             epoch=epoch)):
+      if i < skip:
+        continue
+      state_r, metrics = step_fn(state_r, batch, frozen_r, parallel.device_rngs(rng, step))
+      step += 1
+      window_steps += 1
+      if t_window is None:  # first step: compile finished
+        jax.block_until_ready(metrics)
+        logging.info("stage %s: compiled in %.1fs", name, time.time() - t_start)
+        t_window, window_steps = time.time(), 0
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v[0]  # stays on device until the next log line
+      summed += 1
+      at_end = step == total_steps
+      if step % log_every == 0 or at_end or step % checkpoint_every == 0:
+        host = {k: float(v) / summed for k, v in sums.items()}
+        sums, summed = {}, 0
+        if not all(math.isfinite(v) for v in host.values()):
+          raise NonFiniteLossError(
+              f"stage {name}: non-finite loss or gradient between steps {last_good} and "
+              f"{step} (metrics {host}); the last good checkpoint (step {last_good}) is kept. "
+              "Lower the learning rate or check the input data.")
+        elapsed = time.time() - t_window
+        rate = window_steps / elapsed if elapsed > 0 and window_steps else float("nan")
+        eta = (total_steps - step) / rate if rate == rate and rate > 0 else float("nan")
+        logging.info("stage %s: step %d/%d (epoch %d) loss %.4f acc %.3f | %.1f steps/s, "
+                     "ETA %.0fs", name, step, total_steps, epoch + 1, host["loss"],
+                     host["accuracy"], rate, eta)
+        if metrics_writer is not None:
+          metrics_writer.write(name, step, dict(host, steps_per_sec=rate))
+        if checkpointer is not None and (step % checkpoint_every == 0 or at_end):
+          checkpointer.save(step, parallel.unreplicate(state_r))
+        last_good = step
+  return parallel.unreplicate(state_r).params
