@@ -21,8 +21,11 @@ Notation (code name -> paper symbol, Mamba / S6, Gu & Dao 2023):
 Kernel layout. Both kernels run on the grid (batch, d_inner // block_d); each
 program owns one batch row and one tile of `block_d` channels, keeps the state
 tile h [block_d, N] in registers and walks over time with `lax.fori_loop`,
-loading one time step at a time (u_t, delta_t: [block_d]; B_t, C_t: [N]) from
-refs that hold the whole sequence of its tile. Every in-kernel array therefore
+loading one time step at a time (u_t, delta_t: [block_d, 1] columns; B_t, C_t:
+[N]) from refs that hold the whole sequence of its tile (per-channel arrays get
+a trailing unit axis in the wrapper, so that per-channel values broadcast
+against the state tile without a layout conversion through shared memory
+and a barrier at every step). Every in-kernel array therefore
 has a power-of-two size (Triton's requirement) whatever L is: the wrapper pads
 d_inner to a multiple of `block_d` and N to a power of two (padded channels
 and states have A = 0, B = C = 0, u = 0, so they stay exactly zero and are
@@ -56,8 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +79,11 @@ except ImportError as _e:  # pragma: no cover - depends on the installed JAX
   pltriton = None
   _TRITON_IMPORT_ERROR = _e
 
-_LOG = logging.getLogger(__name__)
-
 DEFAULT_BLOCK_D = 32
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_PREFETCH = 2
 _MAX_BLOCK_D = 1024
+_LOG2_E = 1.4426950408889634
 
 
 def pallas_available(interpret: bool) -> tuple[bool, str]:
@@ -161,13 +162,26 @@ def _chunk_layout(seq_len: int, chunk: int) -> tuple[int, int]:
 
 
 def _step_size(delta, bias, delta_softplus):
-  """dt and d(dt)/d(delta) for raw `delta`, [block_d] each."""
+  """dt and d(dt)/d(delta) for raw `delta`, [block_d, 1] each."""
   x = delta + bias
   if not delta_softplus:
     return x, jnp.ones_like(x)
   # softplus(x) = max(x, 0) + log1p(exp(-|x|)); sigmoid(x) = exp(x - softplus).
   dt = jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
   return dt, jnp.exp(x - dt)
+
+
+def _decay(dt, a_log2):
+  """dA = exp(dt * A) as exp2(dt * A*log2(e)): one ex2 per element on GPU.
+
+  Args:
+    dt: [block_d, 1] step sizes.
+    a_log2: [block_d, N] A * log2(e).
+
+  Returns:
+    [block_d, N] float32.
+  """
+  return jnp.exp2(dt * a_log2)
 
 
 def _scan_index(i, cfg: _Config):
@@ -226,7 +240,9 @@ def _barrier(cfg: _Config) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Forward kernel.
+# Forward kernel. Per-channel quantities are [block_d, 1] columns (u, delta,
+# dt, y, D, bias): they broadcast against the [block_d, N] state tile without
+# a layout conversion in Triton, and per-state rows B_t, C_t are [1, N].
 
 
 def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
@@ -234,30 +250,30 @@ def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
   """One (batch row, channel tile) program of the forward scan.
 
   Refs (leading batch dim squeezed by the BlockSpecs):
-    u_ref, delta_ref: [L, block_d]; a_ref: [block_d, N]; b_ref, c_ref: [L, N];
-    d_ref, bias_ref: [block_d]; y_ref: [L, block_d];
+    u_ref, delta_ref: [L, block_d, 1]; a_ref: [block_d, N];
+    b_ref, c_ref: [L, N]; d_ref, bias_ref: [block_d, 1];
+    y_ref: [L, block_d, 1];
     hs_refs: () or ([num_chunks, block_d, N],) the state at each chunk start.
   """
   f32 = jnp.float32
-  a = a_ref[...].astype(f32)          # [bd, N]
-  d_skip = d_ref[...].astype(f32)     # [bd]
-  bias = bias_ref[...].astype(f32)    # [bd]
+  a_log2 = a_ref[...].astype(f32) * _LOG2_E          # [bd, N]
+  d_skip = d_ref[...].astype(f32)                    # [bd, 1]
+  bias = bias_ref[...].astype(f32)                   # [bd, 1]
 
   def load(i):
     t = _scan_index(i, cfg)
-    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :], c_ref[t, :])
+    return (u_ref[t], delta_ref[t], b_ref[t, :], c_ref[t, :])
 
   def step(k, i, loaded, h):
     del k
-    u, delta, b, c = (x.astype(f32) for x in loaded)
-    dt, _ = _step_size(delta, bias, cfg.delta_softplus)
-    d_a = jnp.exp(dt[:, None] * a)                        # [bd, N]
-    h = d_a * h + (dt * u)[:, None] * b[None, :]          # [bd, N]
-    y = jnp.sum(h * c[None, :], axis=1) + d_skip * u      # [bd]
-    y_ref[_scan_index(i, cfg), :] = y.astype(y_ref.dtype)
+    u, delta, b, c = (x.astype(f32) for x in loaded)   # [bd,1] x2, [N] x2
+    dt, _ = _step_size(delta, bias, cfg.delta_softplus)   # [bd, 1]
+    h = _decay(dt, a_log2) * h + (dt * u) * b[None, :]    # [bd, N]
+    y = jnp.sum(h * c[None, :], axis=1, keepdims=True) + d_skip * u
+    y_ref[_scan_index(i, cfg)] = y.astype(y_ref.dtype)   # [bd, 1]
     return h
 
-  h = jnp.zeros(a.shape, f32)
+  h = jnp.zeros(a_log2.shape, f32)
   run = functools.partial(_run_steps, step_fn=step, load_fn=load,
                           backwards=False, cfg=cfg)
   if not hs_refs:
@@ -290,57 +306,58 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 
   Refs (leading batch / tile dims squeezed by the BlockSpecs):
     inputs as in `_forward_kernel`; hs_ref: [num_chunks, block_d, N];
-    gy_ref: [L, block_d].
-    outputs: gu_ref, gdelta_ref: [L, block_d]; ga_ref: [block_d, N];
+    gy_ref: [L, block_d, 1].
+    outputs: gu_ref, gdelta_ref: [L, block_d, 1]; ga_ref: [block_d, N];
     gb_ref, gc_ref: [L, N] (this tile's partial sums); gd_ref, gbias_ref:
-    [block_d]; scratch_ref: [chunk_size, block_d, N] (h_{t-1} of the chunk).
+    [block_d, 1]; scratch_ref: [chunk_size, block_d, N] (h_{t-1} of the
+    chunk being processed).
   """
   f32 = jnp.float32
-  a = a_ref[...].astype(f32)          # [bd, N]
-  d_skip = d_ref[...].astype(f32)     # [bd]
-  bias = bias_ref[...].astype(f32)    # [bd]
+  a = a_ref[...].astype(f32)                         # [bd, N]
+  a_log2 = a * _LOG2_E                               # [bd, N]
+  d_skip = d_ref[...].astype(f32)                    # [bd, 1]
+  bias = bias_ref[...].astype(f32)                   # [bd, 1]
 
   def load_fwd(i):
     t = _scan_index(i, cfg)
-    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :])
+    return (u_ref[t], delta_ref[t], b_ref[t, :])
 
   def load_bwd(i):
     t = _scan_index(i, cfg)
-    return (u_ref[t, :], delta_ref[t, :], b_ref[t, :], c_ref[t, :],
-            gy_ref[t, :])
+    return (u_ref[t], delta_ref[t], b_ref[t, :], c_ref[t, :], gy_ref[t])
 
   def recompute_step(k, i, loaded, h):
     del i
     u, delta, b = (x.astype(f32) for x in loaded)
     scratch_ref[k] = h                                    # h_{i-1}
     dt, _ = _step_size(delta, bias, cfg.delta_softplus)
-    d_a = jnp.exp(dt[:, None] * a)
-    return d_a * h + (dt * u)[:, None] * b[None, :]
+    return _decay(dt, a_log2) * h + (dt * u) * b[None, :]
 
   def make_reverse_step(count):
     def reverse_step(k, i, loaded, carry):
       g_next, ga_acc, gd_acc, gbias_acc = carry
-      u, delta, b, c, gy = (x.astype(f32) for x in loaded)
+      u, delta, b, c, gy = (x.astype(f32) for x in loaded)  # gy: [bd, 1]
+      b, c = b[None, :], c[None, :]                       # [1, N]
       h_prev = scratch_ref[count - 1 - k]                 # [bd, N]
       dt, ddt_ddelta = _step_size(delta, bias, cfg.delta_softplus)
-      d_a = jnp.exp(dt[:, None] * a)                      # [bd, N]
-      dtu = dt * u                                        # [bd]
-      h = d_a * h_prev + dtu[:, None] * b[None, :]        # [bd, N]
-      g_h = c[None, :] * gy[:, None] + g_next             # [bd, N]
-      g_hb = jnp.sum(g_h * b[None, :], axis=1)            # [bd]
-      g_c = jnp.sum(gy[:, None] * h, axis=0)              # [N]
-      g_b = jnp.sum(g_h * dtu[:, None], axis=0)           # [N]
-      g_u = gy * d_skip + dt * g_hb                       # [bd]
+      d_a = _decay(dt, a_log2)                            # [bd, N]
+      dtu = dt * u                                        # [bd, 1]
+      h = d_a * h_prev + dtu * b                          # [bd, N]
+      g_h = c * gy + g_next                               # [bd, N]
+      g_hb = jnp.sum(g_h * b, axis=1, keepdims=True)      # [bd, 1]
+      g_c = jnp.sum(gy * h, axis=0)                       # [N]
+      g_b = jnp.sum(g_h * dtu, axis=0)                    # [N]
+      g_u = gy * d_skip + dt * g_hb                       # [bd, 1]
       g_da_da = g_h * h_prev * d_a                        # [bd, N]
-      g_dt = jnp.sum(g_da_da * a, axis=1) + u * g_hb      # [bd]
-      g_delta = g_dt * ddt_ddelta                         # [bd]
+      g_dt = jnp.sum(g_da_da * a, axis=1, keepdims=True) + u * g_hb
+      g_delta = g_dt * ddt_ddelta                         # [bd, 1]
       t = _scan_index(i, cfg)
-      gu_ref[t, :] = g_u.astype(gu_ref.dtype)
-      gdelta_ref[t, :] = g_delta.astype(gdelta_ref.dtype)
+      gu_ref[t] = g_u.astype(gu_ref.dtype)
+      gdelta_ref[t] = g_delta.astype(gdelta_ref.dtype)
       gb_ref[t, :] = g_b
       gc_ref[t, :] = g_c
       return (d_a * g_h,
-              ga_acc + g_da_da * dt[:, None],
+              ga_acc + g_da_da * dt,
               gd_acc + gy * u,
               gbias_acc + g_delta)
     return reverse_step
@@ -373,8 +390,9 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 
 
 # ----------------------------------------------------------------------------
-# pallas_call wrappers (inputs already padded: d_inner % block_d == 0, N a
-# power of two).
+# pallas_call wrappers. Inputs are already padded (d_inner % block_d == 0, N a
+# power of two) and per-channel arrays carry a trailing unit axis:
+# u, delta, y, gy: [batch, L, d_inner, 1]; D, bias: [d_inner, 1].
 
 
 def _compiler_params(cfg: _Config):
@@ -386,18 +404,18 @@ def _compiler_params(cfg: _Config):
 def _specs(cfg: _Config, num_n: int):
   """BlockSpecs shared by both kernels, grid (batch, d_tiles)."""
   seq_len, bd = cfg.seq_len, cfg.block_d
-  seq = pl.BlockSpec((None, seq_len, bd), lambda b, j: (b, 0, j))
+  seq = pl.BlockSpec((None, seq_len, bd, 1), lambda b, j: (b, 0, j, 0))
   mat = pl.BlockSpec((bd, num_n), lambda b, j: (j, 0))
   proj = pl.BlockSpec((None, seq_len, num_n), lambda b, j: (b, 0, 0))
-  vec = pl.BlockSpec((bd,), lambda b, j: (j,))
-  return seq, mat, proj, vec
+  col = pl.BlockSpec((bd, 1), lambda b, j: (j, 0))
+  return seq, mat, proj, col
 
 
 def _forward_call(u, delta, a, b, c, d_skip, bias, cfg: _Config, save: bool):
-  """Runs the forward kernel; returns y [b, L, d] and (if save) hs."""
-  batch, seq_len, d_inner = u.shape
+  """Runs the forward kernel; returns y [b, L, d, 1] and (if save) hs."""
+  batch, seq_len, d_inner, _ = u.shape
   num_n = a.shape[1]
-  seq, mat, proj, vec = _specs(cfg, num_n)
+  seq, mat, proj, col = _specs(cfg, num_n)
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
   out_specs = [seq]
   if save:
@@ -411,7 +429,7 @@ def _forward_call(u, delta, a, b, c, d_skip, bias, cfg: _Config, save: bool):
       functools.partial(_forward_kernel, cfg=cfg),
       out_shape=out_shape,
       grid=(batch, d_inner // cfg.block_d),
-      in_specs=[seq, seq, mat, proj, proj, vec, vec],
+      in_specs=[seq, seq, mat, proj, proj, col, col],
       out_specs=out_specs,
       interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg),
@@ -422,11 +440,11 @@ def _forward_call(u, delta, a, b, c, d_skip, bias, cfg: _Config, save: bool):
 
 def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
   """Runs the backward kernel; returns the gradients of all seven inputs."""
-  batch, seq_len, d_inner = u.shape
+  batch, seq_len, d_inner, _ = u.shape
   num_n = a.shape[1]
   bd = cfg.block_d
   d_tiles = d_inner // bd
-  seq, mat, proj, vec = _specs(cfg, num_n)
+  seq, mat, proj, col = _specs(cfg, num_n)
   hs_spec = pl.BlockSpec((None, hs.shape[1], bd, num_n),
                          lambda b_, j: (b_, 0, j, 0))
   f32 = jnp.float32
@@ -436,19 +454,19 @@ def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
       jax.ShapeDtypeStruct((batch, d_inner, num_n), f32),              # gA
       jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gB
       jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gC
-      jax.ShapeDtypeStruct((batch, d_inner), f32),                     # gD
-      jax.ShapeDtypeStruct((batch, d_inner), f32),                     # gbias
+      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),                  # gD
+      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),                  # gbias
       jax.ShapeDtypeStruct((batch, d_tiles, cfg.chunk_size, bd, num_n),
                            f32),                                       # scratch
   ]
   partial_proj = pl.BlockSpec((None, None, seq_len, num_n),
                               lambda b_, j: (b_, j, 0, 0))
-  per_row_vec = pl.BlockSpec((None, bd), lambda b_, j: (b_, j))
+  per_row_col = pl.BlockSpec((None, bd, 1), lambda b_, j: (b_, j, 0))
   out_specs = [
       seq, seq,
       pl.BlockSpec((None, bd, num_n), lambda b_, j: (b_, j, 0)),
       partial_proj, partial_proj,
-      per_row_vec, per_row_vec,
+      per_row_col, per_row_col,
       pl.BlockSpec((None, None, cfg.chunk_size, bd, num_n),
                    lambda b_, j: (b_, j, 0, 0, 0)),
   ]
@@ -456,7 +474,7 @@ def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
       functools.partial(_backward_kernel, cfg=cfg),
       out_shape=out_shape,
       grid=(batch, d_tiles),
-      in_specs=[seq, seq, mat, proj, proj, vec, vec, hs_spec, seq],
+      in_specs=[seq, seq, mat, proj, proj, col, col, hs_spec, seq],
       out_specs=out_specs,
       interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg),
@@ -637,7 +655,9 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
   else:
     u_p, delta_p, a_p, b_p, c_p, d_p, bias_p = (
         u, delta, A, B, C, d_skip, bias)
-  y = _scan_padded(u_p, delta_p, a_p, b_p, c_p, d_p, bias_p, cfg)
+  col = lambda x: x[..., None]  # trailing unit axis: [.., d] -> [.., d, 1]
+  y = _scan_padded(col(u_p), col(delta_p), a_p, b_p, c_p, col(d_p),
+                   col(bias_p), cfg)[..., 0]
   return y[:, :, :d_inner] if pad_d else y
 
 
