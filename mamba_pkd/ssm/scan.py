@@ -231,14 +231,16 @@ FUSED_MAX_CHUNK = 32
 FUSED_TILE_ELEMENTS = 16384
 
 
-def fused_geometry(batch, length, d_inner, n_state, max_chunk=FUSED_MAX_CHUNK,
-                   tile_elements=FUSED_TILE_ELEMENTS):
+def fused_geometry(batch, length, d_inner, n_state, max_chunk=None, tile_elements=None):
   """Tiling of the fused method: returns (nb, bt, nc, T).
 
   ``nb * bt >= batch`` and ``nc * T >= length``, with the padding kept small:
-  ``bt`` rows per batch tile (about ``tile_elements`` state elements) and ``T``
-  steps per chunk (at most ``max_chunk``).
+  ``bt`` rows per batch tile (about ``tile_elements`` state elements, default
+  ``FUSED_TILE_ELEMENTS``) and ``T`` steps per chunk (at most ``max_chunk``,
+  default ``FUSED_MAX_CHUNK``).
   """
+  max_chunk = FUSED_MAX_CHUNK if max_chunk is None else max_chunk
+  tile_elements = FUSED_TILE_ELEMENTS if tile_elements is None else tile_elements
   bt_max = max(1, min(batch, tile_elements // (d_inner * n_state)))
   nb = -(-batch // bt_max)
   bt = -(-batch // nb)
@@ -373,18 +375,22 @@ def _scan_fused(u, dt, A, B, C, reverse):
 
 
 def _resolve_auto():
-  """'pallas' on GPU (if its module imports), 'fused' elsewhere; logs the reason once."""
+  """'pallas' on GPU (when its kernel can run), 'fused' elsewhere; logs the reason once."""
   platform = jax.default_backend()
   method, reason = "fused", f"default backend is {platform!r}, not 'gpu'"
   if platform == "gpu":
     try:
-      from mamba_pkd.ssm import pallas_scan  # pylint: disable=g-import-not-at-top,unused-import
-      method, reason = "pallas", "default backend is 'gpu'"
+      from mamba_pkd.ssm import pallas_scan  # pylint: disable=g-import-not-at-top
+      ok, why = pallas_scan.pallas_available(interpret=False)
     except ImportError as e:
-      reason = f"default backend is 'gpu' but mamba_pkd.ssm.pallas_scan failed to import: {e}"
-  if method not in _AUTO_LOGGED:
-    _AUTO_LOGGED.add(method)
-    _logger.info("selective_scan method='auto' -> %r (%s)", method, reason)
+      ok, why = False, f"mamba_pkd.ssm.pallas_scan failed to import: {e}"
+    if ok:
+      method, reason = "pallas", "default backend is 'gpu'"
+    else:
+      reason = f"default backend is 'gpu' but the Pallas kernel is unavailable ({why})"
+  if (method, reason) not in _AUTO_LOGGED:
+    _AUTO_LOGGED.add((method, reason))
+    _logger.info("selective_scan method='auto' -> %r: %s", method, reason)
   return method
 
 
