@@ -49,7 +49,15 @@ def ladder_table(config) -> str:
   return "\n".join(lines)
 
 
+def _quiet_library_logs() -> None:
+  """Keeps Orbax's INFO chatter out of the progress output (warnings still show)."""
+  def keep(record) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
+  _quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:

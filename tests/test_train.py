@@ -1,0 +1,141 @@
+"""Training steps and the stage loop: frozen models, caching, devices, eval coverage."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_pkd import input_pipeline, losses, models, parallel, train
+
+TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2,
+            scan_method="sequential")
+TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
+STUDENT = models.ModelConfig(d_model=4, n_layers=1, **TINY)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return input_pipeline.load_dataset(
+      "synthetic:num_train=64,num_test=37,height=8,width=8,num_classes=3", seed=0)
+
+
+def _batch(dataset, n=16):
+  b = next(input_pipeline.train_batches(dataset, batch_size=n, seed=0, epoch=0))
+  return {"image": b["image"], "label": b["label"]}, b["index"]
+
+
+def test_frozen_teacher_is_untouched_and_not_in_optimizer_state(dataset):
+  teacher_params = models.init_params(TEACHER, jax.random.key(1))
+  before = jax.tree.map(np.array, teacher_params)
+  optim = train.OptimConfig(epochs=1, batch_size=16, learning_rate=1e-2)
+  data = train.StageData(dataset, np.arange(dataset.num_train), augment="shift")
+  student = train.train_stage(
+      name="s", model_config=STUDENT, stage_loss=losses.kd(0.5, 4.0), optim=optim, data=data,
+      seed=0, spec=train.FrozenSpec(teacher=TEACHER), frozen=train.Frozen(teacher=teacher_params))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_params))
+  # The optimizer state only mirrors the student's parameters.
+  tx = train.create_optimizer(optim, 4)
+  state = train.create_train_state(student, tx)
+  student_shapes = {tuple(x.shape) for x in jax.tree.leaves(student)}
+  teacher_only = {tuple(x.shape) for x in jax.tree.leaves(teacher_params)} - student_shapes
+  opt_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.opt_state)}
+  assert teacher_only and not teacher_only & opt_shapes
+  assert models.count_params(student) == models.count_params(
+      models.init_params(STUDENT, jax.random.key(0)))
+
+
+def test_cached_frozen_outputs_equal_computed_ones(dataset):
+  """Same step whether the teacher/prefix logits come cached in the batch or are computed."""
+  teacher = models.init_params(TEACHER, jax.random.key(1))
+  s1 = models.init_params(STUDENT, jax.random.key(2))
+  spec = train.FrozenSpec(teacher=TEACHER, students=(STUDENT,))
+  frozen = train.Frozen(teacher=teacher, students=(s1,))
+  batch, _ = _batch(dataset)
+  images = jnp.asarray(batch["image"][0])
+  computed = train.frozen_outputs(spec, frozen, {"image": images})
+  g = models.create_model(TEACHER).apply({"params": teacher}, images)
+  f1 = models.create_model(STUDENT).apply({"params": s1}, images)
+  np.testing.assert_allclose(computed["teacher"], g, rtol=1e-6)
+  np.testing.assert_allclose(computed["prefix"], f1, rtol=1e-6)
+
+  tx = train.create_optimizer(train.OptimConfig(), 10)
+  step = parallel.data_parallel(train.make_train_step(STUDENT, tx, losses.kd(0.3, 2.0,
+                                view=losses.residual()), spec))
+  state = parallel.replicate(train.create_train_state(models.init_params(STUDENT, jax.random.key(3)), tx))
+  rngs = parallel.device_rngs(jax.random.key(0), 0)
+  _, m_computed = step(state, batch, parallel.replicate(frozen), rngs)
+  cached = dict(batch, teacher_logits=np.asarray(g)[None], prefix_logits=np.asarray(f1)[None])
+  _, m_cached = step(state, cached, parallel.replicate(frozen), rngs)
+  np.testing.assert_allclose(m_cached["loss"], m_computed["loss"], rtol=1e-5)
+
+
+def test_ensemble_prefix_is_sum_of_students():
+  images = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
+  cfgs = (STUDENT, STUDENT.replace(d_model=6))
+  params = tuple(models.init_params(c, jax.random.key(i)) for i, c in enumerate(cfgs))
+  logits, _ = train.apply_students(cfgs, params, images)
+  out = train.frozen_outputs(train.FrozenSpec(students=cfgs), train.Frozen(students=params),
+                             {"image": images})
+  np.testing.assert_allclose(out["prefix"], logits[0] + logits[1], rtol=1e-6)
+
+
+def test_predict_dataset_covers_every_example(dataset):
+  params = models.init_params(STUDENT, jax.random.key(0))
+  logits, feats = train.predict_dataset(STUDENT, params, dataset.x_test, mean=dataset.mean,
+                                        std=dataset.std, batch_size=16)
+  assert logits.shape == (37, 3) and feats.shape == (37, 4)
+  images = input_pipeline.normalize(dataset.x_test, dataset.mean, dataset.std)
+  direct = models.create_model(STUDENT).apply({"params": params}, images)
+  np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_stage_and_step_range(dataset):
+  params = models.init_params(STUDENT, jax.random.key(0))
+  params = jax.tree.map(lambda x: x * np.nan, params)
+  with pytest.raises(train.NonFiniteLossError, match=r"stage broken: non-finite .* between steps 0 and"):
+    train.train_stage(name="broken", model_config=STUDENT, stage_loss=losses.hard(),
+                      optim=train.OptimConfig(epochs=1, batch_size=16), seed=0, log_every=2,
+                      data=train.StageData(dataset, np.arange(dataset.num_train)), init=params)
+
+
+def test_bad_optim_values_name_the_field():
+  with pytest.raises(ValueError, match="learning_rate"):
+    train.OptimConfig(learning_rate=0)
+  with pytest.raises(ValueError, match="epochs"):
+    train.OptimConfig(epochs=0)
+
+
+_MULTI_DEVICE_SCRIPT = r"""
+import json, sys, numpy as np, jax
+from mamba_pkd import input_pipeline, losses, models, train
+assert jax.local_device_count() == int(sys.argv[1]), jax.devices()
+ds = input_pipeline.load_dataset("synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3")
+cfg = models.ModelConfig(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_model=4, n_layers=1,
+                         d_state=2, scan_method="sequential")
+params = train.train_stage(name="s", model_config=cfg, stage_loss=losses.hard(), seed=0,
+                           optim=train.OptimConfig(epochs=2, batch_size=16),
+                           data=train.StageData(ds, np.arange(64), augment="shift"))
+print(json.dumps([float(np.sum(np.abs(x))) for x in jax.tree.leaves(params)]))
+"""
+
+
+def _run_on_devices(n):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(n)], env=env,
+                       capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert out.returncode == 0, out.stderr[-3000:]
+  return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_two_devices_match_one_device():
+  """Same global batch on 1 and 2 (forced host) devices -> same parameters."""
+  one, two = _run_on_devices(1), _run_on_devices(2)
+  np.testing.assert_allclose(two, one, rtol=2e-5)
