@@ -63,19 +63,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
       raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is None or not 0 <= process_id < num_processes:
       raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-    if jax.default_backend() == "cpu" or _cpu_only_requested():
-      # CPU collectives across processes need an implementation; gloo ships with jaxlib.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes need an implementation; gloo ships with jaxlib
+    # (the default in JAX 0.10; set for older versions). It only affects the CPU client.
+    # Not conditional on jax.default_backend(): that would start the backend, which
+    # jax.distributed.initialize must precede.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
-
-
-def _cpu_only_requested() -> bool:
-  platforms = jax.config.jax_platforms or ""
-  return platforms.strip().lower() == "cpu"
 
 
 def data_parallel(step: Callable, *, donate_first: bool = False) -> Callable:
