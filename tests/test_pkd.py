@@ -1,0 +1,138 @@
+"""PKD algorithm pieces (pure) and the whole job through `main` on the smoke config."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mamba_pkd import pkd
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _settings(**kw):
+  return pkd.PKDSettings(**kw)
+
+
+def test_prefix_sums_are_cumulative():
+  f = [np.full((2, 3), 1.0), np.full((2, 3), 2.0), np.full((2, 3), 4.0)]
+  out = pkd.prefix_sums(f)
+  np.testing.assert_array_equal(out[0], f[0])
+  np.testing.assert_array_equal(out[2], np.full((2, 3), 7.0))
+
+
+def _teacher_and_labels(n=200, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, k, n)
+  teacher = rng.normal(size=(n, k)) + 4.0 * np.eye(k)[labels]
+  return teacher, labels
+
+
+def test_weak_learner_accepts_a_student_that_moves_towards_the_teacher():
+  teacher, labels = _teacher_and_labels()
+  prefix = 0.3 * teacher  # an under-confident ensemble
+  candidate = 0.5 * teacher  # the residual points towards the teacher
+  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
+                                labels=labels, settings=_settings())
+  assert d.accepted and d.fit_after < d.fit_before and d.edge > 0
+  d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
+                                     labels=labels, settings=_settings(accept="edge", gamma=0.0))
+  assert d_edge.accepted
+
+
+def test_weak_learner_rejects_a_student_that_moves_away():
+  teacher, labels = _teacher_and_labels()
+  prefix = 0.8 * teacher
+  candidate = -0.5 * teacher
+  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
+                                labels=labels, settings=_settings())
+  assert not d.accepted and d.fit_after > d.fit_before and d.edge < 0
+  d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
+                                     labels=labels, settings=_settings(accept="edge"))
+  assert not d_edge.accepted
+
+
+def test_weak_learner_rejects_improved_fit_that_costs_accuracy():
+  teacher, labels = _teacher_and_labels()
+  prefix = teacher.copy()
+  # Shrinks the logits (KL may drop at high T) but flips the argmax of a quarter of the rows.
+  candidate = np.zeros_like(teacher)
+  rows = np.arange(0, len(labels), 4)
+  candidate[rows] = -2 * teacher[rows]
+  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
+                                labels=labels, settings=_settings(margin=-1e9))
+  assert not d.accepted and "accuracy" in d.reason
+
+
+def test_first_student_is_compared_with_the_empty_ensemble():
+  teacher, labels = _teacher_and_labels()
+  d = pkd.weak_learner_decision(teacher=teacher, prefix=None, candidate=0.5 * teacher,
+                                labels=labels, settings=_settings())
+  assert d.accepted and d.accuracy_before == 0.0
+
+
+def _smoke_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path, value, match", [
+    ("pkd.alpha", 1.5, "pkd.alpha"),
+    ("pkd.temperature", 0.0, "pkd.temperature"),
+    ("pkd.mode", "boost", "pkd.mode"),
+    ("pkd.max_students", 0, "pkd.max_students"),
+    ("pkd.ladder", (), "pkd.ladder is empty"),
+    ("pkd.ladder", ("s1", "huge"), "unknown size"),
+    ("model.ladder", "imagenet", "model.ladder"),
+    ("teacher.learning_rate", -1.0, "teacher.learning_rate"),
+    ("student.augment", "mixup", "student.augment"),
+])
+def test_bad_config_values_are_named(path, value, match):
+  config = _smoke_config()
+  section, field = path.split(".")
+  with config.unlocked():
+    config[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    pkd.validate_config(config)
+
+
+def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
+         f"--workdir={workdir}"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| teacher |" in out.stdout
+  results = json.loads((workdir / "results.json").read_text())
+  rows = {r["name"]: r for r in results["rows"]}
+  teacher_flops = rows["teacher"]["flops"]
+  students = [r for r in results["rows"] if r["kind"] == "student"]
+  prefixes = [r for r in results["rows"] if r["kind"] == "prefix"]
+  assert students and len(prefixes) == len(students)
+  for k, prefix in enumerate(prefixes, start=1):
+    assert prefix["flops"] == sum(s["flops"] for s in students[:k])
+    assert prefix["params"] == sum(s["params"] for s in students[:k])
+  for r in results["rows"]:
+    assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+    assert r["pct_teacher_flops"] == pytest.approx(100.0 * r["flops"] / teacher_flops, rel=1e-6)
+  assert rows["teacher"]["agreement"] == 1.0
+  accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
+  assert len(accepted) == len(students)
+  for name in ("results.md", "accuracy_vs_flops.png", "config.json", "metrics.jsonl"):
+    assert (workdir / name).exists(), name
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {m["stage"] for m in metrics} >= {"teacher"}
+
+  # Re-running the same command restores every finished stage instead of training it.
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already complete, not retrained" in again.stderr
+  assert "compiled in" not in again.stderr  # no train step was built
+  assert json.loads((workdir / "results.json").read_text()) == results
