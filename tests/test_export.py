@@ -1,0 +1,316 @@
+"""Tests for mamba_pkd.export and mamba_pkd.predict.
+
+A small run directory is written by hand (no training): the config.json,
+results.json and final checkpoints that ``mamba_pkd.main`` writes, for a
+tiny ensemble of three *connected* students (student j reads student j-1's
+features) with random weights, plus one rejected candidate that must be
+skipped. The in-process Flax model (``train.apply_students``) is the reference
+for the exported StableHLO. The quickstart notebook test runs the same
+export and predict on a real smoke run.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from mamba_pkd import checkpoints, export, flops, input_pipeline, predict, train
+from mamba_pkd.models import init_params, ladder_configs
+
+H, W, C, K = 16, 16, 1, 4
+DATASET = f"synthetic:num_train=64,num_test=16,height={H},width={W},num_classes={K}"
+ACCEPTED = ("s1", "s2", "s3")
+# The exported functions use the "parallel" scan, the in-process reference the
+# run's "sequential" one: the same math in another order, float32 rounding only.
+ATOL, RTOL = 2e-5, 1e-5
+
+
+def _write_run(workdir: pathlib.Path) -> dict:
+  """A finished ensemble-mode run with connected students s1, s2, s3 (random weights)."""
+  config = {
+      "dataset": DATASET, "data_dir": "", "seed": 0,
+      "model": {"ladder": "tiny", "scan_method": "sequential", "bidirectional": False},
+      "pkd": {"mode": "ensemble", "connect": True},
+  }
+  (workdir / "config.json").write_text(json.dumps(config))
+  sizes = ladder_configs("tiny", image_shape=(H, W, C), num_classes=K,
+                         scan_method="sequential")
+  decisions, members = [], []
+  stages = [("teacher", "teacher", None)]
+  prev = None
+  for k, size in enumerate(ACCEPTED, start=1):
+    if k == 2:  # a rejected candidate before the accepted student 2
+      decisions.append({"candidate": "student_2_s1_try1", "size": "s1", "accepted": False})
+    cfg = sizes[size] if prev is None else sizes[size].replace(connect_dim=prev.d_model)
+    name = f"student_{k}_{size}_try1"
+    decisions.append({"candidate": name, "size": size, "accepted": True})
+    stages.append((name, size, cfg))
+    prev = cfg
+  decisions.append({"stop": "ladder exhausted"})
+  params_by_stage = {}
+  for seed, (stage, size, cfg) in enumerate(stages):
+    cfg = sizes["teacher"] if cfg is None else cfg
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(seed)))
+    ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(workdir, stage))
+    ckpt.mark_complete(params, {"size": size, "seed": seed})
+    ckpt.close()
+    params_by_stage[stage] = params
+    if stage != "teacher":
+      members.append((cfg, params))
+  rows = [{"name": f"prefix_1..{k}", "accuracy": 0.5 + 0.1 * k} for k in range(1, 4)]
+  (workdir / "results.json").write_text(json.dumps(
+      {"meta": {"dataset": "synthetic", "mode": "ensemble", "decisions": decisions},
+       "rows": rows}))
+  return {"configs": [m[0] for m in members], "params": [m[1] for m in members],
+          "teacher": sizes["teacher"]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  reference = _write_run(workdir)
+  return workdir, reference
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir, tmp_path_factory):
+  workdir, _ = run_dir
+  out = tmp_path_factory.mktemp("bundle")
+  path, members = export.export_run(workdir, out)
+  assert [m.size for m in members] == list(ACCEPTED)
+  return out
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.default_rng(0).integers(0, 256, (6, H, W, C), dtype=np.uint8)
+
+
+def _reference_prefixes(reference, x):
+  """[F_1, F_2, F_3] of the in-process model on normalised x."""
+  logits, _ = train.apply_students(reference["configs"], reference["params"], x)
+  return [np.asarray(v) for v in np.cumsum(np.stack(logits), axis=0)]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(run_dir, images):
+  workdir, reference = run_dir
+  run = export.load_run(workdir, with_teacher=False)
+  x = run.preprocessing.normalize(images)
+  return x, _reference_prefixes(reference, x)
+
+
+def test_load_run_rebuilds_accepted_members(run_dir):
+  workdir, reference = run_dir
+  run = export.load_run(workdir)
+  assert [m.size for m in run.students] == list(ACCEPTED)
+  assert [m.stage for m in run.students] == [f"student_{k}_{s}_try1"
+                                             for k, s in enumerate(ACCEPTED, start=1)]
+  assert [m.config for m in run.students] == reference["configs"]
+  assert [m.config.connect_dim for m in run.students] == [0, 4, 6]  # d_model of s1, s2
+  np.testing.assert_array_equal(run.students[1].params["head"]["kernel"],
+                                reference["params"][1]["head"]["kernel"])
+  assert run.prefix_accuracy == pytest.approx([0.6, 0.7, 0.8])
+  # Preprocessing is recomputed from the run's dataset: x_train / 255 statistics.
+  ds = input_pipeline.load_dataset(DATASET, seed=0)
+  x = ds.x_train.astype(np.float64) / 255.0
+  np.testing.assert_allclose(run.preprocessing.mean, [x.mean()], rtol=1e-6)
+  np.testing.assert_allclose(run.preprocessing.std, [x.std()], rtol=1e-5)
+
+
+def test_exported_prefix_matches_in_process_model(bundle, images, reference_logits):
+  x, prefixes = reference_logits
+  loaded = export.load_export(bundle)
+  # Whole prefix (prefix.stablehlo), two batch sizes through one artifact.
+  np.testing.assert_allclose(loaded(images), prefixes[2], atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(loaded(images[:2]), prefixes[2][:2], atol=ATOL, rtol=RTOL)
+  # Shorter prefix: the member files composed (features passed between members).
+  np.testing.assert_allclose(loaded(images, num_members=2), prefixes[1], atol=ATOL, rtol=RTOL)
+  # All cumulative logits at once.
+  cumulative = loaded.prefix_logits(images)
+  assert cumulative.shape == (6, 3, K)
+  for k in range(3):
+    np.testing.assert_allclose(cumulative[:, k], prefixes[k], atol=ATOL, rtol=RTOL)
+  # Float pixels in [0, 1] are the same picture as uint8 pixels.
+  np.testing.assert_allclose(loaded(images.astype(np.float32) / 255.0), prefixes[2],
+                             atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(loaded(x, normalized=True), prefixes[2], atol=ATOL, rtol=RTOL)
+
+
+def test_sidecar_records_preprocessing_and_costs(bundle, run_dir):
+  workdir, reference = run_dir
+  meta = json.loads((bundle / export.SIDECAR).read_text())
+  run = export.load_run(workdir, with_teacher=False)
+  assert meta["preprocessing"]["image_shape"] == [H, W, C]
+  assert meta["preprocessing"]["num_classes"] == K
+  assert meta["preprocessing"]["mean"] == pytest.approx(list(run.preprocessing.mean))
+  member_flops = [flops.count_flops(c) for c in reference["configs"]]
+  assert [m["flops"] for m in meta["members"]] == member_flops
+  assert meta["flops"] == sum(member_flops)
+  assert meta["teacher_flops"] == flops.count_flops(reference["teacher"])
+  assert [m["size"] for m in meta["members"]] == list(ACCEPTED)
+  assert meta["scan_method"] == "parallel" and meta["platforms"] == ["cpu"]
+
+
+def test_normalize_uint8_and_float_against_hand_formula():
+  pre = export.Preprocessing((2, 2, 3), 10, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+  pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3) * 20
+  expected = (pixels.astype(np.float64) / 255.0 - [0.1, 0.2, 0.3]) / [0.5, 0.25, 2.0]
+  np.testing.assert_allclose(pre.normalize(pixels), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(pre.normalize(pixels / 255.0), expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"\[N, 2, 2, 3\].*got \(1, 2, 2, 1\)"):
+    pre.normalize(np.zeros((1, 2, 2, 1), np.uint8))
+  with pytest.raises(ValueError, match=r"float images must be pixels in \[0, 1\]"):
+    pre.normalize(pixels.astype(np.float32))
+  with pytest.raises(ValueError, match="uint8 pixels"):
+    pre.normalize(pixels.astype(np.int64))
+
+
+def test_budget_picks_largest_fitting_prefix(bundle):
+  loaded = export.load_export(bundle)
+  costs = loaded.costs()
+  flops_each = [m["flops"] for m in loaded.members]
+  teacher = loaded.teacher_flops
+  pct = [100.0 * sum(flops_each[:k]) / teacher for k in (1, 2, 3)]
+  assert [c.pct_teacher_flops for c in costs] == pytest.approx(pct)
+  between = lambda a, b: (a + b) / 2  # noqa: E731
+  pick = lambda **kw: export.largest_prefix_within(costs, **kw)[0]  # noqa: E731
+  assert pick(max_flops_pct=between(pct[1], pct[2])) == 2
+  assert pick(max_flops_pct=between(pct[0], pct[1])) == 1
+  assert pick(max_flops_pct=200.0) == 3
+  assert pick(max_flops=sum(flops_each[:2])) == 2          # the limit is inclusive
+  assert pick(max_flops=sum(flops_each[:2]) - 1) == 1
+  with pytest.raises(export.BudgetError, match=rf"cheapest, prefix 1..1 \(s1\): "
+                                               rf"{flops_each[0]:,} FLOPs/image"):
+    pick(max_flops_pct=pct[0] / 2)
+  # Latency: measured from k = 1 up, stopping at the first prefix over budget.
+  fake = {1: 1.0, 2: 2.0, 3: 5.0}
+  calls = []
+  timer = lambda k: calls.append(k) or fake[k]  # noqa: E731
+  k, measured = export.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer)
+  assert (k, calls, measured) == (2, [1, 2, 3], fake)
+  calls.clear()
+  k, _ = export.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer,
+                                      max_flops_pct=between(pct[0], pct[1]))
+  assert (k, calls) == (1, [1])  # FLOPs limit first: prefixes 2, 3 are never timed
+  with pytest.raises(export.BudgetError, match=r"takes 1 ms per call"):
+    export.largest_prefix_within(costs, max_latency_ms=0.5, latency_ms=timer)
+  assert export.parse_flops("25%") == (None, 25.0)
+  assert export.parse_flops("150k") == (150e3, None)
+  assert export.parse_flops("2.5e6") == (2.5e6, None)
+  with pytest.raises(ValueError, match="max_flops='-3'"):
+    export.parse_flops("-3")
+
+
+def test_softmax_margin_hand_values():
+  logits = np.array([[0.0, np.log(3.0)], [1.0, 1.0], [0.0, 0.0]])
+  logits = np.concatenate([logits, np.full((3, 1), -np.inf)], axis=1)
+  np.testing.assert_allclose(predict.softmax_margin(logits), [0.5, 0.0, 0.0], atol=1e-7)
+
+
+def test_early_exit_uses_fewer_members_on_confident_images(bundle, reference_logits):
+  x, prefixes = reference_logits
+  loaded = export.load_export(bundle)
+  full = predict.anytime_predict(loaded, x)
+  np.testing.assert_array_equal(full.members_used, 3)
+  np.testing.assert_allclose(full.logits, prefixes[2], atol=ATOL, rtol=RTOL)
+  margins = [predict.softmax_margin(f) for f in prefixes]
+  threshold = float(np.median(margins[0]))
+  expected_used = np.where(margins[0] >= threshold, 1, np.where(margins[1] >= threshold, 2, 3))
+  assert 0 < np.sum(expected_used == 1) < len(x)  # some images stop early, some do not
+  result = predict.anytime_predict(loaded, x, confidence=threshold)
+  np.testing.assert_array_equal(result.members_used, expected_used)
+  for i, used in enumerate(expected_used):
+    np.testing.assert_allclose(result.logits[i], prefixes[used - 1][i], atol=ATOL, rtol=RTOL)
+  # The budget caps the members too: at most 2 here.
+  capped = predict.anytime_predict(loaded, x, num_members=2, confidence=threshold)
+  np.testing.assert_array_equal(capped.members_used, np.minimum(expected_used, 2))
+
+
+def test_predict_cli_budget_early_exit_and_workdir(bundle, run_dir, images, tmp_path, capsys,
+                                                   reference_logits):
+  workdir, _ = run_dir
+  _, prefixes = reference_logits
+  np.savez(tmp_path / "batch.npz", images=images)
+  loaded = export.load_export(bundle)
+  pct = [c.pct_teacher_flops for c in loaded.costs()]
+  budget = f"--max_flops_pct={(pct[1] + pct[2]) / 2:.4f}"
+  out_json = tmp_path / "pred.json"
+  assert predict.main([f"--model={bundle}", budget, "--confidence=1.0",
+                       f"--output_json={out_json}", str(tmp_path / "batch.npz")]) == 0
+  printed = capsys.readouterr().out
+  assert "using prefix 1..2 (s1+s2)" in printed
+  assert "the next, prefix 1..3" in printed
+  result = json.loads(out_json.read_text())
+  assert result["prefix"] == 2
+  assert [p["members"] for p in result["predictions"]] == [2] * len(images)  # margin < 1
+  np.testing.assert_array_equal([p["class"] for p in result["predictions"]],
+                                prefixes[1].argmax(-1))
+  # The workdir runs the same students in-process and gives the same answer.
+  out_wd = tmp_path / "pred_wd.json"
+  assert predict.main([f"--model={workdir}", budget, f"--output_json={out_wd}",
+                       str(tmp_path / "batch.npz")]) == 0
+  in_process = json.loads(out_wd.read_text())["predictions"]
+  assert [(p["class"], p["members"]) for p in in_process] == \
+      [(p["class"], p["members"]) for p in result["predictions"]]
+  np.testing.assert_allclose([p["margin"] for p in in_process],
+                             [p["margin"] for p in result["predictions"]], atol=1e-5)
+
+
+def test_predict_cli_errors(bundle, tmp_path, capsys):
+  loaded = export.load_export(bundle)
+  cheapest = loaded.costs()[0]
+  np.savez(tmp_path / "bad_shape.npz", x=np.zeros((2, 8, 8, 1), np.uint8))
+  np.savez(tmp_path / "bad_key.npz", pixels=np.zeros((2, H, W, C), np.uint8))
+  (tmp_path / "junk.png").write_text("not an image")
+  cases = [
+      ([f"--max_flops_pct={cheapest.pct_teacher_flops / 2}", "a.png"],
+       f"the cheapest, prefix 1..1 (s1): {cheapest.flops:,} FLOPs/image"),
+      ([str(tmp_path / "bad_shape.npz")], "has shape (2, 8, 8, 1); the model takes [N, 16, 16, 1]"),
+      ([str(tmp_path / "bad_key.npz")], "has no array named 'x' or 'images'"),
+      ([str(tmp_path / "junk.png")], "cannot read image"),
+      (["--confidence=1.5", "a.png"], "--confidence=1.5 must be in (0, 1]"),
+      ([], "no images given"),
+  ]
+  for args, message in cases:
+    assert predict.main([f"--model={bundle}", *args]) == 2, args
+    assert message in capsys.readouterr().err, args
+  assert predict.main([f"--model={tmp_path}", "a.png"]) == 2
+  assert "neither an export bundle" in capsys.readouterr().err
+
+
+def test_png_reading_converts_channels_and_resizes(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rgb = np.zeros((32, 32, 3), np.uint8)
+  rgb[...] = (200, 100, 50)
+  Image.fromarray(rgb).save(tmp_path / "rgb.png")
+  notes = []
+  gray = predict.read_image_file(tmp_path / "rgb.png", (16, 16, 1), notes=notes)
+  assert gray.shape == (16, 16, 1) and gray.dtype == np.uint8
+  # ITU-R 601-2 luma, as Pillow's "L" conversion: 0.299 R + 0.587 G + 0.114 B.
+  np.testing.assert_allclose(gray, round(0.299 * 200 + 0.587 * 100 + 0.114 * 50), atol=1)
+  assert notes == [f"{tmp_path / 'rgb.png'}: resized from 32x32 to 16x16 (the model's input size)"]
+  Image.fromarray(rgb[:16, :16, 0]).save(tmp_path / "gray.png")
+  color = predict.read_image_file(tmp_path / "gray.png", (16, 16, 3))
+  np.testing.assert_array_equal(color, 200)  # gray replicated to RGB, no resize
+  notes.clear()
+  predict.read_image_file(tmp_path / "gray.png", (16, 16, 1), notes=notes)
+  assert notes == []
+
+
+def test_selection_errors(run_dir, tmp_path):
+  workdir, _ = run_dir
+  run = export.load_run(workdir, with_teacher=False)
+  with pytest.raises(ValueError, match="not a classifier alone; export the prefix 1..2"):
+    export.select_members(run, student=2)
+  with pytest.raises(ValueError, match=r"valid prefixes 1..3"):
+    export.select_members(run, prefix=4)
+  assert [m.size for m in export.select_members(run, student=1)] == ["s1"]
+  with pytest.raises(ValueError, match="scan_method='fused' cannot be exported"):
+    export.export_run(workdir, tmp_path / "x", scan_method="fused")
+  with pytest.raises(ValueError, match="does not exist"):
+    export.load_run(tmp_path / "missing")
+  with pytest.raises(ValueError, match="export.json"):
+    export.load_export(tmp_path)
