@@ -14,6 +14,7 @@ asks for. If a future JAX drops it, only :func:`data_parallel` changes.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable
 
 from absl import logging
@@ -133,11 +134,79 @@ def gather_from_processes(array: np.ndarray) -> np.ndarray:
   return np.concatenate(list(np.asarray(gathered)), axis=0)
 
 
+# A barrier waits this long for a process that is still compiling or writing.
+BARRIER_TIMEOUT_S = 1800
+_barrier_ids = itertools.count()  # every process calls sync/agree in the same order
+
+
+def _coordination_client():
+  """The ``jax.distributed`` coordination-service client, or None.
+
+  ``jax._src.distributed.global_state.client`` is private (JAX's own
+  ``array_serialization`` uses it for barriers); if a JAX version moves it,
+  :func:`sync` and :func:`agree` fall back to ``multihost_utils`` (logged).
+  """
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  client = getattr(getattr(distributed, "global_state", None), "client", None)
+  if client is None or not all(hasattr(client, m) for m in
+                               ("wait_at_barrier", "key_value_set", "blocking_key_value_get")):
+    logging.log_first_n(logging.WARNING, "jax.distributed client API not found in JAX %s; "
+                        "barriers fall back to multihost_utils (an XLA collective)", 1,
+                        jax.__version__)
+    return None
+  return client
+
+
 def sync(name: str) -> None:
-  """Barrier across processes (no-op on one process)."""
-  if jax.process_count() > 1:
+  """Barrier across processes (no-op on one process).
+
+  Waits on the coordination service of ``jax.distributed`` (no XLA computation:
+  nothing to compile, no CPU-collective timeout), up to ``BARRIER_TIMEOUT_S``.
+  """
+  if jax.process_count() == 1:
+    return
+  client = _coordination_client()
+  if client is None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"mamba_pkd/{next(_barrier_ids)}/{name}",
+                         timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+def agree(value: int | bool | str, what: str) -> int | bool | str:
+  """Returns ``value`` after checking that every process holds the same one.
+
+  A barrier too. Used where processes decide from files (a stage is complete,
+  the step a stage resumes from): a shared directory that some host sees
+  differently would otherwise make the processes run different steps and hang.
+
+  Raises:
+    RuntimeError: the processes disagree (every process's value is named).
+  """
+  if jax.process_count() == 1:
+    return value
+  client = _coordination_client()
+  if client is None:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    encoded = np.frombuffer(repr(value).encode().ljust(256)[:256], np.uint8)  # [256]
+    gathered = np.asarray(multihost_utils.process_allgather(encoded, tiled=False))  # [P, 256]
+    values = [bytes(row).decode(errors="replace").rstrip() for row in gathered]
+  else:
+    key = f"mamba_pkd/{next(_barrier_ids)}/{what}"
+    client.key_value_set(f"{key}/{jax.process_index()}", repr(value))
+    client.wait_at_barrier(key, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+    values = [client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000)
+              for i in range(jax.process_count())]
+  if len(set(values)) > 1:
+    raise RuntimeError(
+        f"processes disagree on {what}: " + ", ".join(
+            f"process {i}: {v}" for i, v in enumerate(values)) +
+        ". Every process must see the same --workdir (a shared file system) and config.")
+  return value
 
 
 def to_host(tree: Any) -> Any:
