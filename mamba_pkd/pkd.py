@@ -142,6 +142,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"validation_size must be >= 1, got {config.validation_size}")
   for field in ("teacher", "student"):
     parallel.check_batch_divisible(config[field].batch_size, f"{field}.batch_size")
+  parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
   return dict(settings=settings, teacher_optim=teacher_optim, student_optim=student_optim)
 
 
@@ -279,7 +280,7 @@ class Run:
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(self.workdir, name),
                                          is_writer=self.writer_process)
     template = init_params(model_config, jax.random.key(0))
-    if ckpt.is_complete():
+    if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
       params, info = ckpt.load_final(parallel.to_host(template))
       logging.info("stage %s: already complete, not retrained", name)
     else:
@@ -293,6 +294,7 @@ class Run:
           log_every=self.config.log_every)
       info = {"size": size, "seed": seed}
       ckpt.mark_complete(params, info)
+      parallel.sync(f"stage {name} saved")  # process 0 has written it before anyone reads
     ckpt.close()
     return self.predict(name, size, model_config, params, info, prev=prev)
 

@@ -374,6 +374,7 @@ def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.Stag
       start, host_state = restored
       state = jax.tree.map(jnp.asarray, host_state)
       logging.info("stage %s: resuming from step %d of %d", name, start, total_steps)
+  start = parallel.agree(start, f"stage {name}: step to resume from")  # also a barrier
   if start >= total_steps:
     return parallel.to_host(state.params)
 
