@@ -75,8 +75,7 @@ def main(argv):
   try:
     pkd.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)  # one line, no traceback, no log prefix
     return 2
   except Exception as e:  # pylint: disable=broad-except
     from mamba_pkd import train  # pylint: disable=g-import-not-at-top
