@@ -19,8 +19,8 @@ Usage (from the repository root):
 On a GPU, ``pallas`` (the compiled kernel) is timed as well.
 
 ``--torch`` also times mambapy's selective scan (``MambaBlock.selective_scan``,
-the Blelloch ``pscan``, and ``MambaBlock.selective_scan_seq``, the Python loop)
-on the same data, with ``torch.set_num_threads`` equal to the CPU count that
+the Blelloch ``pscan``; ``--torch_seq`` adds ``MambaBlock.selective_scan_seq``,
+its Python loop, which takes minutes at L = 784) on the same data, with ``torch.set_num_threads`` equal to the CPU count that
 JAX uses, and prints ours/theirs ratios. It needs the benchmark extras, never
 a project dependency (an unpinned torch pulls a multi-GB CUDA build):
 
@@ -73,6 +73,8 @@ def parse_args(argv=None):
   p.add_argument("--pallas_interpret", action="store_true",
                  help="on CPU, also time pallas through the Pallas interpreter (slow)")
   p.add_argument("--torch", action="store_true", help="also time mambapy (see above)")
+  p.add_argument("--torch_seq", action="store_true",
+                 help="with --torch, also time mambapy's Python loop (very slow at L = 784)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = p.parse_args(argv)
   try:
@@ -150,21 +152,28 @@ def torch_functions(torch, variant, shape):
 
 
 def time_rounds(fns, args, repeats, warmup, sync):
-  """Median seconds per function; calls interleaved round by round (JAX and torch alike)."""
+  """Median wall and process-CPU seconds per function, {name: (wall, cpu)}.
+
+  Calls are interleaved round by round (JAX and torch alike), so that load from
+  other processes hits every function alike. Process CPU time is less sensitive
+  to time-slicing on a shared machine; it counts every thread of the process.
+  """
   for fn in fns.values():
     for _ in range(1 + warmup):
       sync(fn(*args[fn]))
-  times = {name: [] for name in fns}
+  wall = {name: [] for name in fns}
+  cpu = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       sync(fn(*args[fn]))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def ratio(a, b):
-  return f"{a / b:8.2f}x" if a and b else f"{'-':>9}"
+  return f"{a / b:.2f}x" if a and b else "-"
 
 
 def bench_shape(shape, args, torch):
@@ -184,35 +193,41 @@ def bench_shape(shape, args, torch):
   torch_errors = {}
   if torch is not None:
     targs = tuple(torch.tensor(data[k], requires_grad=(k != "w")) for k in names)
-    for variant in ("pscan", "seq"):
+    for variant in ("pscan", "seq") if args.torch_seq else ("pscan",):
       fwd, fwd_bwd = torch_functions(torch, variant, shape)
       fns[(f"mambapy-{variant}", "fwd")], fns[(f"mambapy-{variant}", "fwd+bwd")] = fwd, fwd_bwd
       call_args[fwd] = call_args[fwd_bwd] = targs
       y = fwd(*targs).detach().numpy()
       torch_errors[f"mambapy-{variant}"] = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
-  sync = lambda x: jax.block_until_ready(x) if isinstance(x, jax.Array) else x
+  # JAX dispatches asynchronously: block on every output array (grads are a tuple).
+  sync = lambda x: x if torch is not None and isinstance(x, torch.Tensor) else (
+      jax.block_until_ready(x))
   results = time_rounds(fns, call_args, args.repeats, args.warmup, sync)
   torch_results = {k: results.pop(k) for k in list(results) if k[0].startswith("mambapy")}
   return results, errors, torch_results, torch_errors
 
 
 def print_table(shape, methods, results, errors, torch_results, torch_errors):
-  t = lambda m, k: results.get((m, k)) or torch_results.get((m, k))
+  """Wall-clock table with speed-ups (x par = t(parallel) / t(method)); CPU ms beside."""
+  both = {**results, **torch_results}
+  t = lambda m, k, clock=0: both[(m, k)][clock] if (m, k) in both else None
   print(f"\n(batch, L, d_inner, N) = {shape}")
-  print(f"{'method':<15}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x par':>11}{'f+b x par':>11}"
-        f"{'fwd x seq':>11}{'f+b x seq':>11}{'rel err':>10}")
+  print(f"{'method':<15}{'fwd ms':>9}{'f+b ms':>9}{'fwd x par':>10}{'f+b x par':>10}"
+        f"{'fwd x seq':>10}{'f+b x seq':>10}{'rel err':>9}{'fwd cpu':>9}{'f+b cpu':>9}"
+        f"{'f+b cpu x par':>14}")
   rows = list(methods) + sorted({m for m, _ in torch_results})
   for m in rows:
     f, fb = t(m, "fwd"), t(m, "fwd+bwd")
     err = errors.get(m, torch_errors.get(m))
-    print(f"{m:<15}{1e3 * f:>10.1f}{1e3 * fb:>12.1f}"
-          f"{ratio(t('parallel', 'fwd'), f):>11}{ratio(t('parallel', 'fwd+bwd'), fb):>11}"
-          f"{ratio(t('sequential', 'fwd'), f):>11}{ratio(t('sequential', 'fwd+bwd'), fb):>11}"
-          f"{err:>10.1e}")
+    print(f"{m:<15}{1e3 * f:>9.1f}{1e3 * fb:>9.1f}"
+          f"{ratio(t('parallel', 'fwd'), f):>10}{ratio(t('parallel', 'fwd+bwd'), fb):>10}"
+          f"{ratio(t('sequential', 'fwd'), f):>10}{ratio(t('sequential', 'fwd+bwd'), fb):>10}"
+          f"{err:>9.1e}{1e3 * t(m, 'fwd', 1):>9.1f}{1e3 * t(m, 'fwd+bwd', 1):>9.1f}"
+          f"{ratio(t('parallel', 'fwd+bwd', 1), t(m, 'fwd+bwd', 1)):>14}")
   if torch_results:
     for ours in [m for m in ("fused", "sequential", "pallas") if m in methods]:
       for theirs in sorted({m for m, _ in torch_results}):
-        print(f"  ours/theirs {ours} / {theirs}: fwd {t(ours, 'fwd') / t(theirs, 'fwd'):.3f}, "
+        print(f"  ours/theirs (wall) {ours} / {theirs}: fwd {t(ours, 'fwd') / t(theirs, 'fwd'):.3f}, "
               f"fwd+bwd {t(ours, 'fwd+bwd') / t(theirs, 'fwd+bwd'):.3f}")
 
 
@@ -241,8 +256,10 @@ def main(argv=None):
   for shape in args.shapes:
     results, errors, torch_results, torch_errors = bench_shape(shape, args, torch)
     print_table(shape, args.methods, results, errors, torch_results, torch_errors)
-    report.append(dict(shape=shape, ms={f"{m}/{k}": 1e3 * v for (m, k), v in
-                                        {**results, **torch_results}.items()},
+    report.append(dict(shape=shape, wall_ms={f"{m}/{k}": 1e3 * v[0] for (m, k), v in
+                                             {**results, **torch_results}.items()},
+                       cpu_ms={f"{m}/{k}": 1e3 * v[1] for (m, k), v in
+                               {**results, **torch_results}.items()},
                        rel_err={**errors, **torch_errors}))
   print(f"\nload average after: {os.getloadavg()[0]:.2f}")
   if args.json:
