@@ -279,9 +279,10 @@ class Run:
     """Trains (or restores, if complete) one stage and predicts train and test sets."""
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(self.workdir, name),
                                          is_writer=self.writer_process)
-    template = init_params(model_config, jax.random.key(0))
     if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
-      params, info = ckpt.load_final(parallel.to_host(template))
+      # Shapes and dtypes only: nothing is computed or compiled to restore a stage.
+      template = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+      params, info = ckpt.load_final(template)
       logging.info("stage %s: already complete, not retrained", name)
     else:
       data = train.StageData(self.dataset, self.train_index, augment=augment,
