@@ -196,15 +196,33 @@ def section_correctness(report):
   report.line(f"CORRECTNESS {'PASS' if all_ok else 'FAIL'}")
 
 
+# A pallas config: (block_d, num_warps, prefetch, prefetch_bwd); None = the
+# module's default for that knob.
 def pallas_configs(shape, quick, big):
-  """(block_d, num_warps, prefetch) tuples to time; None = module default."""
+  """Forward configs to time at one shape, and extra forward+backward ones."""
   d_inner = shape[2]
   block_ds = [b for b in (8, 16, 32, 64) if b <= d_inner]
-  if quick or not big:
-    return [(b, None, pallas_scan.DEFAULT_PREFETCH) for b in block_ds]
-  configs = [(b, w, 2) for b in block_ds for w in (1, 2, 4)]
-  configs += [(b, None, 0) for b in block_ds]
-  return configs
+  default_pf = pallas_scan.DEFAULT_PREFETCH
+  fwd = [(b, None, default_pf, None) for b in block_ds]
+  fb_extra = []
+  if big and not quick:
+    fwd = [(b, w, default_pf, None) for b in block_ds for w in (1, 2, 4)]
+    fwd += [(8, None, 0, None), (8, None, 2, None), (8, None, 8, None),
+            (16, None, 2, None), (16, None, 8, None), (32, None, 2, None)]
+    fb_extra = [(8, None, default_pf, 1), (8, None, default_pf, 4),
+                (8, None, 8, None), (16, None, default_pf, 1)]
+  return fwd, fb_extra
+
+
+def pallas_fn(cfg):
+  block_d, num_warps, prefetch, prefetch_bwd = cfg
+  return scan_fn("pallas", block_d=block_d, num_warps=num_warps,
+                 prefetch=prefetch, prefetch_bwd=prefetch_bwd)
+
+
+def config_str(cfg):
+  return ("block_d={} num_warps={} prefetch={} prefetch_bwd={}"
+          .format(*cfg))
 
 
 def time_shape(report, shape, quick, big, results):
@@ -212,42 +230,49 @@ def time_shape(report, shape, quick, big, results):
   repeats = 5 if quick else 15
   args, gy = make_args(shape)
   row = {}
-  # Pallas sweep: forward for every config, forward+backward for the
-  # default-warps configs and the best forward config.
+  fwd_cfgs, fb_extra = pallas_configs(shape, quick, big)
+  # Pallas sweep: forward for every config; forward+backward for the
+  # default-warps configs, the extra backward variants and the best forward.
   fwd = {}
-  for cfg in pallas_configs(shape, quick, big):
-    block_d, num_warps, prefetch = cfg
-    f = scan_fn("pallas", block_d=block_d, num_warps=num_warps,
-                prefetch=prefetch)
+  for cfg in fwd_cfgs:
     try:
-      first, t = median_time(jax.jit(f), *args, repeats=repeats)
+      first, t = median_time(jax.jit(pallas_fn(cfg)), *args, repeats=repeats)
       fwd[cfg] = t
-      report.line(f"  pallas fwd      {shape} block_d={block_d} "
-                  f"num_warps={num_warps} prefetch={prefetch}: "
+      report.line(f"  pallas fwd      {shape} {config_str(cfg)}: "
                   f"{t * 1e3:8.3f} ms (first call {first:.1f} s)")
     except Exception as e:  # pylint: disable=broad-except
-      report.line(f"  pallas fwd {cfg} FAILED: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:300]}")
+      report.line(f"  pallas fwd {config_str(cfg)} FAILED: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
   best_fwd = min(fwd, key=fwd.get) if fwd else None
-  bwd_cfgs = [c for c in fwd if c[1] is None]
-  if best_fwd is not None and best_fwd not in bwd_cfgs:
-    bwd_cfgs.append(best_fwd)
+  fb_cfgs = [c for c in fwd if c[1] is None and c[2] != 0] + fb_extra
+  if best_fwd is not None and best_fwd not in fb_cfgs:
+    fb_cfgs.append(best_fwd)
   fb = {}
-  for cfg in bwd_cfgs:
-    block_d, num_warps, prefetch = cfg
-    f = scan_fn("pallas", block_d=block_d, num_warps=num_warps,
-                prefetch=prefetch)
+  for cfg in fb_cfgs:
     try:
-      first, t = median_time(forward_backward(f), args, gy, repeats=repeats)
+      first, t = median_time(forward_backward(pallas_fn(cfg)), args, gy,
+                             repeats=repeats)
       fb[cfg] = t
-      report.line(f"  pallas fwd+bwd  {shape} block_d={block_d} "
-                  f"num_warps={num_warps} prefetch={prefetch}: "
+      report.line(f"  pallas fwd+bwd  {shape} {config_str(cfg)}: "
                   f"{t * 1e3:8.3f} ms (first call {first:.1f} s)")
     except Exception as e:  # pylint: disable=broad-except
-      report.line(f"  pallas fwd+bwd {cfg} FAILED: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:300]}")
+      report.line(f"  pallas fwd+bwd {config_str(cfg)} FAILED: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
   best_fb = min(fb, key=fb.get) if fb else None
+  default_cfg = (None, None, pallas_scan.DEFAULT_PREFETCH, None)
+  try:  # the module defaults, as selective_scan(method="pallas") runs them
+    _, t_def_fwd = median_time(jax.jit(pallas_fn(default_cfg)), *args,
+                               repeats=repeats)
+    _, t_def_fb = median_time(forward_backward(pallas_fn(default_cfg)), args,
+                              gy, repeats=repeats)
+  except Exception as e:  # pylint: disable=broad-except
+    report.line(f"  pallas defaults FAILED: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]}")
+    t_def_fwd = t_def_fb = None
+  report.line(f"  pallas defaults {shape}: fwd {fmt_ms(t_def_fwd)} ms, "
+              f"fwd+bwd {fmt_ms(t_def_fb)} ms")
   row["pallas"] = (fwd.get(best_fwd), fb.get(best_fb), best_fwd, best_fb)
+  row["pallas-default"] = (t_def_fwd, t_def_fb, None, None)
   for method in OTHER_METHODS:
     f = scan_fn(method)
     times = []
@@ -286,21 +311,22 @@ def section_timing(report, quick, budget_s, start_time, results):
 
 def section_table(report, results):
   report.line("median ms; ratio = method time / pallas time (higher = pallas "
-              "faster); pallas = best swept config")
-  report.line(f"{'shape (b, L, d, N)':22s} {'method':10s} {'fwd ms':>9s} "
+              "faster); pallas = best swept config, pallas-default = module "
+              "defaults")
+  report.line(f"{'shape (b, L, d, N)':22s} {'method':14s} {'fwd ms':>9s} "
               f"{'fwd+bwd ms':>11s} {'fwd ratio':>9s} {'f+b ratio':>9s}")
   for shape in SHAPES:
     if shape not in results:
       continue
     row = results[shape]
     p_fwd, p_fb, best_fwd, best_fb = row["pallas"]
-    for method in ("pallas",) + OTHER_METHODS:
+    for method in ("pallas", "pallas-default") + OTHER_METHODS:
       t_fwd, t_fb, _, _ = row[method]
-      report.line(f"{str(shape):22s} {method:10s} {fmt_ms(t_fwd):>9s} "
+      report.line(f"{str(shape):22s} {method:14s} {fmt_ms(t_fwd):>9s} "
                   f"{fmt_ms(t_fb):>11s} {fmt_ratio(t_fwd, p_fwd):>9s} "
                   f"{fmt_ratio(t_fb, p_fb):>9s}")
-    report.line(f"{'':22s} best pallas (block_d, num_warps, prefetch): "
-                f"fwd {best_fwd}, fwd+bwd {best_fb}")
+    report.line(f"{'':22s} best pallas (block_d, num_warps, prefetch, "
+                f"prefetch_bwd): fwd {best_fwd}, fwd+bwd {best_fb}")
   if BIG in results:
     p_fb = results[BIG]["pallas"][1]
     par_fb = results[BIG]["parallel"][1]
@@ -315,28 +341,30 @@ def section_table(report, results):
 
 def section_bandwidth(report, quick, results):
   dev = jax.devices()[0]
-  # Peak: a large device-to-device elementwise copy (read + write once).
-  n = (1 << 28)  # 2**28 float32 = 1 GiB
-  x = jnp.ones((n,), jnp.float32)
+  # Peak: large device-to-device elementwise copies (read + write once).
   copy = jax.jit(lambda a: a + 1.0)
-  _, t_copy = median_time(copy, x, repeats=5 if quick else 20)
-  peak = 2 * n * 4 / t_copy
-  del x
+  peak = 0.0
+  for log2_n in ((20,) if INTERPRET else (26, 28, 29)):  # 256 MiB..2 GiB
+    x = jnp.ones((1 << log2_n,), jnp.float32)
+    _, t_copy = median_time(copy, x, repeats=5 if quick else 20)
+    bw = 2 * x.size * 4 / t_copy
+    report.line(f"copy of {x.size * 4 >> 20} MiB: {t_copy * 1e3:.3f} ms, "
+                f"{bw / 1e12:.2f} TB/s")
+    peak = max(peak, bw)
+    del x
   nominal = next((v for k, v in NOMINAL_PEAK_BYTES_S.items()
                   if k in dev.device_kind), None)
-  report.line(f"measured copy bandwidth (1 GiB read + 1 GiB write): "
+  report.line(f"measured copy bandwidth (best of the above): "
               f"{peak / 1e12:.2f} TB/s; nominal peak for {dev.device_kind}: "
               + (f"{nominal / 1e12:.2f} TB/s" if nominal else "unknown"))
   batch, seq_len, d_inner, n_state = BIG
   best = results.get(BIG, {}).get("pallas", (None, None, None, None))
-  cfg = best[2] or (pallas_scan.default_block_d(d_inner), None,
-                    pallas_scan.DEFAULT_PREFETCH)
+  cfg = best[2] or (None, None, pallas_scan.DEFAULT_PREFETCH, None)
   fraction = None
   for dtype in (jnp.float32, jnp.bfloat16):
     args, _ = make_args(BIG, dtype)
-    f = jax.jit(scan_fn("pallas", block_d=cfg[0], num_warps=cfg[1],
-                        prefetch=cfg[2]))
-    _, t = median_time(f, *args, repeats=5 if quick else 20)
+    _, t = median_time(jax.jit(pallas_fn(cfg)), *args,
+                       repeats=5 if quick else 20)
     itemsize = jnp.dtype(dtype).itemsize
     nbytes = itemsize * (3 * batch * seq_len * d_inner +
                          2 * batch * seq_len * n_state)
@@ -345,7 +373,7 @@ def section_bandwidth(report, quick, results):
     if dtype == jnp.float32:
       fraction = frac
     report.line(
-        f"pallas forward {BIG} {jnp.dtype(dtype).name} config {cfg}: "
+        f"pallas forward {BIG} {jnp.dtype(dtype).name} {config_str(cfg)}: "
         f"{t * 1e3:.3f} ms, {nbytes / 1e6:.1f} MB -> {bw / 1e12:.2f} TB/s = "
         f"{100 * frac:.0f}% of measured copy"
         + (f", {100 * bw / nominal:.0f}% of nominal" if nominal else ""))

@@ -179,7 +179,8 @@ CASES = [
                  id="pad_d_pad_n_partial_chunk"),
     pytest.param(2, 11, 24, 5,
                  dict(block_d=16, chunk_size=4, reverse=True,
-                      delta_softplus=False), False, False,
+                      delta_softplus=False, prefetch=3, prefetch_bwd=1),
+                 False, False,
                  id="reverse_no_softplus_no_D_no_bias"),
     pytest.param(1, 1, 16, 16, dict(), True, True, id="L1_batch1_defaults"),
     pytest.param(2, 9, 32, 16,
@@ -225,7 +226,7 @@ def test_bfloat16_inputs_within_tolerance():
                   np.float32)
   y, grads = kernel_value_and_grads(inputs, gy, True, True,
                                     dtype=jnp.bfloat16, block_d=16,
-                                    chunk_size=4, interpret=True)
+                                    chunk_size=4, prefetch=1, interpret=True)
   y_ref, grads_ref = numpy_scan(**inputs, gy=gy)
   assert y.dtype == jnp.bfloat16
   assert rel_err(y, y_ref) <= BF16_RTOL
@@ -251,7 +252,8 @@ def test_matches_sequential_method_values_and_autodiff_gradients():
     return jax.jit(jax.value_and_grad(f, argnums=tuple(range(7))))
 
   kernel = lambda *a, **k: selective_scan_pallas(*a, block_d=16, chunk_size=5,
-                                                 interpret=True, **k)
+                                                 prefetch=1, interpret=True,
+                                                 **k)
   sequential = lambda *a, **k: scan.selective_scan(*a, method="sequential",
                                                    **k)
   args = [inputs[k] for k in ARG_NAMES]
@@ -293,6 +295,10 @@ def test_bad_shapes_and_chunk_size_raise_value_error():
     selective_scan_pallas(u, delta, A, B, C, D, chunk_size=0)
   with pytest.raises(ValueError, match=r"num_warps=3"):
     selective_scan_pallas(u, delta, A, B, C, D, num_warps=3)
+  with pytest.raises(ValueError, match=r"prefetch=-1"):
+    selective_scan_pallas(u, delta, A, B, C, D, prefetch=-1)
+  with pytest.raises(ValueError, match=r"prefetch_bwd=17"):
+    selective_scan_pallas(u, delta, A, B, C, D, prefetch_bwd=17)
 
 
 # ----------------------------------------------------------------------------

@@ -29,8 +29,9 @@ and a barrier at every step). Every in-kernel array therefore
 has a power-of-two size (Triton's requirement) whatever L is: the wrapper pads
 d_inner to a multiple of `block_d` and N to a power of two (padded channels
 and states have A = 0, B = C = 0, u = 0, so they stay exactly zero and are
-sliced away). Loads are prefetched `prefetch` steps ahead through the loop
-carry so the global-memory latency overlaps with the arithmetic.
+sliced away). Loads go in blocks of `prefetch` steps, each block issued one
+block ahead through the loop carry, so global-memory latency overlaps with
+the arithmetic of the block before.
 
 Forward: inputs are read once and y is written once. When differentiated the
 forward also stores the state at the start of every chunk of `chunk_size`
@@ -79,9 +80,10 @@ except ImportError as _e:  # pragma: no cover - depends on the installed JAX
   pltriton = None
   _TRITON_IMPORT_ERROR = _e
 
-DEFAULT_BLOCK_D = 32
+DEFAULT_BLOCK_D = 8  # best forward and forward+backward tile on an H200
 DEFAULT_CHUNK_SIZE = 32
-DEFAULT_PREFETCH = 2
+DEFAULT_PREFETCH = 4
+DEFAULT_PREFETCH_BWD = 2
 _MAX_BLOCK_D = 1024
 _LOG2_E = 1.4426950408889634
 
@@ -134,7 +136,8 @@ class _Config:
   delta_softplus: bool
   interpret: bool
   num_warps: int
-  prefetch: int         # steps of loads issued ahead of their use
+  prefetch: int         # forward: steps per block of loads issued ahead
+  prefetch_bwd: int     # backward: the same (more values per step)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -161,14 +164,32 @@ def _chunk_layout(seq_len: int, chunk: int) -> tuple[int, int]:
 # In-kernel helpers (pure jnp on small float32 tiles).
 
 
+def _log1p_unit(z):
+  """log(1 + z) for z in [0, 1], branch-free and to ~1e-7 relative.
+
+  log1p(z) = 2 atanh(s) with s = z / (2 + z) in [0, 1/3]; the odd series of
+  atanh up to s**13 leaves a relative error below 2e-8. On GPU this is a
+  division and seven FMAs, against ~40 instructions and branches for
+  libdevice's log1pf, which dominated the forward kernel's step.
+  """
+  s = z / (2.0 + z)
+  s2 = s * s
+  p = 1.0 / 13.0
+  for coeff in (1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0):
+    p = p * s2 + coeff
+  return 2.0 * s * p
+
+
 def _step_size(delta, bias, delta_softplus):
   """dt and d(dt)/d(delta) for raw `delta`, [block_d, 1] each."""
   x = delta + bias
   if not delta_softplus:
     return x, jnp.ones_like(x)
-  # softplus(x) = max(x, 0) + log1p(exp(-|x|)); sigmoid(x) = exp(x - softplus).
-  dt = jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-  return dt, jnp.exp(x - dt)
+  # softplus(x) = max(x, 0) + log1p(z), z = exp(-|x|) in (0, 1];
+  # sigmoid(x) = 1 / (1 + z) for x >= 0 and z / (1 + z) otherwise.
+  z = jnp.exp2(jnp.abs(x) * -_LOG2_E)
+  dt = jnp.maximum(x, 0.0) + _log1p_unit(z)
+  return dt, jnp.where(x >= 0.0, 1.0, z) / (1.0 + z)
 
 
 def _decay(dt, a_log2):
@@ -189,47 +210,66 @@ def _scan_index(i, cfg: _Config):
   return (cfg.seq_len - 1 - i) if cfg.reverse else i
 
 
-def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, cfg):
-  """Runs `count` (static) scan steps with loads prefetched ahead.
+def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, prefetch,
+               cfg):
+  """Runs `count` (static) scan steps, loading blocks of steps ahead.
+
+  With `prefetch` = S > 0 the steps go in blocks of S: while block j is
+  computed, the loads of block j+1 are already in flight (issued at the top of
+  the loop body, consumed one iteration later), so global-memory latency is
+  hidden behind S steps of arithmetic. The block start is clamped into
+  [0, L - S] rather than each index, so the S addresses of a block differ by
+  constants (immediate offsets on GPU). Leftover steps (count % S) run last
+  with direct loads.
 
   Args:
     first: scan step index (traced int) of the first step when not
       `backwards`, of the last step otherwise.
-    count: static number of steps.
+    count: static number of steps (>= 1).
     step_fn: (k, i, loaded, carry) -> carry, with k the position inside this
       run (0..count-1 in execution order) and i the scan step index.
-    load_fn: i -> tuple of loaded arrays for scan step i (clamped to [0, L)).
+    load_fn: i -> tuple of loaded arrays for scan step i (0 <= i < L).
     carry: loop carry.
     backwards: execute steps first+count-1 down to first.
+    prefetch: steps per block (0: load each step right before it).
     cfg: static config.
 
   Returns:
     The final carry.
   """
-  last_step = cfg.seq_len - 1
-
   def index(k):
     return first + (count - 1 - k) if backwards else first + k
 
-  def clamped_load(k):
-    return load_fn(jnp.clip(index(k), 0, last_step))
-
-  if cfg.prefetch == 0:
+  block = min(prefetch, count)
+  if block == 0:
     def body(k, c):
       i = index(k)
       return step_fn(k, i, load_fn(i), c)
     return lax.fori_loop(0, count, body, carry)
 
-  depth = cfg.prefetch
-  buf = tuple(clamped_load(p) for p in range(depth))
+  num_blocks, tail = divmod(count, block)
 
-  def body_prefetch(k, state):
-    c, buf = state
-    nxt = clamped_load(k + depth)
-    c = step_fn(k, index(k), buf[0], c)
-    return c, buf[1:] + (nxt,)
+  def load_block(j):
+    # Steps j*block .. j*block+block-1 of this run, clamped into [0, L).
+    if backwards:
+      top = jnp.maximum(first + (count - 1) - j * block, block - 1)
+      return tuple(load_fn(top - k) for k in range(block))
+    bottom = jnp.minimum(first + j * block, cfg.seq_len - block)
+    return tuple(load_fn(bottom + k) for k in range(block))
 
-  carry, _ = lax.fori_loop(0, count, body_prefetch, (carry, buf))
+  def body_blocked(j, state):
+    c, current = state
+    upcoming = load_block(j + 1)
+    for k in range(block):
+      pos = j * block + k
+      c = step_fn(pos, index(pos), current[k], c)
+    return c, upcoming
+
+  carry, _ = lax.fori_loop(0, num_blocks, body_blocked,
+                           (carry, load_block(0)))
+  for k in range(tail):
+    pos = num_blocks * block + k
+    carry = step_fn(pos, index(pos), load_fn(index(pos)), carry)
   return carry
 
 
@@ -275,7 +315,7 @@ def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 
   h = jnp.zeros(a_log2.shape, f32)
   run = functools.partial(_run_steps, step_fn=step, load_fn=load,
-                          backwards=False, cfg=cfg)
+                          backwards=False, prefetch=cfg.prefetch, cfg=cfg)
   if not hs_refs:
     run(0, cfg.seq_len, carry=h)
     return
@@ -322,9 +362,12 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
     t = _scan_index(i, cfg)
     return (u_ref[t], delta_ref[t], b_ref[t, :])
 
-  def load_bwd(i):
-    t = _scan_index(i, cfg)
-    return (u_ref[t], delta_ref[t], b_ref[t, :], c_ref[t, :], gy_ref[t])
+  def make_load_bwd(first):
+    def load_bwd(i):
+      t = _scan_index(i, cfg)
+      return (u_ref[t], delta_ref[t], b_ref[t, :], c_ref[t, :], gy_ref[t],
+              scratch_ref[i - first])                     # h_{i-1}
+    return load_bwd
 
   def recompute_step(k, i, loaded, h):
     del i
@@ -333,40 +376,39 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
     dt, _ = _step_size(delta, bias, cfg.delta_softplus)
     return _decay(dt, a_log2) * h + (dt * u) * b[None, :]
 
-  def make_reverse_step(count):
-    def reverse_step(k, i, loaded, carry):
-      g_next, ga_acc, gd_acc, gbias_acc = carry
-      u, delta, b, c, gy = (x.astype(f32) for x in loaded)  # gy: [bd, 1]
-      b, c = b[None, :], c[None, :]                       # [1, N]
-      h_prev = scratch_ref[count - 1 - k]                 # [bd, N]
-      dt, ddt_ddelta = _step_size(delta, bias, cfg.delta_softplus)
-      d_a = _decay(dt, a_log2)                            # [bd, N]
-      dtu = dt * u                                        # [bd, 1]
-      h = d_a * h_prev + dtu * b                          # [bd, N]
-      g_h = c * gy + g_next                               # [bd, N]
-      g_hb = jnp.sum(g_h * b, axis=1, keepdims=True)      # [bd, 1]
-      g_c = jnp.sum(gy * h, axis=0)                       # [N]
-      g_b = jnp.sum(g_h * dtu, axis=0)                    # [N]
-      g_u = gy * d_skip + dt * g_hb                       # [bd, 1]
-      g_da_da = g_h * h_prev * d_a                        # [bd, N]
-      g_dt = jnp.sum(g_da_da * a, axis=1, keepdims=True) + u * g_hb
-      g_delta = g_dt * ddt_ddelta                         # [bd, 1]
-      t = _scan_index(i, cfg)
-      gu_ref[t] = g_u.astype(gu_ref.dtype)
-      gdelta_ref[t] = g_delta.astype(gdelta_ref.dtype)
-      gb_ref[t, :] = g_b
-      gc_ref[t, :] = g_c
-      return (d_a * g_h,
-              ga_acc + g_da_da * dt,
-              gd_acc + gy * u,
-              gbias_acc + g_delta)
-    return reverse_step
+  def reverse_step(k, i, loaded, carry):
+    del k
+    g_next, ga_acc, gd_acc, gbias_acc = carry
+    u, delta, b, c, gy, h_prev = (x.astype(f32) for x in loaded)
+    b, c = b[None, :], c[None, :]                       # [1, N]
+    dt, ddt_ddelta = _step_size(delta, bias, cfg.delta_softplus)
+    d_a = _decay(dt, a_log2)                            # [bd, N]
+    dtu = dt * u                                        # [bd, 1]
+    h = d_a * h_prev + dtu * b                          # [bd, N]
+    g_h = c * gy + g_next                               # [bd, N]
+    g_hb = jnp.sum(g_h * b, axis=1, keepdims=True)      # [bd, 1]
+    g_c = jnp.sum(gy * h, axis=0)                       # [N]
+    g_b = jnp.sum(g_h * dtu, axis=0)                    # [N]
+    g_u = gy * d_skip + dt * g_hb                       # [bd, 1]
+    g_da_da = g_h * h_prev * d_a                        # [bd, N]
+    g_dt = jnp.sum(g_da_da * a, axis=1, keepdims=True) + u * g_hb
+    g_delta = g_dt * ddt_ddelta                         # [bd, 1]
+    t = _scan_index(i, cfg)
+    gu_ref[t] = g_u.astype(gu_ref.dtype)
+    gdelta_ref[t] = g_delta.astype(gdelta_ref.dtype)
+    gb_ref[t, :] = g_b
+    gc_ref[t, :] = g_c
+    return (d_a * g_h,
+            ga_acc + g_da_da * dt,
+            gd_acc + gy * u,
+            gbias_acc + g_delta)
 
   def process_chunk(first, count, hs_index, carry):
-    run = functools.partial(_run_steps, first, count, cfg=cfg)
+    run = functools.partial(_run_steps, first, count,
+                            prefetch=cfg.prefetch_bwd, cfg=cfg)
     run(recompute_step, load_fwd, hs_ref[hs_index], backwards=False)
     _barrier(cfg)
-    carry = run(make_reverse_step(count), load_bwd, carry, backwards=True)
+    carry = run(reverse_step, make_load_bwd(first), carry, backwards=True)
     _barrier(cfg)
     return carry
 
@@ -519,7 +561,7 @@ def _check_shape(name: str, x, expected: tuple[int, ...], names: str) -> None:
 
 
 def _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size,
-              num_warps, prefetch) -> None:
+              num_warps, prefetch, prefetch_bwd) -> None:
   """Raises ValueError naming the first bad argument."""
   if u.ndim != 3:
     raise ValueError(
@@ -564,9 +606,11 @@ def _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size,
     raise ValueError(
         f"num_warps={num_warps!r} is invalid; expected a power of two in "
         "[1, 32]")
-  if not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
-    raise ValueError(
-        f"prefetch={prefetch!r} is invalid; expected an int in [0, 8]")
+  for name, value in (("prefetch", prefetch), ("prefetch_bwd", prefetch_bwd)):
+    if (value is None and name == "prefetch") or (value is not None and (
+        not isinstance(value, int) or not 0 <= value <= 16)):
+      raise ValueError(
+          f"{name}={value!r} is invalid; expected an int in [0, 16]")
 
 
 def default_block_d(d_inner: int) -> int:
@@ -574,15 +618,26 @@ def default_block_d(d_inner: int) -> int:
   return min(DEFAULT_BLOCK_D, _next_power_of_two(d_inner))
 
 
+def default_prefetch_bwd(prefetch: int) -> int:
+  """Backward block of prefetched steps: it holds ~3x more values per step."""
+  return min(prefetch, DEFAULT_PREFETCH_BWD)
+
+
 def default_num_warps(block_d: int, num_n: int) -> int:
-  """Warps per program: about 256 state elements per warp, 1 to 4 warps."""
-  return int(min(4, max(1, (block_d * _next_power_of_two(num_n)) // 256)))
+  """Warps per program: 1 up to 512 state elements, then ~256 per warp (<= 4).
+
+  On an H200 one warp was fastest for block_d <= 32 (N = 16) and four for
+  block_d = 64 (experiments/gpu_check.py sweep).
+  """
+  elements = block_d * _next_power_of_two(num_n)
+  return 1 if elements <= 512 else int(min(4, elements // 256))
 
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
                           delta_softplus=True, reverse=False, block_d=None,
                           interpret=None, chunk_size=DEFAULT_CHUNK_SIZE,
-                          num_warps=None, prefetch=DEFAULT_PREFETCH):
+                          num_warps=None, prefetch=DEFAULT_PREFETCH,
+                          prefetch_bwd=None):
   """Selective scan (Mamba-1) as a Pallas kernel with a kernel backward.
 
   Computes, with zero initial state and float32 accumulation,
@@ -606,7 +661,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
     chunk_size: steps between the states saved for the backward (>= 1).
     num_warps: Triton warps per program (power of two). None:
       `default_num_warps(block_d, N)`.
-    prefetch: how many steps ahead the kernels issue their loads (0..8).
+    prefetch: forward kernel: steps per block of loads issued one block ahead
+      of their use (0: no prefetch; 0..16).
+    prefetch_bwd: the same for the backward kernel. None:
+      `default_prefetch_bwd(prefetch)`.
 
   Returns:
     y: [batch, L, d_inner] in u.dtype.
@@ -617,7 +675,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
     ImportError: the installed JAX lacks the Pallas features the kernel needs.
   """
   _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps,
-            prefetch)
+            prefetch, prefetch_bwd)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   interpret = bool(interpret)
@@ -637,6 +695,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
       interpret=interpret,
       num_warps=default_num_warps(bd, n_pad) if num_warps is None else num_warps,
       prefetch=prefetch,
+      prefetch_bwd=(default_prefetch_bwd(prefetch) if prefetch_bwd is None
+                    else prefetch_bwd),
   )
 
   f32 = jnp.float32
