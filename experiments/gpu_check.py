@@ -245,8 +245,9 @@ def time_shape(report, shape, quick, big, results):
                   f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
   best_fwd = min(fwd, key=fwd.get) if fwd else None
   fb_cfgs = [c for c in fwd if c[1] is None and c[2] != 0] + fb_extra
-  if best_fwd is not None and best_fwd not in fb_cfgs:
+  if best_fwd is not None:
     fb_cfgs.append(best_fwd)
+  fb_cfgs = list(dict.fromkeys(fb_cfgs))  # drop repeats, keep order
   fb = {}
   for cfg in fb_cfgs:
     try:
