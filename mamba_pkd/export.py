@@ -829,6 +829,7 @@ class ExportedEnsemble(Ensemble):
     for m in meta["members"]:
       self._exported[m["name"]] = self._deserialize(m["file"])
     self._prefix = self._deserialize(meta["prefix_file"])
+    self._fused = jax.jit(self._prefix.call)  # x -> cumulative logits [b, k, K]
     self._cache: dict = {}
 
   def _deserialize(self, filename: str):
@@ -852,8 +853,8 @@ class ExportedEnsemble(Ensemble):
     key = ("prefix", k)
     if key not in self._cache:
       if k == self.num_members:
-        fused = self._prefix
-        self._cache[key] = jax.jit(lambda x: fused.call(x)[:, -1])
+        fused = self._fused
+        self._cache[key] = lambda x: fused(x)[:, -1]
       else:
         calls = [self._exported[m["name"]] for m in self.members[:k]]
         connected = [m["connect_dim"] > 0 for m in self.members[:k]]
@@ -871,8 +872,7 @@ class ExportedEnsemble(Ensemble):
   def prefix_logits(self, images: np.ndarray, *, normalized: bool = False) -> np.ndarray:
     """All cumulative logits from ``prefix.stablehlo``: float32 [N, k, K]."""
     x = self.preprocessing.normalize(images, normalized=normalized)
-    fused = self._prefix
-    return self._run_padded(jax.jit(fused.call), [x])[0]
+    return self._run_padded(self._fused, [x])[0]
 
 
 def load_export(path: str | pathlib.Path, *, batch_size: int = DEFAULT_BATCH_SIZE

@@ -52,7 +52,8 @@ def _write_run(workdir: pathlib.Path) -> dict:
   params_by_stage = {}
   for seed, (stage, size, cfg) in enumerate(stages):
     cfg = sizes["teacher"] if cfg is None else cfg
-    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(seed)))
+    params = jax.tree.map(np.asarray, jax.jit(init_params, static_argnums=0)(
+        cfg, jax.random.key(seed)))
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(workdir, stage))
     ckpt.mark_complete(params, {"size": size, "seed": seed})
     ckpt.close()
@@ -90,7 +91,9 @@ def images():
 
 def _reference_prefixes(reference, x):
   """[F_1, F_2, F_3] of the in-process model on normalised x."""
-  logits, _ = train.apply_students(reference["configs"], reference["params"], x)
+  configs = tuple(reference["configs"])
+  forward = jax.jit(lambda p, x: train.apply_students(configs, p, x)[0])
+  logits = forward(reference["params"], x)
   return [np.asarray(v) for v in np.cumsum(np.stack(logits), axis=0)]
 
 
