@@ -250,7 +250,12 @@ def fused_geometry(batch, length, d_inner, n_state, max_chunk=None, tile_element
 
 
 def _to_tiles(x, nb, bt, nc, chunk):
-  """[batch, L, k] -> [nb, nc, T, bt, k], zero-padded (zeros are inert: dt = 0)."""
+  """[batch, L, k] -> [nb, nc, T, bt, k], zero-padded.
+
+  Padding is inert: padded batch rows have u = B = C = 0, so their state, output
+  and gradients are 0; padded steps come after the last real step (in scan order)
+  and receive a zero output cotangent, so they change no real output or gradient.
+  """
   batch, length, k = x.shape
   x = jnp.pad(x, ((0, nb * bt - batch), (0, nc * chunk - length), (0, 0)))
   return x.reshape(nb, bt, nc, chunk, k).transpose(0, 2, 3, 1, 4)
@@ -269,40 +274,55 @@ def _fused_step(h, u_t, dt_t, b_t, At):
   return dA * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None], dA
 
 
-def _fused_tile_forward(u, dt, At, B, C, save_states):
+def _fused_chunk_dt(delta_c, bias, softplus):
+  """dt of one chunk [T, bt, d] from raw delta, and its pre-activation."""
+  pre = delta_c + bias
+  return (jax.nn.softplus(pre) if softplus else pre), pre
+
+
+def _fused_tile_forward(u, delta, At, B, C, D, bias, softplus, save_states):
   """Forward of one batch tile: y [nc, T, bt, d] (and chunk-start states [nc, bt, N, d])."""
-  n_state, d_inner = At.shape
 
   def chunk_step(h, x):
+    u_c, delta_c, b_c, c_c = x
+    dt_c, _ = _fused_chunk_dt(delta_c, bias, softplus)
+
     def step(h, xt):
       u_t, dt_t, b_t, c_t = xt
       h, _ = _fused_step(h, u_t, dt_t, b_t, At)
       return h, jnp.einsum("bnd,bn->bd", h, c_t)
 
-    h_end, y_c = lax.scan(step, h, x)
+    h_end, y_c = lax.scan(step, h, (u_c, dt_c, b_c, c_c))
+    y_c = y_c + u_c * D
     return h_end, ((y_c, h) if save_states else y_c)
 
-  h0 = jnp.zeros((u.shape[2], n_state, d_inner), u.dtype)
-  _, out = lax.scan(chunk_step, h0, (u, dt, B, C))
+  h0 = jnp.zeros((u.shape[2],) + At.shape, u.dtype)
+  _, out = lax.scan(chunk_step, h0, (u, delta, B, C))
   return out
 
 
-def _fused_tile_backward(u, dt, At, B, C, gy, h_starts):
-  """Backward of one batch tile; returns ((gu, gdt, gB, gC) tiled, gA [N, d]).
+def _fused_tile_backward(u, delta, At, B, C, D, bias, gy, h_starts, softplus):
+  """Backward of one batch tile.
+
+  Returns ((gu, gdelta, gB, gC) tiled, gA [N, d], gD [d], gbias [d]).
 
   With ``g_t = dL/dh_t`` (total, through later states):
   ``g_t = C_t gy_t + dA_{t+1} g_{t+1}``, and per step
   ``dL/dC_t = sum_d gy_t h_t``, ``dL/dB_t = sum_d g_t dt_t u_t``,
-  ``dL/du_t = dt_t sum_N g_t B_t``,
+  ``dL/du_t = dt_t sum_N g_t B_t + D gy_t``,
   ``dL/ddt_t = u_t sum_N g_t B_t + sum_N A g_t dA_t h_{t-1}``,
-  ``dL/dA = sum_{b,t} dt_t g_t dA_t h_{t-1}``.
+  ``dL/dA = sum_{b,t} dt_t g_t dA_t h_{t-1}``; then
+  ``dL/ddelta = dL/ddt * sigmoid(delta + bias)`` (softplus' derivative),
+  ``dL/dbias = sum_{b,t} dL/ddelta`` and ``dL/dD = sum_{b,t} gy u``.
   ``h_{t-1}`` comes from recomputing the chunk forward from its saved start
   state (never from dividing by ``dA``, which may underflow to 0).
   """
 
   def chunk_step(carry, x):
-    g_next, gA = carry  # [bt, N, d] = dA_{t+1} g_{t+1} past the chunk end; [bt, N, d]
-    u_c, dt_c, b_c, c_c, gy_c, h0 = x
+    # g_next [bt, N, d] = dA_{t+1} g_{t+1} past the chunk end; gA [bt, N, d]; gD, gbias [d]
+    g_next, gA, gD, gbias = carry
+    u_c, delta_c, b_c, c_c, gy_c, h0 = x
+    dt_c, pre = _fused_chunk_dt(delta_c, bias, softplus)
 
     def recompute(h, xt):
       u_t, dt_t, b_t, gy_t = xt
@@ -323,46 +343,64 @@ def _fused_tile_backward(u, dt, At, B, C, gy, h_starts):
       gA = gA + r * dt_t[:, None, :]  # summed over the tile after the scan
       return (dA * g, gA), (g_bsum * dt_t, gdt, gB)
 
-    carry, (gu, gdt, gB) = lax.scan(
+    (g_next, gA), (gu, gdt, gB) = lax.scan(
         reverse_step, (g_next, gA), (u_c, dt_c, b_c, c_c, gy_c, h_prev), reverse=True)
-    return carry, (gu, gdt, gB, gC)
+    gdelta = gdt * jax.nn.sigmoid(pre) if softplus else gdt
+    gD = gD + jnp.sum(gy_c * u_c, axis=(0, 1))
+    gbias = gbias + jnp.sum(gdelta, axis=(0, 1))
+    return (g_next, gA, gD, gbias), (gu + gy_c * D, gdelta, gB, gC)
 
   zeros = jnp.zeros(h_starts.shape[1:], u.dtype)  # [bt, N, d]
-  (_, gA), grads = lax.scan(chunk_step, (zeros, zeros), (u, dt, B, C, gy, h_starts),
-                            reverse=True)
-  return grads, jnp.sum(gA, axis=0)
+  zeros_d = jnp.zeros(D.shape, u.dtype)
+  (_, gA, gD, gbias), grads = lax.scan(
+      chunk_step, (zeros, zeros, zeros_d, zeros_d), (u, delta, B, C, gy, h_starts),
+      reverse=True)
+  return grads, jnp.sum(gA, axis=0), gD, gbias
 
 
-@jax.custom_vjp
-def _fused_core(u, dt, At, B, C):
-  return lax.map(lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], False),
-                 (u, dt, B, C))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused_core(u, delta, At, B, C, D, bias, softplus):
+  return lax.map(
+      lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, False),
+      (u, delta, B, C))
 
 
-def _fused_core_fwd(u, dt, At, B, C):
-  y, h_starts = lax.map(lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], True),
-                        (u, dt, B, C))
-  return y, (u, dt, At, B, C, h_starts)
+def _fused_core_fwd(u, delta, At, B, C, D, bias, softplus):
+  y, h_starts = lax.map(
+      lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, True),
+      (u, delta, B, C))
+  return y, (u, delta, At, B, C, D, bias, h_starts)
 
 
-def _fused_core_bwd(res, gy):
-  u, dt, At, B, C, h_starts = res
-  (gu, gdt, gB, gC), gA = lax.map(
-      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], x[4], x[5]),
-      (u, dt, B, C, gy, h_starts))
-  return gu, gdt, jnp.sum(gA, axis=0), gB, gC
+def _fused_core_bwd(softplus, res, gy):
+  u, delta, At, B, C, D, bias, h_starts = res
+  (gu, gdelta, gB, gC), gA, gD, gbias = lax.map(
+      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], D, bias, x[4], x[5],
+                                     softplus),
+      (u, delta, B, C, gy, h_starts))
+  return (gu, gdelta, jnp.sum(gA, axis=0), gB, gC, jnp.sum(gD, axis=0),
+          jnp.sum(gbias, axis=0))
 
 
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
 
 
-def _scan_fused(u, dt, A, B, C, reverse):
+def _scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse):
+  """Fused method on raw inputs (bias, softplus and the D skip happen inside).
+
+  Args: u, delta [b, l, d]; A [d, n]; B, C [b, l, n]; D, delta_bias [d] or None;
+  all in the compute dtype. Returns y [b, l, d] including ``D * u``.
+  """
   if reverse:
-    u, dt, B, C = (jnp.flip(x, axis=1) for x in (u, dt, B, C))
+    u, delta, B, C = (jnp.flip(x, axis=1) for x in (u, delta, B, C))
   batch, length, d_inner = u.shape
+  zeros = jnp.zeros((d_inner,), u.dtype)
+  D = zeros if D is None else D
+  delta_bias = zeros if delta_bias is None else delta_bias
   nb, bt, nc, chunk = fused_geometry(batch, length, d_inner, A.shape[1])
   tiles = functools.partial(_to_tiles, nb=nb, bt=bt, nc=nc, chunk=chunk)
-  y = _fused_core(tiles(u), tiles(dt), A.T, tiles(B), tiles(C))  # [nb, nc, T, bt, d]
+  y = _fused_core(tiles(u), tiles(delta), A.T, tiles(B), tiles(C), D, delta_bias,
+                  bool(delta_softplus))  # [nb, nc, T, bt, d]
   y = _from_tiles(y, batch, length)
   if reverse:
     y = jnp.flip(y, axis=1)
@@ -424,16 +462,18 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
     return _selective_scan_pallas(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse)
 
   cdt = _compute_dtype(u, delta, A, B, C, D, delta_bias)
-  dt = compute_dt(delta, delta_bias, delta_softplus, cdt)
   uc, Ac, Bc, Cc = (x.astype(cdt) for x in (u, A, B, C))
+  if method == "fused":
+    Dc, biasc = (None if x is None else x.astype(cdt) for x in (D, delta_bias))
+    y = _scan_fused(uc, delta.astype(cdt), Ac, Bc, Cc, Dc, biasc, delta_softplus, reverse)
+    return y.astype(u.dtype)
+  dt = compute_dt(delta, delta_bias, delta_softplus, cdt)
   if method == "sequential":
     y = _scan_sequential(uc, dt, Ac, Bc, Cc, reverse)
   elif method == "parallel":
     y = _scan_parallel(uc, dt, Ac, Bc, Cc, reverse)
-  elif method == "chunked":
+  else:  # chunked
     y = _scan_chunked(uc, dt, Ac, Bc, Cc, reverse, chunk_size)
-  else:  # fused
-    y = _scan_fused(uc, dt, Ac, Bc, Cc, reverse)
   if D is not None:
     y = y + uc * D.astype(cdt)
   return y.astype(u.dtype)
