@@ -214,6 +214,13 @@ def test_auto_resolves_to_fused_on_cpu_and_logs_once(caplog):
                                                   method="fused"))
 
 
+def test_sequential_unroll_matches():
+  """unroll=True (no while loop, for XLA cost analysis) computes the same values."""
+  args = make_inputs(2, 7, 3, 4)
+  y = selective_scan(*args[:6], delta_bias=args[6], method="sequential", unroll=True)
+  assert rel_err(y, selective_scan_reference_numpy(*args)) <= F32_RTOL
+
+
 def test_scan_methods_tuple():
   assert set(SCAN_METHODS) == set(METHODS) | {"auto"}
 
@@ -228,6 +235,8 @@ def _bad(**changes):
 
 @pytest.mark.parametrize("kwargs,match", [
     (_bad(u=np.zeros((2, 5))), "u has shape"),
+    (_bad(u=np.zeros((2, 0, 3)), delta=np.zeros((2, 0, 3)), B=np.zeros((2, 0, 4)),
+          C=np.zeros((2, 0, 4))), r"u has shape \(2, 0, 3\); batch, L and d_inner must"),
     (_bad(delta=np.zeros((2, 4, 3))), r"delta has shape \(2, 4, 3\); expected .*\(2, 5, 3\)"),
     (_bad(A=np.zeros((4, 4))), r"A has shape \(4, 4\)"),
     (_bad(B=np.zeros((2, 5, 3))), r"B has shape \(2, 5, 3\); expected \(batch, L, N\) = \(2, 5, 4\)"),
@@ -238,7 +247,7 @@ def _bad(**changes):
     (_bad(method="magic"), r"method='magic'.*'sequential'.*'fused'"),
     (_bad(chunk_size=0), "chunk_size=0"),
     (_bad(chunk_size=2.5), "chunk_size=2.5"),
-], ids=["u", "delta", "A", "B", "C", "D", "delta_bias", "dtype", "method", "chunk0", "chunkfloat"])
+], ids=["u", "L0", "delta", "A", "B", "C", "D", "delta_bias", "dtype", "method", "chunk0", "chunkfloat"])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     selective_scan(**kwargs)
