@@ -17,20 +17,24 @@ jax.local_devices(); the global batch 512 must divide by their count):
 
 or `python experiments/reproduce_paper.py run cifar10 --workdir=runs/cifar10`.
 
-Settings: the "cifar" ladder (teacher d_model 96 x 6 blocks on 4x4 patches, 64
-tokens, 59.7 MFLOPs/image; students s1..s8 from 1.08% to 50.5% of it), 5,000 training images
-held out for the weak-learner test, teacher 100 epochs with random crop (pad 4)
-and horizontal flip, each student 30 epochs on cached teacher logits, up to 7
-students. These are our settings, not hyperparameters copied from the paper.
+Settings: the "cifar" ladder (teacher d_model 96 x 6 blocks on 4x4 patches,
+64 tokens; students s1..s8 from ~1% to ~50% of its FLOPs; the exact table:
+`python -m mamba_pkd.main --config=configs/cifar10.py --ladder`), 5,000
+training images held out for the weak-learner test, teacher 100 epochs with
+random crop (pad 4) and horizontal flip, each student 30 epochs on cached
+teacher logits, up to 7 students. These are our settings, not hyperparameters
+copied from the paper.
 
 Expected (ESTIMATED, not a result): `python experiments/reproduce_paper.py
 estimate cifar10` on one NVIDIA H200 (jax 0.11.2, scan "auto" -> pallas)
 trained this config's teacher and its s1 and s8 students for 2 epochs on
-synthetic 32x32x3 data: teacher 63 steps/s, s1 136 steps/s, s8 94 steps/s at
-batch 512, ~22 s overhead per stage, peak device memory 2.5 GB. Extrapolated
-to the full config (8,700 teacher steps, 2,610 per student stage, 14 to 23
-student/baseline trainings): about 12-22 minutes on one H200-class GPU, plus
-reading the TFDS set; under 4 GB per device.
+synthetic 32x32x3 data, with unidirectional models (model.bidirectional=False,
+the default when measured): teacher 63 steps/s, s1 136 steps/s, s8 94 steps/s
+at batch 512, ~22 s overhead per stage, peak device memory 2.5 GB.
+Extrapolated to the full config (8,700 teacher steps, 2,610 per student stage,
+14 to 23 student/baseline trainings): about 12-22 minutes on one H200-class
+GPU, plus reading the TFDS set; under 4 GB per device. With bidirectional=True
+(a second scan branch per block) expect up to about twice the time.
 
 Paper: students 1 point under the teacher; the smallest student at 5% of the
 FLOPs reaches 50%.

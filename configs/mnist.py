@@ -19,20 +19,24 @@ or `python experiments/reproduce_paper.py run mnist --workdir=runs/mnist`, which
 runs the same command and then prints our numbers beside the paper's.
 
 Settings: the "mnist" ladder (teacher d_model 64 x 4 blocks on 4x4 patches,
-49 tokens, 15.2 MFLOPs/image; students s1..s8 from 0.98% to 47.9% of it), 5,000
-training images held out for the weak-learner test, teacher 20 epochs with
-+-2 px shifts, each student 20 epochs on cached teacher logits, up to 7
-students. These are our settings, not hyperparameters copied from the paper
-(they follow its setup: a teacher, then students from ~1% of its FLOPs upward).
+49 tokens; students s1..s8 from ~1% to ~48% of its FLOPs; the exact table:
+`python -m mamba_pkd.main --config=configs/mnist.py --ladder`), 5,000 training
+images held out for the weak-learner test, teacher 20 epochs with +-2 px
+shifts, each student 20 epochs on cached teacher logits, up to 7 students.
+These are our settings, not hyperparameters copied from the paper (they
+follow its setup: a teacher, then students from ~1% of its FLOPs upward).
 
 Expected (ESTIMATED, not a result): `python experiments/reproduce_paper.py
 estimate mnist` on one NVIDIA H200 (jax 0.11.2, scan "auto" -> pallas) trained
 this config's teacher and its s1 and s8 students for 2 epochs on synthetic
-28x28x1 data: teacher 88 steps/s, s1 259 steps/s, s8 183 steps/s at batch 512,
-~25 s of compile/checkpoint/prediction overhead per stage, peak device memory
-0.79 GB. Extrapolated to the full config (2,140 steps per stage, 1 teacher +
-14 to 23 student/baseline trainings): about 10-15 minutes of training on one
-H200-class GPU, plus reading the TFDS set; well under 2 GB per device.
+28x28x1 data, with unidirectional models (model.bidirectional=False, the
+default when measured): teacher 88 steps/s, s1 259 steps/s, s8 183 steps/s at
+batch 512, ~25 s of compile/checkpoint/prediction overhead per stage, peak
+device memory 0.79 GB. Extrapolated to the full config (2,140 steps per stage,
+1 teacher + 14 to 23 student/baseline trainings): about 10-15 minutes on one
+H200-class GPU, plus reading the TFDS set; well under 2 GB per device. With
+bidirectional=True (a second scan branch per block) expect up to about twice
+the time.
 
 Paper: teacher 98%; weakest student 1% of the FLOPs at 72%; 7 students,
 63% of the FLOPs, at 98%.

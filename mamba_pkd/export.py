@@ -268,7 +268,7 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
     ValueError: not a finished run's directory, or a stage missing (the
       message names the file or stage).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # Orbax wants absolute paths
   if not workdir.is_dir():
     raise ValueError(f"workdir {str(workdir)!r} does not exist; pass the --workdir of a "
                      "finished `python -m mamba_pkd.main` run")
@@ -708,7 +708,14 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
   kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
 
   def export_to(fn, specs, filename):
-    exported = jax.export.export(jax.jit(fn), **kwargs)(*specs)
+    try:
+      exported = jax.export.export(jax.jit(fn), **kwargs)(*specs)
+    except jax.errors.InconclusiveDimensionOperation as e:  # a model bug, said plainly
+      raise ValueError(
+          f"{filename}: the model code compares the batch size with a constant, so it cannot "
+          "be exported with a symbolic batch dimension (compare each symbolic dimension "
+          f"with 1 only, e.g. `batch < 1`, never min(batch, ...)): {str(e).splitlines()[0]}"
+      ) from e
     (out_dir / filename).write_bytes(exported.serialize())
     return exported
 
