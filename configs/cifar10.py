@@ -12,7 +12,7 @@ Prepare the data once (needs internet and TensorFlow; reading it later does not)
 Launch (all local devices: the train/eval steps are pmap-ed over
 jax.local_devices(); the global batch 512 must divide by their count):
 
-  python -m mamba_pkd.main --config=configs/cifar10.py --workdir=runs/cifar10 \
+  python -m mamba_pkd.main --config=configs/cifar10.py --workdir=$PWD/runs/cifar10 \
       --config.data_dir=$HOME/tensorflow_datasets
 
 or `python experiments/reproduce_paper.py run cifar10 --workdir=runs/cifar10`.
@@ -27,14 +27,13 @@ copied from the paper.
 
 Expected (ESTIMATED, not a result): `python experiments/reproduce_paper.py
 estimate cifar10` on one NVIDIA H200 (jax 0.11.2, scan "auto" -> pallas)
-trained this config's teacher and its s1 and s8 students for 2 epochs on
-synthetic 32x32x3 data, with unidirectional models (model.bidirectional=False,
-the default when measured): teacher 63 steps/s, s1 136 steps/s, s8 94 steps/s
-at batch 512, ~22 s overhead per stage, peak device memory 2.5 GB.
-Extrapolated to the full config (8,700 teacher steps, 2,610 per student stage,
-14 to 23 student/baseline trainings): about 12-22 minutes on one H200-class
-GPU, plus reading the TFDS set; under 4 GB per device. With bidirectional=True
-(a second scan branch per block) expect up to about twice the time.
+trained this config's teacher and its s1 and s8 students for 2 epochs (60
+steps) on synthetic 32x32x3 data. With bidirectional models (the default):
+teacher 45 steps/s, s1 141 and s8 89 steps/s at batch 512, ~21 s overhead per
+stage, peak device memory 2.7 GB (unidirectional: 63 / 136 / 94 steps/s,
+2.5 GB). Extrapolated to the full config (8,700 teacher steps, 2,610 per
+student stage, 14 to 23 student/baseline trainings): about 13-23 minutes on
+one H200-class GPU, plus reading the TFDS set; under 4 GB per device.
 
 Paper: students 1 point under the teacher; the smallest student at 5% of the
 FLOPs reaches 50%.

@@ -12,7 +12,7 @@ Prepare the data once (needs internet and TensorFlow; reading it later does not)
 Launch (all local devices: the train/eval steps are pmap-ed over
 jax.local_devices(); the global batch 512 must divide by their count):
 
-  python -m mamba_pkd.main --config=configs/mnist.py --workdir=runs/mnist \
+  python -m mamba_pkd.main --config=configs/mnist.py --workdir=$PWD/runs/mnist \
       --config.data_dir=$HOME/tensorflow_datasets
 
 or `python experiments/reproduce_paper.py run mnist --workdir=runs/mnist`, which
@@ -28,15 +28,14 @@ follow its setup: a teacher, then students from ~1% of its FLOPs upward).
 
 Expected (ESTIMATED, not a result): `python experiments/reproduce_paper.py
 estimate mnist` on one NVIDIA H200 (jax 0.11.2, scan "auto" -> pallas) trained
-this config's teacher and its s1 and s8 students for 2 epochs on synthetic
-28x28x1 data, with unidirectional models (model.bidirectional=False, the
-default when measured): teacher 88 steps/s, s1 259 steps/s, s8 183 steps/s at
-batch 512, ~25 s of compile/checkpoint/prediction overhead per stage, peak
-device memory 0.79 GB. Extrapolated to the full config (2,140 steps per stage,
-1 teacher + 14 to 23 student/baseline trainings): about 10-15 minutes on one
-H200-class GPU, plus reading the TFDS set; well under 2 GB per device. With
-bidirectional=True (a second scan branch per block) expect up to about twice
-the time.
+this config's teacher and its s1 and s8 students for 2 epochs (60 steps) on
+synthetic 28x28x1 data. With bidirectional models (the default): teacher 83
+steps/s, s1 172 and s8 197 steps/s (short, noisy windows) at batch 512, ~26 s
+of compile/checkpoint/prediction overhead per stage, peak device memory
+1.0 GB (unidirectional: 88 / 259 / 183 steps/s, 0.8 GB). Extrapolated to the
+full config (2,140 steps per stage, 1 teacher + 14 to 23 student/baseline
+trainings): about 10-15 minutes on one H200-class GPU, mostly per-stage
+overhead, plus reading the TFDS set; about 1 GB per device.
 
 Paper: teacher 98%; weakest student 1% of the FLOPs at 72%; 7 students,
 63% of the FLOPs, at 98%.

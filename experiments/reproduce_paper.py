@@ -71,6 +71,8 @@ def launch_command(experiment: str, workdir: str, data_dir: str = "") -> list[st
   """The exact main command of an experiment."""
   if experiment not in CONFIGS:
     raise ValueError(f"unknown experiment {experiment!r}; choose one of {sorted(CONFIGS)}")
+  if not workdir.startswith("$"):
+    workdir = str(pathlib.Path(workdir).absolute())  # Orbax refuses relative checkpoint paths
   cmd = [sys.executable, "-m", "mamba_pkd.main", f"--config={CONFIGS[experiment]}",
          f"--workdir={workdir}"]
   if data_dir:
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
 
   if args.command == "commands":
     for exp in ("mnist", "cifar10"):
-      cmd = launch_command(exp, f"runs/{exp}", "$HOME/tensorflow_datasets")
+      cmd = launch_command(exp, f"$PWD/runs/{exp}", "$HOME/tensorflow_datasets")
       print(" ".join(["python"] + cmd[1:]))
     return 0
   if args.command == "estimate":
