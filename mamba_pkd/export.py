@@ -519,7 +519,8 @@ class Ensemble:
     return prefix_costs([m["flops"] for m in self.members], [m["size"] for m in self.members],
                         self.teacher_flops)
 
-  def _check_k(self, k: int | None) -> int:
+  def resolve_num_members(self, k: int | None) -> int:
+    """``k`` (None: all members) checked to be in 1..num_members."""
     n = self.num_members
     k = n if k is None else k
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
@@ -577,7 +578,7 @@ class Ensemble:
     Returns:
       float32 [N, K].
     """
-    k = self._check_k(num_members)
+    k = self.resolve_num_members(num_members)
     x = self.preprocessing.normalize(images, normalized=normalized)
     return self._run_padded(self._prefix_fn(k), [x])[0]
 
@@ -585,7 +586,7 @@ class Ensemble:
 
   def prefix_forward(self, k: int) -> Callable:
     """The jitted ``x f32[b, H, W, C] -> F_k f32[b, K]`` (for timing)."""
-    return self._prefix_fn(self._check_k(k))
+    return self._prefix_fn(self.resolve_num_members(k))
 
   def _member_fn(self, j: int) -> Callable:
     raise NotImplementedError

@@ -194,7 +194,7 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
   Returns:
     An :class:`AnytimeResult`.
   """
-  k = ensemble._check_k(num_members)  # pylint: disable=protected-access
+  k = ensemble.resolve_num_members(num_members)
   if confidence is not None and not 0 < confidence <= 1:
     raise ValueError(f"confidence={confidence!r} must be in (0, 1] (a softmax margin)")
   n = len(x)
