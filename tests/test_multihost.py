@@ -1,0 +1,218 @@
+"""Scaling out: 1, 2 and 4 devices, and two processes through `jax.distributed`.
+
+Every run is the real entry point, ``python -m mamba_pkd.main
+--config=configs/smoke.py``, in a subprocess; the global batch is the same in
+all of them (32), so the runs must agree:
+
+* 2 devices in one process and 2 processes with 1 device each give the SAME
+  ``results.json`` bytes: the only difference is who averages the gradients,
+  and the mean of two float32 numbers does not depend on the order.
+* 1, 2 and 4 devices agree to ``RTOL`` (relative, on every float of
+  ``results.json``; accuracies and every decision exactly): ``pmean`` over
+  more devices sums the per-device gradient means in another order, which
+  changes float32 rounding (measured: <= 2e-5 relative after a smoke run).
+
+A second two-process run over the first one's workdir, with the last stage's
+final checkpoint and newest step removed (as if both processes had been killed
+after step 8 of 12), restores every stage on every process, resumes the last
+one from step 8 and writes the same ``results.json`` bytes.
+"""
+
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RTOL = 1e-4  # floats in results.json, 1 vs 2 vs 4 devices (see the module docstring)
+TIMEOUT_S = 900
+_NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return env
+
+
+def _main(workdir: pathlib.Path, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
+          f"--workdir={workdir}", *flags]
+
+
+def _single_process_run(workdir: pathlib.Path, devices: int) -> str:
+  out = subprocess.run(_main(workdir), cwd=REPO, env=_env(devices), capture_output=True,
+                       text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-5000:]
+  assert f"{devices} local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
+  return out.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path) -> list[str]:
+  """Starts processes 0 and 1 of one run; returns their logs (stdout + stderr)."""
+  port = _free_port()
+  procs, files = [], []
+  try:
+    for i in range(2):
+      files.append(open(logs / f"process_{i}.log", "w"))
+      procs.append(subprocess.Popen(
+          _main(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}"),
+          cwd=REPO, env=_env(1), stdout=files[-1], stderr=subprocess.STDOUT))
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in files:
+      f.close()
+  texts = [(logs / f"process_{i}.log").read_text() for i in range(2)]
+  for i, (p, text) in enumerate(zip(procs, texts)):
+    assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{text[-5000:]}"
+  return texts
+
+
+def _results(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+def assert_results_close(got, want, rtol: float = RTOL, where: str = "results") -> None:
+  """Same structure; floats to ``rtol``; ints, bools, None and strings exactly,
+  except numbers printed inside strings (to 4 decimals), which may differ by 1e-4."""
+  if isinstance(want, dict):
+    assert isinstance(got, dict) and sorted(got) == sorted(want), (where, got, want)
+    for key in want:
+      assert_results_close(got[key], want[key], rtol, f"{where}.{key}")
+  elif isinstance(want, list):
+    assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+    for i, (g, w) in enumerate(zip(got, want)):
+      assert_results_close(g, w, rtol, f"{where}[{i}]")
+  elif isinstance(want, float) and not isinstance(got, bool):
+    assert isinstance(got, (int, float)), (where, got, want)
+    assert math.isclose(got, want, rel_tol=rtol, abs_tol=1e-7), (where, got, want)
+  elif isinstance(want, str):
+    assert isinstance(got, str), (where, got, want)
+    assert _NUMBER.sub("#", got) == _NUMBER.sub("#", want), (where, got, want)
+    for g, w in zip(_NUMBER.findall(got), _NUMBER.findall(want)):
+      assert abs(float(g) - float(w)) <= 1.01e-4, (where, got, want)
+  else:
+    assert got == want and type(got) is type(want), (where, got, want)
+
+
+def _stage_names(workdir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (workdir / "ckpt").iterdir())
+
+
+# -- the runs, each made once per module ------------------------------------
+
+
+def shared_reference_run(tmp_path_factory) -> pathlib.Path:
+  """The plain smoke run on 1 device, made once per test session.
+
+  tests/test_resume.py has the same function: whichever module runs first
+  makes the run, the other reads it (nobody writes to it afterwards).
+  """
+  workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
+  if not (workdir / "results.json").is_file():
+    shutil.rmtree(workdir, ignore_errors=True)
+    _single_process_run(workdir, 1)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  return shared_reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_devices(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two_devices")
+  _single_process_run(workdir, 2)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two_processes")
+  logs = tmp_path_factory.mktemp("two_processes_logs")
+  return workdir, _two_process_run(workdir, logs)
+
+
+# -- tests ------------------------------------------------------------------------
+
+
+def test_assert_results_close_can_fail():
+  want = {"a": [0.5, {"b": 1}], "s": "fit 0.0160 -> 0.0096", "ok": True}
+  assert_results_close(json.loads(json.dumps(want)), want)
+  for bad in ({"a": [0.5001, {"b": 1}], "s": want["s"], "ok": True},
+              {"a": [0.5, {"b": 2}], "s": want["s"], "ok": True},
+              {"a": [0.5, {"b": 1}], "s": "fit 0.0160 -> 0.0098", "ok": True},
+              {"a": [0.5, {"b": 1}], "s": want["s"], "ok": False}):
+    with pytest.raises(AssertionError):
+      assert_results_close(bad, want)
+
+
+def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices,
+                                                        tmp_path_factory):
+  four_devices = tmp_path_factory.mktemp("four_devices")
+  _single_process_run(four_devices, 4)
+  want = _results(one_device)
+  assert want["meta"]["decisions"] and len(want["rows"]) >= 3
+  assert_results_close(_results(two_devices), want)
+  assert_results_close(_results(four_devices), want)
+  assert _stage_names(two_devices) == _stage_names(four_devices) == _stage_names(one_device)
+
+
+def test_two_processes_equal_one_process_and_only_process_0_writes(two_processes, one_device,
+                                                                   two_devices):
+  workdir, logs = two_processes
+  for i, log in enumerate(logs):
+    assert f"process {i} of 2, 2 global" in log, log[-3000:]
+    assert "| teacher |" in log  # every process prints the table
+  # Same global batch of 32 split 16 + 16: bit-identical to 2 devices in one process.
+  assert (workdir / "results.json").read_bytes() == (two_devices / "results.json").read_bytes()
+  assert_results_close(_results(workdir), _results(one_device))
+  # Only process 0 wrote: checkpoints, metrics (each record once), report.
+  assert "Saved step" in logs[0] and "Saved step" not in logs[1]
+  assert "report written" in logs[0] and "report written" not in logs[1]
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["stage"], r["step"]) for r in records]
+  assert keys and len(keys) == len(set(keys))
+  assert not [p for p in workdir.rglob("*") if "process_1" in p.name]
+  assert _stage_names(workdir) == _stage_names(two_devices)
+
+
+def test_two_processes_restore_everything_and_resume_the_last_stage(two_processes,
+                                                                    tmp_path_factory):
+  first, _ = two_processes
+  workdir = tmp_path_factory.mktemp("two_processes_resumed") / "run"
+  shutil.copytree(first, workdir)
+  last = workdir / "ckpt" / "baseline_1_s2"
+  assert sorted(int(p.name) for p in (last / "steps").iterdir()) == [8, 12]
+  shutil.rmtree(last / "final")  # as if killed after step 8 of 12
+  shutil.rmtree(last / "steps" / "12")
+  (workdir / "results.json").unlink()
+  logs = _two_process_run(workdir, tmp_path_factory.mktemp("two_processes_resumed_logs"))
+  complete = [s for s in _stage_names(first) if s != "baseline_1_s2"]
+  for log in logs:
+    for stage in complete:
+      assert f"stage {stage}: already complete, not retrained" in log, log[-3000:]
+    assert "stage baseline_1_s2: resuming from step 8 of 12" in log, log[-3000:]
+  assert (workdir / "results.json").read_bytes() == (first / "results.json").read_bytes()

@@ -1,0 +1,174 @@
+"""Surviving faults: determinism, SIGKILL + rerun, a corrupted checkpoint, NaN losses.
+
+Every run is ``python -m mamba_pkd.main --config=configs/smoke.py`` in a
+subprocess on one CPU device. On CPU the same command gives the same bytes:
+the order of an epoch and every draw depend only on (seed, epoch, step), XLA's
+CPU reductions are deterministic, and a resumed stage restores the exact
+optimizer state and skips the batches already seen, so kill + rerun must
+equal an uninterrupted run bit for bit (``results.json`` compared as bytes,
+no tolerance).
+
+The killed run adds ``--config.checkpoint_every=1`` (a checkpoint after every
+step, so that a 12-step student stage can be killed after two of them with
+steps still to go). How often a run checkpoints changes what is saved, never
+what is computed, so its results must still be the plain run's bytes.
+"""
+
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import shutil
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+STUDENT_STEPS = 12  # smoke: 2 epochs x 6 batches of 32
+EVERY_STEP = ("--config.checkpoint_every=1",)
+
+
+def _env() -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  return env
+
+
+def _cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
+          f"--workdir={workdir}", *flags]
+
+
+def _run(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run(_cmd(workdir, *flags), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=TIMEOUT_S)
+
+
+def _steps(stage_dir: pathlib.Path) -> list[int]:
+  """Finished checkpoint steps of a stage (Orbax renames a step dir when it is complete)."""
+  steps = stage_dir / "steps"
+  return sorted(int(p.name) for p in steps.iterdir() if p.name.isdigit()) if steps.is_dir() else []
+
+
+def _is_complete(stage_dir: pathlib.Path) -> bool:
+  return (stage_dir / "final" / "0").is_dir()
+
+
+def _truncate_data_files(step_dir: pathlib.Path) -> int:
+  """Cuts every OCDBT data file (in a ``d/`` directory) of a step to half its size."""
+  files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  for p in files:
+    with open(p, "r+b") as f:
+      f.truncate(p.stat().st_size // 2)
+  return len(files)
+
+
+def _metric_records(workdir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl without the timing field (steps/s is not deterministic)."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k != "steps_per_sec"} for l in lines]
+
+
+def shared_reference_run(tmp_path_factory) -> pathlib.Path:
+  """The plain smoke run on 1 device, made once per test session.
+
+  tests/test_multihost.py has the same function: whichever module runs first
+  makes the run, the other reads it (nobody writes to it afterwards).
+  """
+  workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
+  if not (workdir / "results.json").is_file():
+    shutil.rmtree(workdir, ignore_errors=True)
+    out = _run(workdir)
+    assert out.returncode == 0, out.stderr[-5000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run; every test here compares with it."""
+  return shared_reference_run(tmp_path_factory)
+
+
+def test_same_seed_same_command_gives_identical_results(reference, tmp_path):
+  out = _run(tmp_path)
+  assert out.returncode == 0, out.stderr[-5000:]
+  for name in ("results.json", "results.md"):
+    assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
+  # Every logged loss, accuracy and gradient norm of every stage, bit for bit.
+  assert _metric_records(tmp_path) == _metric_records(reference)
+
+
+def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tmp_path):
+  log = tmp_path / "killed.log"
+  workdir = tmp_path / "run"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_cmd(workdir, *EVERY_STEP), cwd=REPO, env=_env(), stdout=f,
+                            stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + TIMEOUT_S
+      stage = None
+      while stage is None:  # wait for two finished checkpoints of the first student stage
+        assert proc.poll() is None, "finished before a student checkpoint:\n" + log.read_text()
+        assert time.monotonic() < deadline
+        stages = sorted((workdir / "ckpt").glob("student_1_*"))
+        if stages and len(_steps(stages[0])) >= 2:
+          stage = stages[0]
+        else:
+          time.sleep(0.01)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not _is_complete(stage), "killed too late: the stage had finished"
+  assert _is_complete(workdir / "ckpt" / "teacher")
+  assert not (workdir / "results.json").exists()
+
+  # Corrupt the newest checkpoint: the rerun must report it and use the previous one.
+  *_, previous, newest = _steps(stage)
+  assert _truncate_data_files(stage / "steps" / str(newest)) > 0
+
+  out = _run(workdir, *EVERY_STEP)  # the same command again
+  assert out.returncode == 0, out.stderr[-5000:]
+  err = out.stderr
+  assert "stage teacher: already complete, not retrained" in err
+  assert re.search(rf"W.*Checkpoint step {newest} in \S*{stage.name}/steps is unreadable, "
+                   "falling back to the previous step", err), err[-5000:]
+  assert f"stage {stage.name}: resuming from step {previous} of {STUDENT_STEPS}" in err, \
+      err[-5000:]
+  assert [p.name.split("-")[0] for p in (stage / "corrupted").iterdir()] == [str(newest)]
+  assert (workdir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
+
+
+def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(tmp_path):
+  # lr 1e30 after a 6-step linear warm-up from 0: step 1 makes no change, the update of
+  # step 2 blows the parameters up, and the loss of step 3 is NaN.
+  out = _run(tmp_path, "--config.teacher.learning_rate=1e30",
+             "--config.teacher.warmup_fraction=0.5", "--config.checkpoint_every=1",
+             "--config.log_every=1")
+  assert out.returncode == 3, out.stderr[-5000:]
+  assert "Traceback" not in out.stderr
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, out.stderr[-5000:]
+  m = re.fullmatch(r"error: stage teacher: non-finite loss or gradient between steps (\d+) and "
+                   r"(\d+) \(metrics .*\); the last good checkpoint \(step (\d+)\) is kept\. "
+                   r"Lower the learning rate or check the input data\.", errors[0])
+  assert m, errors[0]
+  good, bad, kept = map(int, m.groups())
+  assert 0 < good == kept < bad
+  teacher = tmp_path / "ckpt" / "teacher"
+  assert _steps(teacher)[-1] == good and not _is_complete(teacher)
+  records = _metric_records(tmp_path)
+  assert records[-1]["step"] == good
+  assert all(math.isfinite(v) for r in records for k, v in r.items() if k != "stage")
+  assert not (tmp_path / "results.json").exists()
