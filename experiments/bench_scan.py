@@ -1,7 +1,8 @@
 r"""Side-by-side timing of the selective-scan methods (and, optionally, mambapy).
 
-For each (batch, L, d_inner, N) it times, in one process and interleaved
-round by round (so that load from other processes hits every method alike):
+For each (batch, L, d_inner, N) it times, in one process, in rounds over all
+methods (so that drifts in the load of a shared machine hit every method alike;
+each method runs a few calls back to back per round, after one untimed call):
   * forward: ``jit(selective_scan)``;
   * forward+backward: ``jit(grad(sum(w * selective_scan(...))))`` w.r.t. all
     seven inputs (u, delta, A, B, C, D, delta_bias);
@@ -12,8 +13,8 @@ error ``max|y - y_seq| / max|y_seq|`` against ``sequential`` as a sanity check.
 
 Usage (from the repository root):
 
-    python experiments/bench_scan.py                       # about 1-2 min on 2 CPU cores
-    python experiments/bench_scan.py --repeats 9 --shapes 64,196,128,16
+    python experiments/bench_scan.py                       # about 2-3 min on 2 CPU cores
+    python experiments/bench_scan.py --rounds 5 --shapes 64,196,128,16
     python experiments/bench_scan.py --pallas_interpret    # + pallas via its interpreter (slow)
 
 On a GPU, ``pallas`` (the compiled kernel) is timed as well.
@@ -66,8 +67,9 @@ def parse_args(argv=None):
   p.add_argument("--methods", default=None,
                  help="comma-separated methods (default: sequential,parallel,chunked,fused"
                       " and pallas on GPU or with --pallas_interpret)")
-  p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="rounds over all methods (median of rounds * per_round calls reported)")
+  p.add_argument("--per_round", type=int, default=3, help="timed calls per method per round")
   p.add_argument("--chunk_size", type=int, default=64, help="chunk_size of 'chunked'")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--pallas_interpret", action="store_true",
@@ -83,8 +85,8 @@ def parse_args(argv=None):
     p.error(f"--shapes={args.shapes!r}: expected e.g. {DEFAULT_SHAPES!r}")
   if not args.shapes or any(len(s) != 4 or min(s) < 1 for s in args.shapes):
     p.error(f"--shapes={args.shapes!r}: each shape needs 4 positive ints batch,L,d_inner,N")
-  if args.repeats < 1 or args.warmup < 0:
-    p.error("--repeats must be >= 1 and --warmup >= 0")
+  if args.rounds < 1 or args.per_round < 1:
+    p.error("--rounds and --per_round must be >= 1")
   on_gpu = jax.default_backend() == "gpu"
   if args.methods is None:
     args.methods = list(CPU_METHODS) + (["pallas"] if on_gpu or args.pallas_interpret else [])
@@ -151,24 +153,27 @@ def torch_functions(torch, variant, shape):
   return forward_no_grad, forward_backward
 
 
-def time_rounds(fns, args, repeats, warmup, sync):
+def time_rounds(fns, args, rounds, per_round, sync):
   """Median wall and process-CPU seconds per function, {name: (wall, cpu)}.
 
-  Calls are interleaved round by round (JAX and torch alike), so that load from
-  other processes hits every function alike. Process CPU time is less sensitive
-  to time-slicing on a shared machine; it counts every thread of the process.
+  In each of ``rounds`` rounds every function runs once untimed and then
+  ``per_round`` times timed, back to back. Rounds spread slow drifts in the
+  machine's load over all functions alike, and the untimed call after each
+  switch keeps one method's after-effects (e.g. the page faults that follow
+  ``parallel`` freeing gigabytes) out of the next method's times. Process CPU
+  time is less sensitive to time-slicing on a shared machine; it counts every
+  thread of the process.
   """
-  for fn in fns.values():
-    for _ in range(1 + warmup):
-      sync(fn(*args[fn]))
   wall = {name: [] for name in fns}
   cpu = {name: [] for name in fns}
-  for _ in range(repeats):
+  for _ in range(rounds):
     for name, fn in fns.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
       sync(fn(*args[fn]))
-      wall[name].append(time.perf_counter() - start)
-      cpu[name].append(time.process_time() - start_cpu)
+      for _ in range(per_round):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        sync(fn(*args[fn]))
+        wall[name].append(time.perf_counter() - start)
+        cpu[name].append(time.process_time() - start_cpu)
   return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
@@ -202,7 +207,7 @@ def bench_shape(shape, args, torch):
   # JAX dispatches asynchronously: block on every output array (grads are a tuple).
   sync = lambda x: x if torch is not None and isinstance(x, torch.Tensor) else (
       jax.block_until_ready(x))
-  results = time_rounds(fns, call_args, args.repeats, args.warmup, sync)
+  results = time_rounds(fns, call_args, args.rounds, args.per_round, sync)
   torch_results = {k: results.pop(k) for k in list(results) if k[0].startswith("mambapy")}
   return results, errors, torch_results, torch_errors
 
@@ -250,7 +255,9 @@ def main(argv=None):
         f"{cpus} CPUs ({platform.processor() or platform.machine()}), python "
         f"{platform.python_version()}" + (f", torch {torch.__version__} with "
                                          f"{torch.get_num_threads()} threads" if torch else ""))
-  print(f"median of {args.repeats} interleaved rounds; load average before: "
+  malloc = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+  print(f"median of {args.rounds} rounds x {args.per_round} calls; glibc malloc "
+        f"{'tuned (MALLOC_*)' if malloc else 'default'}; load average before: "
         f"{os.getloadavg()[0]:.2f}")
   report = []
   for shape in args.shapes:
@@ -265,7 +272,7 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(jax=jax.__version__, backend=jax.default_backend(), cpus=cpus,
-                     repeats=args.repeats, results=report), f, indent=1)
+                     rounds=args.rounds, per_round=args.per_round, results=report), f, indent=1)
 
 
 if __name__ == "__main__":
