@@ -277,7 +277,7 @@ class StageCheckpointer:
           f"max_to_keep={max_to_keep!r} must be an int >= 1 (the number of "
           "newest steps kept)."
       )
-    self.directory = pathlib.Path(directory)
+    self.directory = pathlib.Path(directory).absolute()  # Orbax needs absolute paths
     self.is_writer = bool(is_writer)
     self._steps_dir = self.directory / STEPS_SUBDIR
     self._final_dir = self.directory / FINAL_SUBDIR

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from mamba_pkd.models import ModelConfig, create_model, init_params
 
 # Elementwise op counts, per element.
-_SILU = 2          # logistic (transcendental) + multiply
-_SOFTPLUS = 4      # XLA lowers log1p(exp(-|x|)) + max(x, 0): abs/neg, exp, log1p, add/max
+_SILU = 5          # XLA: logistic as exp (1 transcendental) + 4 arithmetic ops
+_SOFTPLUS = 8      # XLA: max(x, 0) + log1p(exp(-|x|)) with NaN guard: 6 ops + 2 transcendentals
 _RMSNORM = 4       # square, (mean: add), rsqrt, multiply, scale (+1 per row, ignored)
 
 
@@ -105,7 +105,7 @@ def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, flo
 
   Returns: {"flops", "transcendentals", "total"} per image.
   """
-  cfg = config.replace(scan_method="sequential_unrolled")
+  cfg = config.replace(scan_method="sequential", scan_unroll=True)
   params = init_params(cfg, jax.random.key(0))
   images = jnp.zeros((batch_size, *cfg.image_shape), jnp.float32)
   prev = jnp.zeros((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None

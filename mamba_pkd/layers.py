@@ -98,6 +98,7 @@ class MambaMixer(nn.Module):
     dt_min, dt_max, dt_init_floor, dt_scale: step-size initialisation.
     bidirectional: add the reversed branch.
     scan_method: passed to :func:`mamba_pkd.ssm.selective_scan`.
+    scan_unroll: ``unroll`` of the "sequential" method (True: no while loop).
   """
 
   d_model: int
@@ -111,6 +112,7 @@ class MambaMixer(nn.Module):
   dt_scale: float = 1.0
   bidirectional: bool = False
   scan_method: str = "auto"
+  scan_unroll: int | bool = 1
 
   @property
   def d_inner(self) -> int:
@@ -152,7 +154,7 @@ class MambaMixer(nn.Module):
     d_skip = self.param("D" + suffix, nn.initializers.ones, (d_inner,))
     y = selective_scan(
         x, delta, -jnp.exp(a_log.astype(jnp.float32)), b_mat, c_mat, d_skip,
-        delta_softplus=True, method=self.scan_method)
+        delta_softplus=True, method=self.scan_method, unroll=self.scan_unroll)
     return jnp.flip(y, axis=1) if reverse else y
 
 
@@ -169,6 +171,7 @@ class ResidualBlock(nn.Module):
   dt_rank: int | str = "auto"
   bidirectional: bool = False
   scan_method: str = "auto"
+  scan_unroll: int | bool = 1
   norm_eps: float = 1e-5
 
   @nn.compact
@@ -178,7 +181,7 @@ class ResidualBlock(nn.Module):
     mixer = MambaMixer(
         d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
         dt_rank=self.dt_rank, bidirectional=self.bidirectional,
-        scan_method=self.scan_method, name="mixer")
+        scan_method=self.scan_method, scan_unroll=self.scan_unroll, name="mixer")
     return hidden + mixer(normed)
 
 

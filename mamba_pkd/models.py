@@ -41,6 +41,8 @@ class ModelConfig:
     connect_dim: width of the previous student's penultimate features that this
       model reads through a learned projection (0 = no connection).
     scan_method: selective-scan method (see ``mamba_pkd.ssm.SCAN_METHODS``).
+    scan_unroll: ``unroll`` of the "sequential" scan (True: fully unrolled,
+      used to let XLA's cost analysis count every step).
   """
 
   image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -56,6 +58,7 @@ class ModelConfig:
   pool: str = "mean"
   connect_dim: int = 0
   scan_method: str = "auto"
+  scan_unroll: int | bool = 1
 
   def __post_init__(self):
     object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
@@ -130,7 +133,7 @@ class MambaClassifier(nn.Module):
       hidden = layers.ResidualBlock(
           d_model=cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
           dt_rank=cfg.dt_rank, bidirectional=cfg.bidirectional, scan_method=cfg.scan_method,
-          name=f"layers_{i}")(hidden)
+          scan_unroll=cfg.scan_unroll, name=f"layers_{i}")(hidden)
     hidden = layers.RMSNorm(name="norm_f")(hidden)
     features = hidden.mean(axis=1) if cfg.pool == "mean" else hidden[:, -1]  # [B, d_model]
     if cfg.connect_dim:
