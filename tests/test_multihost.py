@@ -180,6 +180,7 @@ def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices,
   assert _stage_names(two_devices) == _stage_names(four_devices) == _stage_names(one_device)
 
 
+@pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
 def test_two_processes_equal_one_process_and_only_process_0_writes(two_processes, one_device,
                                                                    two_devices):
   workdir, logs = two_processes
@@ -199,6 +200,7 @@ def test_two_processes_equal_one_process_and_only_process_0_writes(two_processes
   assert _stage_names(workdir) == _stage_names(two_devices)
 
 
+@pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
 def test_two_processes_restore_everything_and_resume_the_last_stage(two_processes,
                                                                     tmp_path_factory):
   first, _ = two_processes
