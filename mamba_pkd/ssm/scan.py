@@ -35,9 +35,9 @@ Methods (all agree to float32 rounding and are differentiable):
   (bias, softplus and the D skip are folded in). Batch tiles keep the state in
   cache. Memory: O(batch * d_inner * N * L / FUSED_MAX_CHUNK) saved states plus
   one chunk's O(bt * d_inner * N * FUSED_MAX_CHUNK) buffer, never
-  O(batch * L * d_inner * N). The fast path on CPU (about 4x faster than
-  "sequential" and 6-12x faster than "parallel" for forward+backward at
-  (64, 196, 128, 16) on 2 cores; see experiments/bench_scan.py).
+  O(batch * L * d_inner * N). The fast path on CPU: forward+backward at
+  (64, 196, 128, 16) measured about 10x faster than "parallel" and 4x faster
+  than "sequential" on a shared 2-core CPU (experiments/bench_scan.py).
 * ``"pallas"``: the kernel in :mod:`mamba_pkd.ssm.pallas_scan` (imported lazily;
   ``interpret=True`` off GPU).
 * ``"auto"``: ``"pallas"`` on GPU, ``"fused"`` elsewhere.
@@ -86,7 +86,7 @@ def _validate(u, delta, A, B, C, D, delta_bias, method, chunk_size):
     raise ValueError(
         f"u has shape {tuple(jnp.shape(u))}; expected 3 dims (batch, L, d_inner)")
   batch, length, d_inner = jnp.shape(u)
-  if min(batch, length, d_inner) < 1:
+  if batch < 1 or length < 1 or d_inner < 1:
     raise ValueError(
         f"u has shape {tuple(jnp.shape(u))}; batch, L and d_inner must all be >= 1")
   if jnp.ndim(A) != 2 or jnp.shape(A)[0] != d_inner or jnp.shape(A)[1] < 1:
