@@ -246,15 +246,18 @@ def fused_geometry(batch, length, d_inner, n_state, max_chunk=None, tile_element
   ``nb * bt >= batch`` and ``nc * T >= length``, with the padding kept small:
   ``bt`` rows per batch tile (about ``tile_elements`` state elements, default
   ``FUSED_TILE_ELEMENTS``) and ``T`` steps per chunk (at most ``max_chunk``,
-  default ``FUSED_MAX_CHUNK``).
+  default ``FUSED_MAX_CHUNK``). A symbolic ``batch`` (``jax.export`` with a
+  polymorphic batch) gets a single tile, ``nb = 1``, ``bt = batch``.
   """
   max_chunk = FUSED_MAX_CHUNK if max_chunk is None else max_chunk
   tile_elements = FUSED_TILE_ELEMENTS if tile_elements is None else tile_elements
+  nc = -(-length // max_chunk)
+  chunk = -(-length // nc)
+  if not isinstance(batch, int):  # symbolic batch (jax.export): one tile of all rows
+    return 1, batch, nc, chunk
   bt_max = max(1, min(batch, tile_elements // (d_inner * n_state)))
   nb = -(-batch // bt_max)
   bt = -(-batch // nb)
-  nc = -(-length // max_chunk)
-  chunk = -(-length // nc)
   return nb, bt, nc, chunk
 
 
@@ -266,7 +269,10 @@ def _to_tiles(x, nb, bt, nc, chunk):
   and receive a zero output cotangent, so they change no real output or gradient.
   """
   batch, length, k = x.shape
-  x = jnp.pad(x, ((0, nb * bt - batch), (0, nc * chunk - length), (0, 0)))
+  pad_batch = 0 if nb == 1 else nb * bt - batch  # nb == 1: bt == batch (maybe symbolic)
+  pad_time = nc * chunk - length
+  if pad_batch or pad_time:
+    x = jnp.pad(x, ((0, pad_batch), (0, pad_time), (0, 0)))
   return x.reshape(nb, bt, nc, chunk, k).transpose(0, 2, 3, 1, 4)
 
 
