@@ -36,4 +36,5 @@ def get_config():
   config.pkd.reseeds = 0
   config.pkd.max_accuracy_drop = 1.0
   config.report.latency = False
+  config.baselines = True
   return config
