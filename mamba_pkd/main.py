@@ -11,6 +11,7 @@ interrupted stage continues from its latest checkpoint.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -52,7 +53,7 @@ def ladder_table(config) -> str:
 def _quiet_library_logs() -> None:
   """Keeps Orbax's INFO chatter out of the progress output (warnings still show)."""
   def keep(record) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
   logging.get_absl_handler().addFilter(keep)
 
 
