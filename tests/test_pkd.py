@@ -129,6 +129,7 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
     assert (workdir / name).exists(), name
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {m["stage"] for m in metrics} >= {"teacher"}
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
 
   # Re-running the same command restores every finished stage instead of training it.
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
