@@ -28,6 +28,11 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.DEFINE_integer(
+    "cpu_devices", -1,
+    "On CPU, split the host's cores into this many XLA devices for the pmap-ed steps "
+    "(-1: as many as there are cores, reduced until every batch size divides; 1: one "
+    "device). Ignored when XLA_FLAGS already sets xla_force_host_platform_device_count.")
 flags.DEFINE_bool("distributed_auto", False,
                   "Multi-host: let jax.distributed.initialize() detect the cluster.")
 
@@ -63,8 +68,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/default.py")
+  from mamba_pkd import parallel  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  parallel.set_host_device_count(FLAGS.cpu_devices, batch_sizes=(
+      config.teacher.batch_size, config.student.batch_size, config.eval_batch_size))
   if FLAGS.coordinator_address or FLAGS.distributed_auto:
-    from mamba_pkd import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.distributed_auto)
   if FLAGS.ladder:

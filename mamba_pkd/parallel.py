@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from typing import Any, Callable
 
 from absl import logging
@@ -40,6 +41,39 @@ def process_count() -> int:
 def is_writer() -> bool:
   """True on the process that writes files (reports, checkpoints): process 0."""
   return jax.process_index() == 0
+
+
+def set_host_device_count(requested: int, *, batch_sizes: tuple[int, ...] = ()) -> int:
+  """Splits the host's CPU cores into several XLA devices (before any computation).
+
+  XLA's CPU backend runs the scan's long chains of small ops on one thread, so
+  one CPU device leaves cores idle; ``k`` host devices run ``k`` shards of each
+  batch at once (measured here: a teacher step 2.8 s -> 1.3 s on 2 cores).
+  Only the CPU platform is affected; accelerators keep their own devices.
+
+  Args:
+    requested: number of host devices; -1 picks the core count, reduced until
+      it divides every one of ``batch_sizes``; 0 or 1 leaves one device.
+    batch_sizes: global batch sizes that must split evenly over the devices.
+
+  Returns:
+    The device count set (or already set through ``XLA_FLAGS``).
+  """
+  flag = "--xla_force_host_platform_device_count"
+  current = os.environ.get("XLA_FLAGS", "")
+  if flag in current:
+    return int(current.split(flag + "=")[1].split()[0])
+  if requested < -1:
+    raise ValueError(f"cpu_devices must be -1 (auto), 0, 1 or more, got {requested}")
+  count = requested
+  if requested == -1:
+    count = os.cpu_count() or 1
+    while count > 1 and any(b % count for b in batch_sizes):
+      count -= 1
+  count = max(count, 1)
+  if count > 1:
+    os.environ["XLA_FLAGS"] = f"{current} {flag}={count}".strip()
+  return count
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
