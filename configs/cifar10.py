@@ -39,16 +39,13 @@ Paper: students 1 point under the teacher; the smallest student at 5% of the
 FLOPs reaches 50%.
 """
 
-import importlib.util
 import pathlib
+import runpy
 
 
 def _default_config():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("mamba_pkd_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's config (loaded by path: config files are not a package)."""
+  return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
 
 
 def get_config():

@@ -5,16 +5,13 @@ r"""Smoke run for tests: synthetic 16x16 data, tiny ladder, seconds on a CPU.
 The data is SYNTHETIC (noisy class templates), never MNIST.
 """
 
-import importlib.util
 import pathlib
+import runpy
 
 
 def _default_config():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("mamba_pkd_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's config (loaded by path: config files are not a package)."""
+  return runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
 
 
 def get_config():
