@@ -204,11 +204,16 @@ def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss,
                    accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=_global_norm(grads))
     metrics = jax.lax.pmean(metrics, parallel.AXIS)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _global_norm(tree: PyTree) -> Array:
+  """sqrt of the sum of squares of every leaf (optax renamed its helper across versions)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def make_predict_step(model_config: ModelConfig) -> Callable:
