@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bidirectional = True    # reversed scan branch in every mixer (images are not causal)
 
   config.teacher = ml_collections.ConfigDict()
-  config.teacher.epochs = 15
+  config.teacher.epochs = 20
   config.teacher.learning_rate = 2e-3
   config.teacher.weight_decay = 0.05
   config.teacher.warmup_fraction = 0.05
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip
 
   config.student = ml_collections.ConfigDict()
-  config.student.epochs = 15           # students: their own, higher learning rate
+  config.student.epochs = 30           # students: their own, higher learning rate, more epochs
   config.student.learning_rate = 5e-3
   config.student.weight_decay = 0.0
   config.student.warmup_fraction = 0.05
