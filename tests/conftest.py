@@ -15,3 +15,36 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+
+def smoke_env(devices: int = 1) -> dict:
+  """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices."""
+  import os as _os  # pylint: disable=g-import-not-at-top,reimported
+  env = dict(_os.environ, JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return env
+
+
+def smoke_cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
+  """`python -m mamba_pkd.main` on configs/smoke.py with ``workdir`` and extra flags."""
+  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
+          f"--workdir={workdir}", *flags]
+
+
+def shared_reference_run(tmp_path_factory) -> pathlib.Path:
+  """The plain smoke run on 1 device, made once per test session and only read after.
+
+  Used by tests/test_multihost.py and tests/test_resume.py as their common reference.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
+  if not (workdir / "results.json").is_file():
+    shutil.rmtree(workdir, ignore_errors=True)
+    out = subprocess.run(smoke_cmd(workdir), cwd=REPO, env=smoke_env(1), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
+  return workdir

@@ -20,15 +20,15 @@ last one from that step and writes the same ``results.json`` bytes.
 
 import json
 import math
-import os
 import pathlib
 import re
 import shutil
 import socket
 import subprocess
-import sys
 
 import pytest
+
+from conftest import shared_reference_run, smoke_cmd, smoke_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-4  # floats in results.json, 1 vs 2 vs 4 devices (see the module docstring)
@@ -36,21 +36,8 @@ TIMEOUT_S = 900
 _NUMBER = re.compile(r"-?\d+\.\d+")
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  return env
-
-
-def _main(workdir: pathlib.Path, *flags: str) -> list[str]:
-  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
-          f"--workdir={workdir}", *flags]
-
-
 def _single_process_run(workdir: pathlib.Path, devices: int) -> str:
-  out = subprocess.run(_main(workdir), cwd=REPO, env=_env(devices), capture_output=True,
+  out = subprocess.run(smoke_cmd(workdir), cwd=REPO, env=smoke_env(devices), capture_output=True,
                        text=True, timeout=TIMEOUT_S)
   assert out.returncode == 0, out.stderr[-5000:]
   assert f"{devices} local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
@@ -71,9 +58,9 @@ def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path) -> list[str]:
     for i in range(2):
       files.append(open(logs / f"process_{i}.log", "w"))
       procs.append(subprocess.Popen(
-          _main(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          smoke_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                 f"--process_id={i}"),
-          cwd=REPO, env=_env(1), stdout=files[-1], stderr=subprocess.STDOUT))
+          cwd=REPO, env=smoke_env(1), stdout=files[-1], stderr=subprocess.STDOUT))
     for p in procs:
       p.wait(timeout=TIMEOUT_S)
   finally:
@@ -122,18 +109,6 @@ def _stage_names(workdir: pathlib.Path) -> list[str]:
 
 # -- the runs, each made once per module ------------------------------------
 
-
-def shared_reference_run(tmp_path_factory) -> pathlib.Path:
-  """The plain smoke run on 1 device, made once per test session.
-
-  tests/test_resume.py has the same function: whichever module runs first
-  makes the run, the other reads it (nobody writes to it afterwards).
-  """
-  workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
-  if not (workdir / "results.json").is_file():
-    shutil.rmtree(workdir, ignore_errors=True)
-    _single_process_run(workdir, 1)
-  return workdir
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,16 @@ what is computed, so its results must still be the plain run's bytes.
 
 import json
 import math
-import os
 import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
-import shutil
 
 import pytest
+
+from conftest import shared_reference_run, smoke_cmd, smoke_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -34,21 +33,8 @@ STUDENT_STEPS = 12  # smoke: 2 epochs x 6 batches of 32
 EVERY_STEP = ("--config.checkpoint_every=1",)
 
 
-def _env() -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
-  return env
-
-
-def _cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
-  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
-          f"--workdir={workdir}", *flags]
-
-
 def _run(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run(_cmd(workdir, *flags), cwd=REPO, env=_env(), capture_output=True,
+  return subprocess.run(smoke_cmd(workdir, *flags), cwd=REPO, env=smoke_env(1), capture_output=True,
                         text=True, timeout=TIMEOUT_S)
 
 
@@ -77,19 +63,6 @@ def _metric_records(workdir: pathlib.Path) -> list[dict]:
   return [{k: v for k, v in json.loads(l).items() if k != "steps_per_sec"} for l in lines]
 
 
-def shared_reference_run(tmp_path_factory) -> pathlib.Path:
-  """The plain smoke run on 1 device, made once per test session.
-
-  tests/test_multihost.py has the same function: whichever module runs first
-  makes the run, the other reads it (nobody writes to it afterwards).
-  """
-  workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
-  if not (workdir / "results.json").is_file():
-    shutil.rmtree(workdir, ignore_errors=True)
-    out = _run(workdir)
-    assert out.returncode == 0, out.stderr[-5000:]
-  return workdir
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -110,7 +83,7 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   log = tmp_path / "killed.log"
   workdir = tmp_path / "run"
   with open(log, "w") as f:
-    proc = subprocess.Popen(_cmd(workdir, *EVERY_STEP), cwd=REPO, env=_env(), stdout=f,
+    proc = subprocess.Popen(smoke_cmd(workdir, *EVERY_STEP), cwd=REPO, env=smoke_env(1), stdout=f,
                             stderr=subprocess.STDOUT)
     try:
       deadline = time.monotonic() + TIMEOUT_S
