@@ -77,6 +77,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mamba_pkd.ssm import scan
+
 try:  # Pallas is an experimental, version-dependent API: import it here only.
   from jax.experimental import pallas as pl
   _PALLAS_IMPORT_ERROR: Optional[BaseException] = None
@@ -564,43 +566,11 @@ _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 # Public API.
 
 
-def _check_shape(name: str, x, expected: tuple[int, ...], names: str) -> None:
-  if tuple(x.shape) != tuple(expected):
-    raise ValueError(
-        f"{name} has shape {tuple(x.shape)}; expected {names} = "
-        f"{tuple(expected)}")
-
-
 def _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size,
               num_warps, prefetch, prefetch_bwd) -> None:
   """Raises ValueError naming the first bad argument."""
-  if u.ndim != 3:
-    raise ValueError(
-        f"u has shape {tuple(u.shape)}; expected (batch, L, d_inner) with 3 "
-        "dimensions")
-  batch, seq_len, d_inner = u.shape
-  if seq_len < 1 or batch < 1 or d_inner < 1:
-    raise ValueError(
-        f"u has shape {tuple(u.shape)}; batch, L and d_inner must all be >= 1")
-  _check_shape("delta", delta, u.shape, "(batch, L, d_inner)")
-  if A.ndim != 2:
-    raise ValueError(
-        f"A has shape {tuple(A.shape)}; expected (d_inner, N) with d_inner = "
-        f"{d_inner}")
-  num_n = A.shape[1]
-  _check_shape("A", A, (d_inner, num_n), "(d_inner, N)")
-  _check_shape("B", B, (batch, seq_len, num_n), "(batch, L, N)")
-  _check_shape("C", C, (batch, seq_len, num_n), "(batch, L, N)")
-  if D is not None:
-    _check_shape("D", D, (d_inner,), "(d_inner,)")
-  if delta_bias is not None:
-    _check_shape("delta_bias", delta_bias, (d_inner,), "(d_inner,)")
-  for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
-                  ("D", D), ("delta_bias", delta_bias)):
-    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(
-          f"{name} has dtype {x.dtype}; expected a floating dtype "
-          "(float32 or bfloat16)")
+  scan.validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
+  d_inner = u.shape[2]
   if block_d is not None and (
       not isinstance(block_d, int) or not _is_power_of_two(block_d)
       or block_d > _MAX_BLOCK_D):

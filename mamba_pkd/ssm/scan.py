@@ -82,6 +82,15 @@ def _validate(u, delta, A, B, C, D, delta_bias, method, chunk_size):
     raise ValueError(f"method={method!r} is not a valid scan method; valid: {SCAN_METHODS}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+  validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
+
+
+def validate_scan_inputs(u, delta, A, B, C, D=None, delta_bias=None):
+  """Shapes and dtypes of the scan's arrays (shared with the Pallas kernel).
+
+  Raises:
+    ValueError: naming the first bad argument and the expected shape or dtype.
+  """
   if jnp.ndim(u) != 3:
     raise ValueError(
         f"u has shape {tuple(jnp.shape(u))}; expected 3 dims (batch, L, d_inner)")
