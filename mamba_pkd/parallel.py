@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 AXIS = "batch"

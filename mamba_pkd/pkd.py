@@ -35,6 +35,7 @@ Everything pure (acceptance, prefix sums, fit) is a function of arrays;
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -47,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from mamba_pkd import checkpoints, flops, input_pipeline, losses, parallel, report, train
-from mamba_pkd.models import ModelConfig, create_model, init_params, ladder_configs, LADDERS
+from mamba_pkd.models import ModelConfig, init_params, ladder_configs, LADDERS
 
 MODES = ("ensemble", "chain")
 STAGE_LOSSES = ("kd", "bdistil")
@@ -437,15 +438,16 @@ def train_baselines(run: Run, students: Sequence[Member]) -> list[Member]:
 def _latency(configs: Sequence[ModelConfig], params: Sequence[Any], image_shape, batch: int,
              repeats: int) -> float:
   """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
-  configs, params = tuple(configs), tuple(params)
+  configs, params = tuple(configs), jax.device_put(tuple(params))
 
   @jax.jit
-  def forward(images):
+  def forward(params, images):  # params are an argument, not constants baked into the program
     logits, _ = train.apply_students(configs, params, images)
     return sum(logits[1:], logits[0])
 
   images = jnp.zeros((batch, *image_shape), jnp.float32)
-  return report.compute_latency_ms(forward, images, repeats=repeats, warmup=2) / batch
+  return report.compute_latency_ms(functools.partial(forward, params), images, repeats=repeats,
+                                   warmup=2) / batch
 
 
 def build_rows(run: Run, teacher: Member, students: Sequence[Member],

@@ -20,6 +20,7 @@ axis ``"batch"``; :mod:`mamba_pkd.parallel` maps them over devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -233,7 +234,10 @@ def make_predict_step(model_config: ModelConfig) -> Callable:
 # ----------------------------------------------------------------------------
 
 
-_PREDICT_CACHE: dict = {}
+@functools.lru_cache(maxsize=None)
+def _pmapped_predict(model_config: ModelConfig) -> Callable:
+  """One pmapped predict step per model config (compiled once per input shape)."""
+  return parallel.data_parallel(make_predict_step(model_config))
 
 
 def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.ndarray, *,
@@ -248,10 +252,7 @@ def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.
   Returns:
     (logits float32 [N, K], features float32 [N, d_model]).
   """
-  key = model_config
-  if key not in _PREDICT_CACHE:
-    _PREDICT_CACHE[key] = parallel.data_parallel(make_predict_step(model_config))
-  predict = _PREDICT_CACHE[key]
+  predict = _pmapped_predict(model_config)
   rep = replicated_params if replicated_params is not None else parallel.replicate(params)
   num = len(images_uint8)
   logits_out = np.zeros((num, model_config.num_classes), np.float32)
