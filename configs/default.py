@@ -43,18 +43,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip
 
   config.student = ml_collections.ConfigDict()
-  config.student.epochs = 30           # students: their own, higher learning rate, more epochs
+  config.student.epochs = 64           # students: their own, higher learning rate, more epochs
   config.student.learning_rate = 5e-3
   config.student.weight_decay = 0.0
   config.student.warmup_fraction = 0.05
   config.student.batch_size = 128
   config.student.grad_clip = 1.0
-  config.student.augment = "none"      # "none" lets the frozen models' logits be cached
+  config.student.augment = "shift"     # none | shift | crop_flip
+  config.student.cached_views = 8      # >= 1: a fixed pool of this many augmented views per
+                                       # image (the first unaugmented) on which the frozen
+                                       # models run once; 0: augment live, frozen models
+                                       # run at every step
 
   config.pkd = ml_collections.ConfigDict()
-  config.pkd.mode = "ensemble"         # ensemble (boosting on the residual) | chain (assistants)
+  config.pkd.mode = "ensemble"         # ensemble (boosting) | chain (assistants)
+  config.pkd.target = "teacher"        # teacher: each student distils the teacher, weight by
+                                       # line search | residual: fits stop_grad(F_{k-1}) + f_k
   config.pkd.ladder = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")  # sizes, cheapest first
-  config.pkd.max_students = 7
+  config.pkd.max_students = 4          # the time budget of 2 CPU cores (s1..s4: 11% of the FLOPs)
   config.pkd.flops_budget_pct = 25.0   # stop before the students' FLOPs exceed this % of the teacher
   config.pkd.epsilon = -1.0            # stop when held-out accuracy is within epsilon of the teacher (<0: off)
   config.pkd.alpha = 0.5               # L = alpha * CE + (1 - alpha) * T^2 KL

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba_pkd import checkpoints, flops, input_pipeline, train
-from mamba_pkd.models import ModelConfig, create_model, init_params, ladder_configs
+from mamba_pkd.models import ModelConfig, create_model, init_params, ladder_configs, scale_head
 
 PyTree = Any
 
@@ -303,6 +303,8 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
       if info.get("size", size) != size:
         raise ValueError(f"stage {stage!r} was trained as size {info.get('size')!r} but "
                          f"results.json says {size!r}; the workdir is inconsistent")
+      # The stage saved f_k; the ensemble holds eta_k f_k (see pkd.Decision.weight).
+      params = scale_head(params, float(entry.get("weight", 1.0)))
       students.append(Member(f"student_{len(students) + 1}", stage, size, cfg, params))
   elif mode == "chain":
     chain = next((e["chain"] for e in decisions if "chain" in e), [])
@@ -748,7 +750,8 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
       "preprocessing": preprocessing.to_json(),
       "members": member_entries,
       "prefix_file": PREFIX_FILE,
-      "prefix_output": "float32 [b, k, K]: cumulative logits F_1..F_k (F_j = f_1 + ... + f_j)",
+      "prefix_output": ("float32 [b, k, K]: cumulative logits F_1..F_k (F_j = f_1 + ... + f_j; "
+                        "each member's ensemble weight is folded into its head)"),
       "member_output": "(logits float32 [b, K], features float32 [b, d_model])",
       "input": "float32 [b, H, W, C] = (uint8 / 255 - mean) / std; b symbolic",
       "teacher_flops": int(teacher_flops),

@@ -832,6 +832,62 @@ def pad_crop_flip_reference(
     return out
 
 
+def augmented_views(
+    images_uint8: np.ndarray, num_views: int, augment: str, seed: int
+) -> np.ndarray:
+    """A fixed pool of augmented copies of ``images_uint8``; view 0 is the original.
+
+    Views ``1..num_views-1`` are drawn like one epoch of ``augment`` each (a
+    function of ``(seed, view)`` only), so a pool can be rebuilt exactly after
+    a restart. Frozen models' outputs on the pool are computed once and reused
+    by every epoch of a stage (see ``epoch_views``), which is how a student can
+    train on augmented images without running the teacher at every step.
+
+    Args:
+      images_uint8: ``[N, H, W, C]`` images.
+      num_views: copies per image, >= 1.
+      augment: an augmentation of ``AUGMENTATIONS`` other than ``"none"``
+        (``"none"`` is accepted only with ``num_views == 1``).
+      seed: non-negative seed.
+
+    Returns:
+      ``[num_views, N, H, W, C]`` of the dtype of ``images_uint8``.
+
+    Raises:
+      ValueError: ``num_views < 1``, an unknown ``augment``, or ``"none"`` with
+        more than one view (the views would all be the same image).
+    """
+    _check_positive(num_views, "num_views")
+    _check_seed(seed, "seed")
+    pad = augmentation_pad(augment)
+    if num_views > 1 and not pad:
+        raise ValueError(
+            f"num_views={num_views} needs an augmentation to draw the views from, got "
+            f"augment={augment!r}; choose one of {[a for a in AUGMENTATIONS if a != 'none']}"
+        )
+    images_uint8 = np.asarray(images_uint8)
+    pool = np.empty((num_views,) + images_uint8.shape, images_uint8.dtype)
+    pool[0] = images_uint8
+    n = len(images_uint8)
+    for view in range(1, num_views):
+        # Stream 2 of (seed, view): independent of the epoch draws (streams 0, 1).
+        rng = np.random.default_rng([seed, view, 2])
+        offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+        flips = rng.random(n) < 0.5 if augment == "crop_flip" else np.zeros(n, bool)
+        pool[view] = pad_crop_flip(images_uint8, offsets, flips, pad)
+    return pool
+
+
+def epoch_views(num_examples: int, num_views: int, seed: int, epoch: int) -> np.ndarray:
+    """Which view of each example an epoch trains on: int64 ``[num_examples]`` in ``[0, V)``.
+
+    A function of ``(seed, epoch)`` only (stream 3), so resuming mid-stage
+    replays the same views.
+    """
+    _check_positive(num_views, "num_views")
+    return np.random.default_rng([seed, epoch, 3]).integers(0, num_views, size=num_examples)
+
+
 def _assemble_batch(
     images_uint8: np.ndarray,
     labels: np.ndarray,

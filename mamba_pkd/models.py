@@ -160,6 +160,20 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
   return create_model(config).init(rng, images, prev)["params"]
 
 
+def scale_head(params: Mapping, weight: float) -> dict:
+  """``params`` with the output layer multiplied by ``weight``: logits become ``weight * logits``.
+
+  This is how an ensemble member's weight is folded into the member itself,
+  so that ensemble prefixes stay plain sums of their members' logits (features
+  are unchanged). Returns a new pytree; ``params`` is not modified.
+  """
+  if "head" not in params:
+    raise ValueError(f"params have no 'head' layer to scale (top-level keys: {sorted(params)})")
+  out = dict(params)
+  out["head"] = {name: value * weight for name, value in params["head"].items()}
+  return out
+
+
 def count_params(params: Mapping) -> int:
   """Total number of scalars in a parameter pytree."""
   return int(sum(x.size for x in jax.tree.leaves(params)))

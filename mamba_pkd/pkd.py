@@ -7,19 +7,26 @@ symbol             name                meaning
 =================  ==================  ======================================
 ``g(x)``           teacher logits      frozen teacher, trained first with CE
 ``f_k(x)``         student k logits    the k-th accepted student
-``F_k(x)``         prefix k logits     ``sum_{j<=k} f_j(x)`` (``eta_j = 1``)
+``F_k(x)``         prefix k logits     ``sum_{j<=k} eta_j f_j(x)``
+``eta_k``          weight              student k's ensemble weight (folded into its head)
 ``a``, ``T``       alpha, temperature  ``L = a*CE(y, F_k) + (1-a)*T^2*KL(g/T || F_k/T)``
 ``gamma_k``        edge                B-DISTIL weak-learner edge on held-out data
 =================  ==================  ======================================
 
 Modes:
 
-* ``ensemble`` (default): student k is trained on the residual
-  ``stop_gradient(F_{k-1}) + f_k`` and *accepted as a weak learner* when the
-  held-out fit of the ensemble to the teacher improves (``accept="fit"``:
-  soft KL to the teacher drops by at least ``margin``) or its edge is at least
-  ``gamma`` (``accept="edge"``), without losing more than
-  ``max_accuracy_drop`` of held-out accuracy. A rejected candidate is retrained
+* ``ensemble`` (default): student k is trained either on the teacher alone
+  (``target="teacher"``, the default: every student distils the teacher, and
+  its weight ``eta_k`` is a line search on held-out data, the step of gradient
+  boosting) or on the residual ``stop_gradient(F_{k-1}) + f_k``
+  (``target="residual"``, B-DISTIL's formulation, ``eta_k = 1``). It is
+  *accepted as a weak learner* when the held-out fit of the ensemble to the
+  teacher improves (``accept="fit"``: soft KL to the teacher drops by at
+  least ``margin``; with ``target="teacher"`` both fits are taken at the best
+  overall scale of the logits, since a sum of independent students is only
+  meaningful up to scale) or its edge is at least ``gamma``
+  (``accept="edge"``), without losing more than ``max_accuracy_drop`` of
+  held-out accuracy. A rejected candidate is retrained
   once with another seed (``reseeds``), then the next larger size on the
   ladder is tried. Each accepted student moves one rung up the ladder. The loop
   stops at ``max_students``, at the FLOPs budget, when the ladder is exhausted,
@@ -48,9 +55,10 @@ import ml_collections
 import numpy as np
 
 from mamba_pkd import checkpoints, flops, input_pipeline, losses, parallel, report, train
-from mamba_pkd.models import ModelConfig, init_params, ladder_configs, LADDERS
+from mamba_pkd.models import ModelConfig, init_params, ladder_configs, scale_head, LADDERS
 
 MODES = ("ensemble", "chain")
+TARGETS = ("teacher", "residual")
 STAGE_LOSSES = ("kd", "bdistil")
 ACCEPT_RULES = ("fit", "edge")
 AUGMENTATIONS = ("none", "shift", "crop_flip")
@@ -65,6 +73,7 @@ AUGMENTATIONS = ("none", "shift", "crop_flip")
 class PKDSettings:
   """The distillation settings of a run (see the module docstring)."""
   mode: str = "ensemble"
+  target: str = "teacher"
   ladder: tuple[str, ...] = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")
   max_students: int = 7
   flops_budget_pct: float = 100.0
@@ -89,11 +98,15 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
   """Reads and validates ``config.pkd``; raises ValueError naming the bad field."""
   p = config.pkd
   s = PKDSettings(
-      mode=p.mode, ladder=tuple(p.ladder), max_students=p.max_students,
+      mode=p.mode, target=p.get("target", "teacher"), ladder=tuple(p.ladder), max_students=p.max_students,
       flops_budget_pct=p.flops_budget_pct, epsilon=p.epsilon, alpha=p.alpha,
       temperature=p.temperature, loss=p.loss, accept=p.accept, margin=p.margin, gamma=p.gamma,
       max_accuracy_drop=p.max_accuracy_drop, reseeds=p.reseeds, connect=p.connect)
   _choice(s.mode, MODES, "pkd.mode")
+  _choice(s.target, TARGETS, "pkd.target")
+  if s.loss == "bdistil" and s.target != "residual":
+    raise ValueError("pkd.loss='bdistil' fits the residual of the ensemble: it needs "
+                     f"pkd.target='residual', got pkd.target={s.target!r}")
   _choice(s.loss, STAGE_LOSSES, "pkd.loss")
   _choice(s.accept, ACCEPT_RULES, "pkd.accept")
   if not s.ladder:
@@ -131,6 +144,12 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   student_optim = optim_from_config(config.student, "student")
   _choice(config.teacher.augment, AUGMENTATIONS, "teacher.augment")
   _choice(config.student.augment, AUGMENTATIONS, "student.augment")
+  views = config.student.get("cached_views", 0)
+  if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+    raise ValueError(f"student.cached_views must be an int >= 0 (0: augment live), got {views!r}")
+  if views > 1 and config.student.augment == "none":
+    raise ValueError(f"student.cached_views={views} needs an augmentation to draw the views "
+                     "from: set student.augment to 'shift' or 'crop_flip', or cached_views to 0")
   if config.model.ladder not in LADDERS:
     raise ValueError(f"model.ladder={config.model.ladder!r} is not valid; choose one of "
                      f"{tuple(sorted(LADDERS))}")
@@ -167,9 +186,59 @@ def teacher_fit(teacher_logits: np.ndarray, ensemble_logits: np.ndarray, tempera
                               temperature))
 
 
+# Grids of the line search (numpy, on held-out logits). Both contain 1 exactly.
+FIT_SCALES = np.geomspace(0.01, 10.0, 61)                       # overall scale c of F
+WEIGHTS = np.concatenate([[0.0], np.geomspace(1 / 16, 16, 41)])  # eta_k of the new student
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def calibrated_fit(teacher_logits: np.ndarray, ensemble_logits: np.ndarray, temperature: float,
+                   scales: np.ndarray = FIT_SCALES) -> tuple[float, float]:
+  """``min_c T^2 KL(softmax(g/T) || softmax(c F/T))`` over ``scales``, and the best ``c``.
+
+  The fit of an ensemble up to the overall scale of its logits (argmax, hence
+  accuracy, does not depend on that scale). ``teacher_logits`` and
+  ``ensemble_logits`` are [N, K].
+  """
+  t = float(temperature)
+  log_p = _log_softmax(np.asarray(teacher_logits, np.float64) / t)  # [N, K]
+  f = np.asarray(ensemble_logits, np.float64)
+  kl = np.array([np.mean(np.sum(np.exp(log_p) * (log_p - _log_softmax(c * f / t)), -1))
+                 for c in scales]) * t * t  # [S]
+  best = int(np.argmin(kl))
+  return float(kl[best]), float(scales[best])
+
+
+def line_search(teacher_logits: np.ndarray, prefix_logits: np.ndarray,
+                candidate_logits: np.ndarray, temperature: float,
+                weights: np.ndarray = WEIGHTS) -> tuple[float, float, float]:
+  """The weight ``eta`` of a new student: ``argmin_eta calibrated_fit(g, F + eta f)``.
+
+  Returns:
+    ``(eta, c, fit)``: the best weight in ``weights`` (0 when no weight
+    improves the fit), the overall scale and the fit it reaches.
+  """
+  best = None
+  for eta in weights:
+    fit, c = calibrated_fit(teacher_logits, prefix_logits + eta * candidate_logits, temperature)
+    if best is None or fit < best[2]:
+      best = (float(eta), c, fit)
+  return best
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """The weak-learner test of one candidate, on held-out data."""
+  """The weak-learner test of one candidate, on held-out data.
+
+  ``weight`` is the candidate's ensemble weight ``eta_k`` (1 for
+  ``target="residual"`` and for the first student) and ``scale`` the overall
+  scale ``c`` of the logits at which ``fit_after`` is measured (1 when the fit
+  is not calibrated).
+  """
   accepted: bool
   reason: str
   fit_before: float
@@ -177,6 +246,8 @@ class Decision:
   edge: float
   accuracy_before: float
   accuracy_after: float
+  weight: float = 1.0
+  scale: float = 1.0
 
 
 def weak_learner_decision(*, teacher: np.ndarray, prefix: np.ndarray | None,
@@ -185,38 +256,59 @@ def weak_learner_decision(*, teacher: np.ndarray, prefix: np.ndarray | None,
   """Accepts or rejects a candidate f_k given held-out logits ([N, K] each).
 
   ``prefix`` is F_{k-1} (None for the first student, i.e. all-zero logits).
+  With ``settings.target == "teacher"`` the candidate enters the ensemble as
+  ``F_{k-1} + eta f_k`` with ``eta`` from :func:`line_search` (the first
+  student with ``eta = 1``) and fits are calibrated (:func:`calibrated_fit`);
+  with ``"residual"`` as ``F_{k-1} + f_k`` with plain fits (:func:`teacher_fit`).
   """
   before = np.zeros_like(candidate) if prefix is None else prefix
-  after = before + candidate
-  fit_before = teacher_fit(teacher, before, settings.temperature)
-  fit_after = teacher_fit(teacher, after, settings.temperature)
+  weight, scale = 1.0, 1.0
+  if settings.target == "teacher":
+    fit_before, _ = calibrated_fit(teacher, before, settings.temperature)
+    if prefix is None:
+      fit_after, scale = calibrated_fit(teacher, candidate, settings.temperature)
+    else:
+      weight, scale, fit_after = line_search(teacher, before, candidate, settings.temperature)
+  else:
+    fit_before = teacher_fit(teacher, before, settings.temperature)
+    fit_after = teacher_fit(teacher, before + candidate, settings.temperature)
+  after = before + weight * candidate
   k_plus, k_minus = losses.adversary_weights(jnp.asarray(teacher), jnp.asarray(before))
-  edge = float(losses.weak_learner_edge(jnp.asarray(candidate), k_plus, k_minus))
+  edge = float(losses.weak_learner_edge(jnp.asarray(weight * candidate), k_plus, k_minus))
   acc_before = accuracy(before, labels) if prefix is not None else 0.0
   acc_after = accuracy(after, labels)
   if settings.accept == "fit":
-    improves = fit_after <= fit_before - settings.margin
-    why = (f"held-out fit to teacher {fit_before:.4f} -> {fit_after:.4f} "
-           f"(needs a drop of at least {settings.margin})")
+    improves = fit_after <= fit_before - settings.margin and weight > 0
+    if settings.target == "teacher" and prefix is not None:
+      improves = improves and fit_after < fit_before
+      why = (f"held-out fit to teacher (calibrated) {fit_before:.4f} -> {fit_after:.4f} at "
+             f"weight {weight:.3g} (needs a drop of at least {settings.margin})")
+    else:
+      why = (f"held-out fit to teacher {fit_before:.4f} -> {fit_after:.4f} "
+             f"(needs a drop of at least {settings.margin})")
   else:
-    improves = edge >= settings.gamma
+    improves = edge >= settings.gamma and weight > 0
     why = f"edge {edge:.4f} (needs >= {settings.gamma})"
+    if settings.target == "teacher" and prefix is not None:
+      why += f" at weight {weight:.3g}"
   keeps_accuracy = acc_after >= acc_before - settings.max_accuracy_drop
   if not keeps_accuracy:
     why += (f"; held-out accuracy {acc_before:.4f} -> {acc_after:.4f} falls more than "
             f"{settings.max_accuracy_drop}")
   return Decision(accepted=bool(improves and keeps_accuracy), reason=why,
                   fit_before=fit_before, fit_after=fit_after, edge=edge,
-                  accuracy_before=acc_before, accuracy_after=acc_after)
+                  accuracy_before=acc_before, accuracy_after=acc_after,
+                  weight=weight, scale=scale)
 
 
 def stage_loss_for(settings: PKDSettings, *, first: bool) -> losses.StageLoss:
   """The loss of an ensemble/chain student stage, as a composition."""
   if settings.mode == "chain":
     return losses.kd(settings.alpha, settings.temperature, view="student", target="previous")
-  view = losses.residual("student", base=None if first else "prefix")
+  base = None if first or settings.target == "teacher" else "prefix"
+  view = losses.residual("student", base=base)
   if settings.loss == "bdistil":
-    return losses.bdistil(view="student", target="teacher", base=None if first else "prefix")
+    return losses.bdistil(view="student", target="teacher", base=base)
   return losses.kd(settings.alpha, settings.temperature, view=view, target="teacher")
 
 
@@ -237,6 +329,17 @@ class Member:
   test_logits: np.ndarray       # [N_test, K]
   test_features: np.ndarray     # [N_test, d]
   info: dict = dataclasses.field(default_factory=dict)
+  pool_logits: np.ndarray | None = None     # [V * n_train, K] on Run.views, when computed
+  pool_features: np.ndarray | None = None   # [V * n_train, d]
+
+  def scaled(self, weight: float) -> "Member":
+    """This member with its logits multiplied by ``weight`` (folded into its head)."""
+    if weight == 1.0:
+      return self
+    times = lambda a: None if a is None else a * np.float32(weight)
+    return dataclasses.replace(
+        self, params=scale_head(self.params, weight), train_logits=times(self.train_logits),
+        test_logits=times(self.test_logits), pool_logits=times(self.pool_logits))
 
 
 class Run:
@@ -263,6 +366,8 @@ class Run:
         config.model.ladder, image_shape=self.dataset.image_shape,
         num_classes=self.dataset.num_classes, scan_method=config.model.scan_method,
         bidirectional=config.model.bidirectional)
+    self.num_views = int(config.student.get("cached_views", 0))
+    self._views = None
     self.metrics = train.MetricsWriter(self.workdir, enabled=self.writer_process)
     if self.writer_process:
       (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True)
@@ -271,13 +376,61 @@ class Run:
                  self.dataset.name, n_all, len(self.train_index), len(self.val_index),
                  self.dataset.num_test, self.dataset.image_shape, self.dataset.num_classes)
 
+  # -- the students' view pool ---------------------------------------------
+
+  @property
+  def views(self) -> np.ndarray | None:
+    """uint8 [V, n_train, H, W, C]: the students' fixed augmented views, or None.
+
+    Built on first use (``student.cached_views`` >= 1 with an augmentation),
+    a function of the seed only, so a resumed run rebuilds the same pool.
+    """
+    if self.num_views < 1 or self.config.student.augment == "none":
+      return None
+    if self._views is None:
+      t0 = time.time()
+      self._views = input_pipeline.augmented_views(
+          self.dataset.x_train[self.train_index], self.num_views, self.config.student.augment,
+          self.config.seed)
+      logging.info("student views: %d %s views of %d training images (%.1f MB) in %.1fs",
+                   self.num_views, self.config.student.augment, len(self.train_index),
+                   self._views.nbytes / 1e6, time.time() - t0)
+    return self._views
+
+  def table(self, member: Member, prev: Member | None = None, features: bool = False
+            ) -> np.ndarray:
+    """A frozen member's outputs on the rows that student stages index.
+
+    The pool's rows when there is a view pool (computed once per member,
+    ``prev`` supplies the features a connected member reads), else the rows
+    of ``x_train``. Returns logits [R, K] or, with ``features``, [R, d].
+    """
+    if self.views is None:
+      return member.train_features if features else member.train_logits
+    if member.pool_logits is None:
+      t0 = time.time()
+      prev_features = None
+      if member.config.connect_dim:
+        prev_features = self.table(prev, features=True)
+      ds = self.dataset
+      member.pool_logits, member.pool_features = train.predict_dataset(
+          member.config, member.params, self.views.reshape((-1,) + self.views.shape[2:]),
+          mean=ds.mean, std=ds.std, batch_size=self.config.eval_batch_size,
+          prev_features=prev_features)
+      logging.info("%s: outputs on the %d pooled views in %.1fs", member.name,
+                   len(member.pool_logits), time.time() - t0)
+    return member.pool_features if features else member.pool_logits
+
   # -- stages ---------------------------------------------------------------
 
   def stage(self, name: str, size: str, model_config: ModelConfig, stage_loss, optim, *,
             seed: int, augment: str, cached: Mapping[str, np.ndarray] | None = None,
             spec: train.FrozenSpec = train.FrozenSpec(), frozen: train.Frozen = train.Frozen(),
-            prev: "Member | None" = None) -> Member:
-    """Trains (or restores, if complete) one stage and predicts train and test sets."""
+            prev: "Member | None" = None, views: np.ndarray | None = None) -> Member:
+    """Trains (or restores, if complete) one stage and predicts train and test sets.
+
+    ``views`` (the student pool) makes ``cached`` index the pool's rows.
+    """
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(self.workdir, name),
                                          is_writer=self.writer_process)
     if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
@@ -287,11 +440,12 @@ class Run:
       logging.info("stage %s: already complete, not retrained", name)
     else:
       data = train.StageData(self.dataset, self.train_index, augment=augment,
-                             cached=cached if augment == "none" else None)
+                             cached=cached, views=views)
+      live = not data.uses_cache  # frozen models run inside the step
       params = train.train_stage(
           name=name, model_config=model_config, stage_loss=stage_loss, optim=optim, data=data,
-          seed=seed, spec=spec if augment != "none" else train.FrozenSpec(),
-          frozen=frozen if augment != "none" else train.Frozen(), checkpointer=ckpt,
+          seed=seed, spec=spec if live else train.FrozenSpec(),
+          frozen=frozen if live else train.Frozen(), checkpointer=ckpt,
           checkpoint_every=self.config.checkpoint_every, metrics_writer=self.metrics,
           log_every=self.config.log_every)
       info = {"size": size, "seed": seed}
@@ -361,20 +515,26 @@ def distil_ensemble(run: Run, teacher: Member) -> tuple[list[Member], list[dict]
                           f"{s.flops_budget_pct}%)"})
       break
     prefix_train = sum(m.train_logits for m in accepted) if accepted else None
-    cached = {"teacher_logits": teacher.train_logits}
-    if prefix_train is not None:
-      cached["prefix_logits"] = prefix_train
+    # What the stage reads of the frozen models: the teacher's logits, the
+    # prefix's (residual target) and the previous student's features (connect).
+    needs_prefix = bool(accepted) and (s.target == "residual" or bool(model_config.connect_dim))
+    cached = {"teacher_logits": run.table(teacher)}
+    if needs_prefix:
+      cached["prefix_logits"] = sum(run.table(m, p) for m, p in zip(accepted, [None] + accepted))
       if model_config.connect_dim:
-        cached["prev_features"] = prev.train_features
-    spec = train.FrozenSpec(teacher=teacher.config, students=tuple(m.config for m in accepted))
-    frozen = train.Frozen(teacher=teacher.params, students=tuple(m.params for m in accepted))
+        cached["prev_features"] = run.table(prev, accepted[-2] if k > 2 else None, features=True)
+    frozen_students = accepted if needs_prefix else []
+    spec = train.FrozenSpec(teacher=teacher.config,
+                            students=tuple(m.config for m in frozen_students))
+    frozen = train.Frozen(teacher=teacher.params,
+                          students=tuple(m.params for m in frozen_students))
     decision = None
     for attempt in range(1 + s.reseeds):
       seed = cfg.seed + 1000 * k + 100 * rung + attempt
       name = f"student_{k}_{size}_try{attempt + 1}"
       member = run.stage(name, size, model_config, stage_loss_for(s, first=not accepted),
                          run.parsed["student_optim"], seed=seed, augment=cfg.student.augment,
-                         cached=cached, spec=spec, frozen=frozen, prev=prev)
+                         cached=cached, spec=spec, frozen=frozen, prev=prev, views=run.views)
       decision = weak_learner_decision(
           teacher=teacher.train_logits[val], candidate=member.train_logits[val],
           prefix=None if prefix_train is None else prefix_train[val], labels=val_labels,
@@ -384,6 +544,7 @@ def distil_ensemble(run: Run, teacher: Member) -> tuple[list[Member], list[dict]
       logging.info("%s %s: %s", name, "ACCEPTED" if decision.accepted else "rejected",
                    decision.reason)
       if decision.accepted:
+        member = member.scaled(decision.weight)  # F_k = F_{k-1} + eta_k f_k, a plain sum
         member.name = f"student_{k}"
         member.info = dict(member.info, **entry)
         accepted.append(member)
@@ -408,9 +569,9 @@ def distil_chain(run: Run, teacher: Member) -> tuple[list[Member], list[dict]]:
     member = run.stage(f"chain_{k}_{size}", size, run.sizes[size], stage_loss_for(s, first=True),
                        run.parsed["student_optim"], seed=cfg.seed + 1000 * k,
                        augment=cfg.student.augment,
-                       cached={"teacher_logits": previous.train_logits},
+                       cached={"teacher_logits": run.table(previous)},
                        spec=train.FrozenSpec(teacher=previous.config),
-                       frozen=train.Frozen(teacher=previous.params))
+                       frozen=train.Frozen(teacher=previous.params), views=run.views)
     member.name = f"student_{k}"
     students.append(member)
     previous = member
@@ -424,7 +585,8 @@ def train_baselines(run: Run, students: Sequence[Member]) -> list[Member]:
     cfg = student.config.replace(connect_dim=0)
     member = run.stage(f"baseline_{k}_{student.size}", student.size, cfg,
                        losses.hard("student"), run.parsed["student_optim"],
-                       seed=run.config.seed + 7 + 1000 * k, augment=run.config.student.augment)
+                       seed=run.config.seed + 7 + 1000 * k, augment=run.config.student.augment,
+                       views=run.views)
     member.name = f"baseline_{k}"
     out.append(member)
   return out

@@ -323,28 +323,60 @@ class StageData:
     train_index: rows of ``dataset.x_train`` used for training (the rest may
       be a held-out split).
     augment: augmentation name for :func:`input_pipeline.train_batches`.
-    cached: per-row frozen outputs on ``x_train`` (``teacher_logits``
-      [N, K], ``prefix_logits`` [N, K], ``prev_features`` [N, d]); used only
-      when ``augment == "none"``.
+    cached: per-row frozen outputs (``teacher_logits`` [R, K],
+      ``prefix_logits`` [R, K], ``prev_features`` [R, d]). Without ``views``
+      the rows are those of ``x_train`` and the tables are used only when
+      ``augment == "none"``; with ``views`` they are the pool's rows
+      ``view * n + position`` (``n = len(train_index)``).
+    views: optional uint8 [V, n, H, W, C], fixed augmented copies of the
+      training rows (view 0 = the originals, from
+      :func:`input_pipeline.augmented_views`). Each epoch trains on one view of
+      every row, drawn by :func:`input_pipeline.epoch_views`; ``augment`` is
+      then not applied again.
   """
   dataset: input_pipeline.Dataset
   train_index: np.ndarray
   augment: str = "none"
   cached: Mapping[str, np.ndarray] | None = None
+  views: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.views is not None and self.views.shape[1:2] != (len(self.train_index),):
+      raise ValueError(f"views must be [V, {len(self.train_index)}, H, W, C] (one copy of each "
+                       f"training row per view), got shape {self.views.shape}")
+
+  def describe(self) -> str:
+    if self.views is not None:
+      return (f"{self.views.shape[0]} fixed {self.augment} views per image"
+              + (", frozen outputs cached" if self.cached else ""))
+    if self.augment == "none":
+      return "no augmentation" + (", frozen outputs cached" if self.cached else "")
+    return f"live {self.augment} augmentation"
+
+  @property
+  def uses_cache(self) -> bool:
+    """Whether the batches carry the cached frozen outputs (else frozen models run live)."""
+    return bool(self.cached) and (self.views is not None or self.augment == "none")
 
 
 def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
   """Training batches of the stage's rows, with cached frozen outputs attached."""
   ds = data.dataset
-  sub = dataclasses.replace(ds, x_train=ds.x_train[data.train_index],
-                            y_train=ds.y_train[data.train_index])
+  n = len(data.train_index)
+  if data.views is not None:
+    view = input_pipeline.epoch_views(n, data.views.shape[0], seed, epoch)  # [n]
+    images, augment = data.views[view, np.arange(n)], "none"
+  else:
+    view, images, augment = None, ds.x_train[data.train_index], data.augment
+  sub = dataclasses.replace(ds, x_train=images, y_train=ds.y_train[data.train_index])
   for batch in input_pipeline.train_batches(
-      sub, batch_size=batch_size, seed=seed, epoch=epoch, augment=data.augment,
+      sub, batch_size=batch_size, seed=seed, epoch=epoch, augment=augment,
       num_devices=parallel.local_device_count(), process_index=parallel.process_index(),
       process_count=parallel.process_count()):
     out = {"image": batch["image"], "label": batch["label"]}
-    if data.cached and data.augment == "none":
-      rows = data.train_index[batch["index"]]
+    if data.uses_cache:
+      position = batch["index"]
+      rows = view[position] * n + position if view is not None else data.train_index[position]
       for name, table in data.cached.items():
         out[name] = table[rows]
     yield out
@@ -388,9 +420,9 @@ def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.Stag
       make_train_step(model_config, tx, stage_loss, spec), donate_first=True)
   state_r = parallel.replicate(state)
   frozen_r = parallel.replicate(frozen)
-  logging.info("stage %s: %d steps (%d epochs x %d), batch %d on %s; compiling...",
+  logging.info("stage %s: %d steps (%d epochs x %d), batch %d, %s, on %s; compiling...",
                name, total_steps, optim.epochs, steps_per_epoch, optim.batch_size,
-               parallel.describe_devices())
+               data.describe(), parallel.describe_devices())
   last_good = start
   t_start, t_window, window_steps = time.time(), None, 0
   sums: dict[str, Array] = {}
