@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""                 # TFDS data_dir ("" = TFDS default)
   config.validation_size = 400         # held out of the training set for the weak-learner test
   config.eval_batch_size = 500         # prediction batch (global)
-  config.checkpoint_every = 100        # steps between checkpoints within a stage
+  config.checkpoint_every = 200        # steps between checkpoints within a stage
   config.log_every = 50                # steps between progress lines / metrics records
   config.baselines = False             # also train each accepted size alone with CE (re-run with True on the same workdir to add them)
 

@@ -163,13 +163,19 @@ class Member:
     size: ladder size name (``"s3"``, ``"teacher"``).
     config: its ModelConfig (``connect_dim > 0``: reads the previous member's
       features).
-    params: parameter pytree (host arrays).
+    params: parameter pytree (host arrays); a student's ensemble weight is
+      already folded into its head.
+    prefix_scale: the overall scale ``c`` that calibrates the logits of the
+      prefix ending with this member (``softmax(c * F_k)``; the run's
+      held-out fit to the teacher, ``pkd.calibrated_fit``); 1 where the run
+      did not calibrate. Only softmax-based uses (early exit) need it.
   """
   name: str
   stage: str
   size: str
   config: ModelConfig
   params: PyTree
+  prefix_scale: float = 1.0
 
   @property
   def flops(self) -> int:
@@ -305,7 +311,8 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
                          f"results.json says {size!r}; the workdir is inconsistent")
       # The stage saved f_k; the ensemble holds eta_k f_k (see pkd.Decision.weight).
       params = scale_head(params, float(entry.get("weight", 1.0)))
-      students.append(Member(f"student_{len(students) + 1}", stage, size, cfg, params))
+      students.append(Member(f"student_{len(students) + 1}", stage, size, cfg, params,
+                             prefix_scale=float(entry.get("scale", 1.0))))
   elif mode == "chain":
     chain = next((e["chain"] for e in decisions if "chain" in e), [])
     for k, size in enumerate(chain, start=1):
@@ -500,7 +507,7 @@ class Ensemble:
   Attributes:
     preprocessing: the input normalisation.
     members: per member a dict with ``name``, ``size``, ``flops``, ``params``,
-      ``d_model``, ``connect_dim``.
+      ``d_model``, ``connect_dim``, ``prefix_scale`` (see :class:`Member`).
     teacher_flops: the teacher's FLOPs per image (for percentages).
     prefix_accuracy: the run's test accuracy of each prefix (or None).
     batch_size: largest batch of one compiled call.
@@ -600,7 +607,7 @@ class Ensemble:
 def _member_dict(m: Member) -> dict:
   return {"name": m.name, "stage": m.stage, "size": m.size, "flops": m.flops,
           "params": m.num_params, "d_model": m.config.d_model,
-          "connect_dim": m.config.connect_dim}
+          "connect_dim": m.config.connect_dim, "prefix_scale": m.prefix_scale}
 
 
 class InProcessEnsemble(Ensemble):
@@ -830,8 +837,9 @@ class ExportedEnsemble(Ensemble):
     pre = meta["preprocessing"]
     self.preprocessing = Preprocessing(pre["image_shape"], pre["num_classes"], pre["mean"],
                                        pre["std"])
-    self.members = [{k: m[k] for k in ("name", "stage", "size", "flops", "params", "d_model",
-                                        "connect_dim")} for m in meta["members"]]
+    self.members = [{**{k: m[k] for k in ("name", "stage", "size", "flops", "params",
+                                           "d_model", "connect_dim")},
+                     "prefix_scale": float(m.get("prefix_scale", 1.0))} for m in meta["members"]]
     self.teacher_flops = int(meta["teacher_flops"])
     self.prefix_accuracy = list(meta.get("prefix_accuracy") or [None] * len(self.members))
     self.batch_size = batch_size

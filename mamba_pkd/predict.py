@@ -171,7 +171,7 @@ class AnytimeResult:
   Attributes:
     logits: float32 [N, K], ``F_{m_i}`` of image i where m_i = members_used[i].
     classes: int [N], argmax of ``logits``.
-    margins: float32 [N], :func:`softmax_margin` of ``logits``.
+    margins: float32 [N], :func:`softmax_margin` of ``prefix_scale * logits``.
     members_used: int [N], in 1..num_members.
   """
   logits: np.ndarray
@@ -189,7 +189,8 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
     x: float32 [N, H, W, C], normalised model inputs.
     num_members: k, the prefix length (default: all).
     confidence: stop for an image once the softmax margin of its prefix logits
-      is >= confidence (in (0, 1]); None runs all k members on every image.
+      (calibrated by the prefix's ``prefix_scale``) is >= confidence (in
+      (0, 1]); None runs all k members on every image.
 
   Returns:
     An :class:`AnytimeResult`.
@@ -213,9 +214,12 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
     prev_all = np.zeros((n, feats.shape[1]), np.float32)
     prev_all[active] = feats
     if confidence is not None and j < k - 1:
-      active = active[softmax_margin(logits[active]) < confidence]
+      scale = ensemble.members[j].get("prefix_scale", 1.0)  # calibrated probabilities of F_j
+      active = active[softmax_margin(scale * logits[active]) < confidence]
+  scales = np.array([ensemble.members[j].get("prefix_scale", 1.0) for j in range(k)], np.float32)
   return AnytimeResult(logits=logits, classes=logits.argmax(-1).astype(np.int32),
-                       margins=softmax_margin(logits), members_used=used)
+                       margins=softmax_margin(scales[used - 1, None] * logits),
+                       members_used=used)
 
 
 def measure_latency_ms(ensemble: Ensemble, k: int, *, batch: int = 1,

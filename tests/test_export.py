@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from mamba_pkd import checkpoints, export, flops, input_pipeline, predict, train
+from mamba_pkd import checkpoints, export, flops, input_pipeline, models, predict, train
 from mamba_pkd.models import init_params, ladder_configs
 
 H, W, C, K = 16, 16, 1, 4
@@ -45,7 +45,10 @@ def _write_run(workdir: pathlib.Path) -> dict:
       decisions.append({"candidate": "student_2_s1_try1", "size": "s1", "accepted": False})
     cfg = sizes[size] if prev is None else sizes[size].replace(connect_dim=prev.d_model)
     name = f"student_{k}_{size}_try1"
-    decisions.append({"candidate": name, "size": size, "accepted": True})
+    # Student 2 enters the ensemble with weight 2.5 (pkd's line search): the
+    # run's stage holds f_2, the ensemble 2.5 * f_2.
+    decisions.append({"candidate": name, "size": size, "accepted": True,
+                      "weight": 2.5 if k == 2 else 1.0, "scale": 0.4 if k == 2 else 1.0})
     stages.append((name, size, cfg))
     prev = cfg
   decisions.append({"stop": "ladder exhausted"})
@@ -59,7 +62,8 @@ def _write_run(workdir: pathlib.Path) -> dict:
     ckpt.close()
     params_by_stage[stage] = params
     if stage != "teacher":
-      members.append((cfg, params))
+      weight = next(d["weight"] for d in decisions if d.get("candidate") == stage)
+      members.append((cfg, models.scale_head(params, weight)))
   rows = [{"name": f"prefix_1..{k}", "accuracy": 0.5 + 0.1 * k} for k in range(1, 4)]
   (workdir / "results.json").write_text(json.dumps(
       {"meta": {"dataset": "synthetic", "mode": "ensemble", "decisions": decisions},
@@ -114,7 +118,9 @@ def test_load_run_rebuilds_accepted_members(run_dir):
   assert [m.config for m in run.students] == reference["configs"]
   assert [m.config.connect_dim for m in run.students] == [0, 4, 6]  # d_model of s1, s2
   np.testing.assert_array_equal(run.students[1].params["head"]["kernel"],
-                                reference["params"][1]["head"]["kernel"])
+                                reference["params"][1]["head"]["kernel"])  # weight 2.5 applied
+  np.testing.assert_array_equal(run.students[0].params["head"]["kernel"],
+                                reference["params"][0]["head"]["kernel"])
   assert run.prefix_accuracy == pytest.approx([0.6, 0.7, 0.8])
   # Preprocessing is recomputed from the run's dataset: x_train / 255 statistics.
   ds = input_pipeline.load_dataset(DATASET, seed=0)
@@ -207,6 +213,18 @@ def test_budget_picks_largest_fitting_prefix(bundle):
     export.parse_flops("-3")
 
 
+def test_prefix_scale_is_kept_and_calibrates_the_margins(bundle, run_dir, reference_logits):
+  workdir, _ = run_dir
+  x, prefixes = reference_logits
+  scales = [m.prefix_scale for m in export.load_run(workdir, with_teacher=False).students]
+  assert scales == [1.0, 0.4, 1.0]
+  loaded = export.load_export(bundle)
+  assert [m["prefix_scale"] for m in loaded.members] == scales
+  result = predict.anytime_predict(loaded, x, num_members=2)
+  np.testing.assert_allclose(result.margins, predict.softmax_margin(0.4 * prefixes[1]),
+                             atol=1e-5)
+
+
 def test_softmax_margin_hand_values():
   logits = np.array([[0.0, np.log(3.0)], [1.0, 1.0], [0.0, 0.0]])
   logits = np.concatenate([logits, np.full((3, 1), -np.inf)], axis=1)
@@ -219,7 +237,8 @@ def test_early_exit_uses_fewer_members_on_confident_images(bundle, reference_log
   full = predict.anytime_predict(loaded, x)
   np.testing.assert_array_equal(full.members_used, 3)
   np.testing.assert_allclose(full.logits, prefixes[2], atol=ATOL, rtol=RTOL)
-  margins = [predict.softmax_margin(f) for f in prefixes]
+  # Margins of the calibrated prefixes (prefix_scale 1, 0.4, 1 in the run's decisions).
+  margins = [predict.softmax_margin(c * f) for c, f in zip([1.0, 0.4, 1.0], prefixes)]
   threshold = float(np.median(margins[0]))
   expected_used = np.where(margins[0] >= threshold, 1, np.where(margins[1] >= threshold, 2, 3))
   assert 0 < np.sum(expected_used == 1) < len(x)  # some images stop early, some do not

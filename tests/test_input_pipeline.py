@@ -350,6 +350,37 @@ def test_train_augmentation_is_reproducible_from_params():
     )
 
 
+def test_augmented_views_first_is_original_others_are_shifts():
+    n = 40
+    x = np.zeros((n, 28, 28, 1), np.uint8)
+    x[:, 14, 13] = 255
+    pool = ip.augmented_views(x, 4, "shift", seed=3)
+    assert pool.shape == (4, n, 28, 28, 1) and pool.dtype == np.uint8
+    np.testing.assert_array_equal(pool[0], x)
+    moves = set()
+    for view in pool[1:]:
+        assert (view.reshape(n, -1).sum(axis=1) == 255).all()  # the dot is kept, only moved
+        rows, cols = np.nonzero(view[..., 0] == 255)[1:]
+        moves |= set(zip(rows - 14, cols - 13))
+    assert max(max(abs(r), abs(c)) for r, c in moves) == 2 and len(moves) > 10
+    # A function of the seed only; another seed draws other views.
+    np.testing.assert_array_equal(ip.augmented_views(x, 4, "shift", seed=3), pool)
+    assert not np.array_equal(ip.augmented_views(x, 4, "shift", seed=4)[1:], pool[1:])
+
+
+def test_augmented_views_errors_and_epoch_views():
+    x = np.zeros((5, 8, 8, 1), np.uint8)
+    with pytest.raises(ValueError, match="num_views=3 needs an augmentation"):
+        ip.augmented_views(x, 3, "none", seed=0)
+    with pytest.raises(ValueError, match="num_views must be a positive integer"):
+        ip.augmented_views(x, 0, "shift", seed=0)
+    np.testing.assert_array_equal(ip.augmented_views(x, 1, "none", seed=0)[0], x)
+    views = ip.epoch_views(1000, 8, seed=1, epoch=2)
+    assert views.shape == (1000,) and views.min() == 0 and views.max() == 7
+    np.testing.assert_array_equal(ip.epoch_views(1000, 8, seed=1, epoch=2), views)
+    assert not np.array_equal(ip.epoch_views(1000, 8, seed=1, epoch=3), views)
+
+
 # ---------------------------------------------------------------------------
 # npz
 

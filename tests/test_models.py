@@ -46,6 +46,23 @@ def test_classifier_forward_shapes_and_features():
   np.testing.assert_allclose(logits, features @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
 
 
+def test_scale_head_scales_logits_not_features():
+  config = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=1, d_state=2,
+                              scan_method="sequential")
+  params = models.init_params(config, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+  model = models.create_model(config)
+  logits, features = model.apply({"params": params}, images, return_features=True)
+  scaled = models.scale_head(params, 2.5)
+  logits2, features2 = model.apply({"params": scaled}, images, return_features=True)
+  np.testing.assert_allclose(logits2, 2.5 * logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(features2, features)
+  np.testing.assert_array_equal(params["head"]["kernel"],
+                                models.init_params(config, jax.random.key(0))["head"]["kernel"])
+  with pytest.raises(ValueError, match="no 'head'"):
+    models.scale_head({"layers_0": {}}, 2.0)
+
+
 def test_connection_reads_previous_features_and_is_frozen():
   config = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=1, d_state=2,
                               connect_dim=5, scan_method="sequential")

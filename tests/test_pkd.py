@@ -37,10 +37,11 @@ def test_weak_learner_accepts_a_student_that_moves_towards_the_teacher():
   prefix = 0.3 * teacher  # an under-confident ensemble
   candidate = 0.5 * teacher  # the residual points towards the teacher
   d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings())
-  assert d.accepted and d.fit_after < d.fit_before and d.edge > 0
+                                labels=labels, settings=_settings(target="residual"))
+  assert d.accepted and d.fit_after < d.fit_before and d.edge > 0 and d.weight == 1.0
   d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                     labels=labels, settings=_settings(accept="edge", gamma=0.0))
+                                     labels=labels,
+                                     settings=_settings(target="residual", accept="edge", gamma=0.0))
   assert d_edge.accepted
 
 
@@ -49,10 +50,11 @@ def test_weak_learner_rejects_a_student_that_moves_away():
   prefix = 0.8 * teacher
   candidate = -0.5 * teacher
   d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings())
+                                labels=labels, settings=_settings(target="residual"))
   assert not d.accepted and d.fit_after > d.fit_before and d.edge < 0
   d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                     labels=labels, settings=_settings(accept="edge"))
+                                     labels=labels,
+                                     settings=_settings(target="residual", accept="edge"))
   assert not d_edge.accepted
 
 
@@ -64,7 +66,7 @@ def test_weak_learner_rejects_improved_fit_that_costs_accuracy():
   rows = np.arange(0, len(labels), 4)
   candidate[rows] = -2 * teacher[rows]
   d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings(margin=-1e9))
+                                labels=labels, settings=_settings(target="residual", margin=-1e9))
   assert not d.accepted and "accuracy" in d.reason
 
 
@@ -73,6 +75,78 @@ def test_first_student_is_compared_with_the_empty_ensemble():
   d = pkd.weak_learner_decision(teacher=teacher, prefix=None, candidate=0.5 * teacher,
                                 labels=labels, settings=_settings())
   assert d.accepted and d.accuracy_before == 0.0
+
+
+def _softmax_kl(teacher, logits, t):
+  """Hand-written T^2 KL(softmax(g/T) || softmax(F/T)), float64."""
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  lp, lq = log_softmax(teacher / t), log_softmax(logits / t)
+  return t * t * np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
+
+
+def test_calibrated_fit_is_the_best_rescaled_fit():
+  teacher, _ = _teacher_and_labels()
+  rng = np.random.default_rng(1)
+  ensemble = teacher + rng.normal(size=teacher.shape)
+  fit, scale = pkd.calibrated_fit(teacher, ensemble, 4.0)
+  by_hand = [_softmax_kl(teacher, c * ensemble, 4.0) for c in pkd.FIT_SCALES]
+  assert fit == pytest.approx(min(by_hand), rel=1e-6)
+  assert scale == pytest.approx(pkd.FIT_SCALES[int(np.argmin(by_hand))])
+  assert fit <= pkd.teacher_fit(teacher, ensemble, 4.0) + 1e-6
+  # Invariant to the logits' scale (10**0.5 is 10 steps of the scale grid).
+  fit_big, scale_big = pkd.calibrated_fit(teacher, 10**0.5 * ensemble, 4.0)
+  assert fit_big == pytest.approx(fit, rel=1e-6)
+  assert scale_big == pytest.approx(scale / 10**0.5, rel=1e-6)
+
+
+def test_line_search_weights_a_useful_student_and_zeroes_a_harmful_one():
+  teacher, labels = _teacher_and_labels()
+  rng = np.random.default_rng(2)
+  prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)  # a weak, noisy first student
+  good = teacher + 0.5 * rng.normal(size=teacher.shape)           # a better, independent student
+  eta, c, fit = pkd.line_search(teacher, prefix, good, 4.0)
+  assert eta > 1.0  # the better student gets more weight than the weak prefix
+  assert fit < pkd.calibrated_fit(teacher, prefix, 4.0)[0]
+  assert fit == pytest.approx(_softmax_kl(teacher, c * (prefix + eta * good), 4.0), rel=1e-6)
+  eta_bad, _, fit_bad = pkd.line_search(teacher, prefix, -teacher, 4.0)
+  assert eta_bad == 0.0 and fit_bad == pytest.approx(pkd.calibrated_fit(teacher, prefix, 4.0)[0])
+
+
+def test_teacher_target_decision_records_the_weight():
+  teacher, labels = _teacher_and_labels()
+  rng = np.random.default_rng(3)
+  prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)
+  good = teacher + 0.5 * rng.normal(size=teacher.shape)
+  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=good, labels=labels,
+                                settings=_settings(target="teacher"))
+  assert d.accepted and d.weight > 1.0 and d.fit_after < d.fit_before
+  assert d.accuracy_after == pkd.accuracy(prefix + d.weight * good, labels)
+  assert d.accuracy_after > d.accuracy_before
+  d_bad = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=-teacher,
+                                    labels=labels, settings=_settings(target="teacher"))
+  assert not d_bad.accepted and d_bad.weight == 0.0 and "weight 0" in d_bad.reason
+  first = pkd.weak_learner_decision(teacher=teacher, prefix=None, candidate=prefix,
+                                    labels=labels, settings=_settings(target="teacher"))
+  assert first.accepted and first.weight == 1.0 and first.accuracy_before == 0.0
+
+
+def test_member_scaled_folds_the_weight_into_head_and_logits():
+  from mamba_pkd import models  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cfg = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=4, n_layers=1, d_state=2,
+                           num_classes=3, scan_method="sequential")
+  params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
+  ones = np.ones((2, 3), np.float32)
+  m = pkd.Member("s", "s1", cfg, params, ones, ones[:, :2], 2 * ones, ones[:, :2])
+  scaled = m.scaled(3.0)
+  np.testing.assert_array_equal(scaled.train_logits, 3 * ones)
+  np.testing.assert_array_equal(scaled.test_logits, 6 * ones)
+  np.testing.assert_array_equal(scaled.train_features, m.train_features)
+  np.testing.assert_allclose(scaled.params["head"]["kernel"], 3 * params["head"]["kernel"])
+  np.testing.assert_array_equal(m.train_logits, ones)  # the original is not modified
+  assert m.scaled(1.0) is m
 
 
 def _smoke_config():
@@ -93,6 +167,9 @@ def _smoke_config():
     ("model.ladder", "imagenet", "model.ladder"),
     ("teacher.learning_rate", -1.0, "teacher.learning_rate"),
     ("student.augment", "mixup", "student.augment"),
+    ("pkd.target", "boost", "pkd.target"),
+    ("pkd.loss", "bdistil", "needs pkd.target='residual'"),
+    ("student.cached_views", -1, "student.cached_views"),
 ])
 def test_bad_config_values_are_named(path, value, match):
   config = _smoke_config()
@@ -100,6 +177,22 @@ def test_bad_config_values_are_named(path, value, match):
   with config.unlocked():
     config[section][field] = value
   with pytest.raises(ValueError, match=match):
+    pkd.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "mnist", "cifar10"])
+def test_shipped_configs_are_valid(name):
+  import runpy  # pylint: disable=g-import-not-at-top
+  config = runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"]()
+  parsed = pkd.validate_config(config)
+  assert parsed["settings"].target in pkd.TARGETS
+
+
+def test_views_without_augmentation_are_rejected():
+  config = _smoke_config()
+  config.student.augment = "none"
+  config.student.cached_views = 4
+  with pytest.raises(ValueError, match="cached_views=4 needs an augmentation"):
     pkd.validate_config(config)
 
 

@@ -75,6 +75,34 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
   np.testing.assert_allclose(m_cached["loss"], m_computed["loss"], rtol=1e-5)
 
 
+def test_view_pool_batches_carry_the_outputs_of_their_own_view():
+  """With a view pool, each example's cached row is the row of the view it is shown in."""
+  n, num_views = 48, 3
+  ds = input_pipeline.load_dataset(
+      "synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3", seed=0)
+  train_index = np.arange(5, 5 + n)
+  # Pixel value v * 64 + position identifies (view, position) in every image.
+  codes = np.arange(num_views)[:, None] * 64 + np.arange(n)[None, :]  # [V, n]
+  views = np.broadcast_to(codes[:, :, None, None, None], (num_views, n, 8, 8, 1)).astype(np.uint8)
+  table = codes.reshape(-1, 1).astype(np.float32)  # row view * n + position holds its code
+  data = train.StageData(ds, train_index, augment="shift", cached={"teacher_logits": table},
+                         views=views)
+  assert data.uses_cache
+  seen_views = set()
+  for epoch in range(2):
+    chosen = input_pipeline.epoch_views(n, num_views, 7, epoch)
+    for batch in train._stage_batches(data, batch_size=16, seed=7, epoch=epoch):
+      pixel = np.rint((batch["image"][..., 0, 0, 0] * ds.std[0] + ds.mean[0]) * 255.0)
+      np.testing.assert_array_equal(pixel, batch["teacher_logits"][..., 0])
+      position = (pixel % 64).astype(int)
+      np.testing.assert_array_equal(pixel // 64, chosen[position])
+      np.testing.assert_array_equal(batch["label"], ds.y_train[train_index[position]])
+      seen_views |= set(chosen[position].ravel())
+  assert seen_views == set(range(num_views))
+  with pytest.raises(ValueError, match="views must be"):
+    train.StageData(ds, train_index[:10], views=views)
+
+
 def test_ensemble_prefix_is_sum_of_students():
   images = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
   cfgs = (STUDENT, STUDENT.replace(d_model=6))
