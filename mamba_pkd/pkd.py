@@ -46,7 +46,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -424,12 +424,16 @@ class Run:
   # -- stages ---------------------------------------------------------------
 
   def stage(self, name: str, size: str, model_config: ModelConfig, stage_loss, optim, *,
-            seed: int, augment: str, cached: Mapping[str, np.ndarray] | None = None,
+            seed: int, augment: str,
+            cached: Mapping[str, np.ndarray] | Callable[[], Mapping] | None = None,
             spec: train.FrozenSpec = train.FrozenSpec(), frozen: train.Frozen = train.Frozen(),
             prev: "Member | None" = None, views: np.ndarray | None = None) -> Member:
     """Trains (or restores, if complete) one stage and predicts train and test sets.
 
     ``views`` (the student pool) makes ``cached`` index the pool's rows.
+    ``cached`` may be a zero-argument function returning the tables: it is
+    called only when the stage has to be trained, so restoring a finished
+    stage never runs the frozen models over the pool.
     """
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(self.workdir, name),
                                          is_writer=self.writer_process)
@@ -440,7 +444,7 @@ class Run:
       logging.info("stage %s: already complete, not retrained", name)
     else:
       data = train.StageData(self.dataset, self.train_index, augment=augment,
-                             cached=cached, views=views)
+                             cached=cached() if callable(cached) else cached, views=views)
       live = not data.uses_cache  # frozen models run inside the step
       params = train.train_stage(
           name=name, model_config=model_config, stage_loss=stage_loss, optim=optim, data=data,
@@ -518,11 +522,17 @@ def distil_ensemble(run: Run, teacher: Member) -> tuple[list[Member], list[dict]
     # What the stage reads of the frozen models: the teacher's logits, the
     # prefix's (residual target) and the previous student's features (connect).
     needs_prefix = bool(accepted) and (s.target == "residual" or bool(model_config.connect_dim))
-    cached = {"teacher_logits": run.table(teacher)}
-    if needs_prefix:
-      cached["prefix_logits"] = sum(run.table(m, p) for m, p in zip(accepted, [None] + accepted))
-      if model_config.connect_dim:
-        cached["prev_features"] = run.table(prev, accepted[-2] if k > 2 else None, features=True)
+
+    def cached(accepted=tuple(accepted), prev=prev, model_config=model_config,
+               needs_prefix=needs_prefix):
+      tables = {"teacher_logits": run.table(teacher)}
+      if needs_prefix:
+        tables["prefix_logits"] = sum(run.table(m, p)
+                                      for m, p in zip(accepted, (None,) + accepted))
+        if model_config.connect_dim:
+          tables["prev_features"] = run.table(prev, accepted[-2] if len(accepted) > 1 else None,
+                                              features=True)
+      return tables
     frozen_students = accepted if needs_prefix else []
     spec = train.FrozenSpec(teacher=teacher.config,
                             students=tuple(m.config for m in frozen_students))
@@ -569,7 +579,7 @@ def distil_chain(run: Run, teacher: Member) -> tuple[list[Member], list[dict]]:
     member = run.stage(f"chain_{k}_{size}", size, run.sizes[size], stage_loss_for(s, first=True),
                        run.parsed["student_optim"], seed=cfg.seed + 1000 * k,
                        augment=cfg.student.augment,
-                       cached={"teacher_logits": run.table(previous)},
+                       cached=lambda previous=previous: {"teacher_logits": run.table(previous)},
                        spec=train.FrozenSpec(teacher=previous.config),
                        frozen=train.Frozen(teacher=previous.params), views=run.views)
     member.name = f"student_{k}"

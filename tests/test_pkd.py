@@ -230,3 +230,22 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   assert "already complete, not retrained" in again.stderr
   assert "compiled in" not in again.stderr  # no train step was built
   assert json.loads((workdir / "results.json").read_text()) == results
+
+
+def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
+  """The B-DISTIL path: students fit the residual and read the previous student's
+  features, with the prefix logits and features computed on the view pool."""
+  from conftest import smoke_cmd, smoke_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      smoke_cmd(workdir, "--config.pkd.target=residual", "--config.pkd.connect=True",
+                "--config.baselines=False", "--config.pkd.margin=-1000.0"),
+      cwd=REPO, env=smoke_env(1), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
+  assert "student_1: outputs on the 1536 pooled views" in out.stderr
+  results = json.loads((workdir / "results.json").read_text())
+  accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
+  assert len(accepted) == 2 and all(d["weight"] == 1.0 for d in accepted)
+  assert [r["name"] for r in results["rows"] if r["kind"] == "prefix"] == [
+      "prefix_1..1", "prefix_1..2"]
