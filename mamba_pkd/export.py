@@ -837,9 +837,9 @@ class ExportedEnsemble(Ensemble):
     pre = meta["preprocessing"]
     self.preprocessing = Preprocessing(pre["image_shape"], pre["num_classes"], pre["mean"],
                                        pre["std"])
-    self.members = [{**{k: m[k] for k in ("name", "stage", "size", "flops", "params",
-                                           "d_model", "connect_dim")},
-                     "prefix_scale": float(m.get("prefix_scale", 1.0))} for m in meta["members"]]
+    keys = ("name", "stage", "size", "flops", "params", "d_model", "connect_dim")
+    self.members = [dict({k: m[k] for k in keys}, prefix_scale=float(m.get("prefix_scale", 1.0)))
+                    for m in meta["members"]]  # bundles written before prefix_scale: 1
     self.teacher_flops = int(meta["teacher_flops"])
     self.prefix_accuracy = list(meta.get("prefix_accuracy") or [None] * len(self.members))
     self.batch_size = batch_size

@@ -98,7 +98,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
   """Reads and validates ``config.pkd``; raises ValueError naming the bad field."""
   p = config.pkd
   s = PKDSettings(
-      mode=p.mode, target=p.get("target", "teacher"), ladder=tuple(p.ladder), max_students=p.max_students,
+      mode=p.mode, target=p.get("target", "teacher"), ladder=tuple(p.ladder),
+      max_students=p.max_students,
       flops_budget_pct=p.flops_budget_pct, epsilon=p.epsilon, alpha=p.alpha,
       temperature=p.temperature, loss=p.loss, accept=p.accept, margin=p.margin, gamma=p.gamma,
       max_accuracy_drop=p.max_accuracy_drop, reseeds=p.reseeds, connect=p.connect)
@@ -277,20 +278,18 @@ def weak_learner_decision(*, teacher: np.ndarray, prefix: np.ndarray | None,
   edge = float(losses.weak_learner_edge(jnp.asarray(weight * candidate), k_plus, k_minus))
   acc_before = accuracy(before, labels) if prefix is not None else 0.0
   acc_after = accuracy(after, labels)
+  searched = settings.target == "teacher" and prefix is not None  # eta came from line_search
+  at_weight = f" at weight {weight:.3g}" if searched else ""
   if settings.accept == "fit":
-    improves = fit_after <= fit_before - settings.margin and weight > 0
-    if settings.target == "teacher" and prefix is not None:
-      improves = improves and fit_after < fit_before
-      why = (f"held-out fit to teacher (calibrated) {fit_before:.4f} -> {fit_after:.4f} at "
-             f"weight {weight:.3g} (needs a drop of at least {settings.margin})")
-    else:
-      why = (f"held-out fit to teacher {fit_before:.4f} -> {fit_after:.4f} "
-             f"(needs a drop of at least {settings.margin})")
+    # A searched weight of 0 leaves the fit unchanged: that is no improvement.
+    improves = fit_after <= fit_before - settings.margin and (fit_after < fit_before
+                                                              or not searched)
+    why = (f"held-out fit to teacher{' (calibrated)' if searched else ''} {fit_before:.4f} -> "
+           f"{fit_after:.4f}{at_weight} (needs a drop of at least {settings.margin})")
   else:
-    improves = edge >= settings.gamma and weight > 0
-    why = f"edge {edge:.4f} (needs >= {settings.gamma})"
-    if settings.target == "teacher" and prefix is not None:
-      why += f" at weight {weight:.3g}"
+    improves = edge >= settings.gamma
+    why = f"edge {edge:.4f} (needs >= {settings.gamma}){at_weight}"
+  improves = improves and weight > 0
   keeps_accuracy = acc_after >= acc_before - settings.max_accuracy_drop
   if not keeps_accuracy:
     why += (f"; held-out accuracy {acc_before:.4f} -> {acc_after:.4f} falls more than "
@@ -523,16 +522,15 @@ def distil_ensemble(run: Run, teacher: Member) -> tuple[list[Member], list[dict]
     # prefix's (residual target) and the previous student's features (connect).
     needs_prefix = bool(accepted) and (s.target == "residual" or bool(model_config.connect_dim))
 
-    def cached(accepted=tuple(accepted), prev=prev, model_config=model_config,
-               needs_prefix=needs_prefix):
+    def cached():  # called by run.stage in this iteration, only if the stage trains
       tables = {"teacher_logits": run.table(teacher)}
       if needs_prefix:
-        tables["prefix_logits"] = sum(run.table(m, p)
-                                      for m, p in zip(accepted, (None,) + accepted))
+        tables["prefix_logits"] = sum(run.table(m, p) for m, p in zip(accepted, [None] + accepted))
         if model_config.connect_dim:
           tables["prev_features"] = run.table(prev, accepted[-2] if len(accepted) > 1 else None,
                                               features=True)
       return tables
+
     frozen_students = accepted if needs_prefix else []
     spec = train.FrozenSpec(teacher=teacher.config,
                             students=tuple(m.config for m in frozen_students))
@@ -579,7 +577,7 @@ def distil_chain(run: Run, teacher: Member) -> tuple[list[Member], list[dict]]:
     member = run.stage(f"chain_{k}_{size}", size, run.sizes[size], stage_loss_for(s, first=True),
                        run.parsed["student_optim"], seed=cfg.seed + 1000 * k,
                        augment=cfg.student.augment,
-                       cached=lambda previous=previous: {"teacher_logits": run.table(previous)},
+                       cached=lambda: {"teacher_logits": run.table(previous)},
                        spec=train.FrozenSpec(teacher=previous.config),
                        frozen=train.Frozen(teacher=previous.params), views=run.views)
     member.name = f"student_{k}"

@@ -203,6 +203,8 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
   used = np.zeros(n, np.int32)
   active = np.arange(n)
   prev_all = None  # features of the previous member, [N, d] (rows of active images valid)
+  # Prefix j's calibration: softmax(scale_j * F_j) are its probabilities.
+  scales = np.array([ensemble.members[j]["prefix_scale"] for j in range(k)], np.float32)
   for j in range(k):
     if len(active) == 0:
       break
@@ -214,9 +216,7 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
     prev_all = np.zeros((n, feats.shape[1]), np.float32)
     prev_all[active] = feats
     if confidence is not None and j < k - 1:
-      scale = ensemble.members[j].get("prefix_scale", 1.0)  # calibrated probabilities of F_j
-      active = active[softmax_margin(scale * logits[active]) < confidence]
-  scales = np.array([ensemble.members[j].get("prefix_scale", 1.0) for j in range(k)], np.float32)
+      active = active[softmax_margin(scales[j] * logits[active]) < confidence]
   return AnytimeResult(logits=logits, classes=logits.argmax(-1).astype(np.int32),
                        margins=softmax_margin(scales[used - 1, None] * logits),
                        members_used=used)
