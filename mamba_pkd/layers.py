@@ -78,6 +78,34 @@ class RMSNorm(nn.Module):
     return (normed * weight).astype(x.dtype)
 
 
+class CausalDepthwiseConv1d(nn.Module):
+  """Causal depthwise convolution over time: ``y_t = bias + sum_k kernel[k] * x_{t-K+1+k}``.
+
+  Parameters as ``nn.Conv(d, (K,), padding=[(K-1, 0)], feature_group_count=d)``
+  (``kernel`` [K, 1, d], lecun-normal; ``bias`` [d], zeros), computed as K
+  shifted multiply-adds: XLA's CPU backend runs the grouped convolution and
+  its gradient 15-35x slower (train-step gradient of one [64, 49, 128] conv:
+  21.4 ms as a convolution, 0.6 ms as shifted sums).
+
+  Attributes:
+    kernel_size: K, the number of taps (``d_conv``).
+  """
+
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [batch, L, d] -> [batch, L, d], same dtype (zero history before t=0)."""
+    taps, length, channels = self.kernel_size, x.shape[1], x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (taps, 1, channels))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    padded = jnp.pad(x, ((0, 0), (taps - 1, 0), (0, 0)))
+    y = bias.astype(x.dtype)
+    for k in range(taps):  # tap k reads x_{t - (taps - 1 - k)}
+      y = y + padded[:, k:k + length] * kernel[k, 0].astype(x.dtype)
+    return y
+
+
 class MambaMixer(nn.Module):
   """The Mamba-1 mixer (``Mamba`` in the reference implementation).
 
@@ -136,10 +164,7 @@ class MambaMixer(nn.Module):
     dt_rank = resolve_dt_rank(self.d_model, self.dt_rank)
     if reverse:
       x = jnp.flip(x, axis=1)
-    # Causal depthwise convolution: d_conv - 1 steps of left padding.
-    x = nn.Conv(
-        d_inner, (self.d_conv,), padding=[(self.d_conv - 1, 0)],
-        feature_group_count=d_inner, use_bias=True, name="conv1d" + suffix)(x)
+    x = CausalDepthwiseConv1d(self.d_conv, name="conv1d" + suffix)(x)
     x = nn.silu(x)  # [B, L, d_inner]
     x_dbl = nn.Dense(dt_rank + 2 * self.d_state, use_bias=False, name="x_proj" + suffix)(x)
     dt, b_mat, c_mat = jnp.split(x_dbl, [dt_rank, dt_rank + self.d_state], axis=-1)
