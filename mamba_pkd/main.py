@@ -46,11 +46,13 @@ def ladder_table(config) -> str:
                                 num_classes=ds.num_classes,
                                 bidirectional=config.model.bidirectional)
   teacher_flops = flops.count_flops(sizes["teacher"])
-  lines = ["| size | d_model | layers | d_state | tokens | params | FLOPs/image | % teacher |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| size | d_model | layers | d_state | patch | tokens | params | FLOPs/image | "
+           "% teacher |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, c in sizes.items():
     f = flops.count_flops(c)
-    lines.append(f"| {name} | {c.d_model} | {c.n_layers} | {c.d_state} | {c.num_tokens} | "
+    lines.append(f"| {name} | {c.d_model} | {c.n_layers} | {c.d_state} | {c.patch_size} | "
+                 f"{c.num_tokens} | "
                  f"{flops.count_params(c):,} | {f:,} | {100 * f / teacher_flops:.2f} |")
   return "\n".join(lines)
 
