@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500         # prediction batch (global)
   config.checkpoint_every = 200        # steps between checkpoints within a stage
   config.log_every = 50                # steps between progress lines / metrics records
-  config.baselines = False             # also train each accepted size alone with CE (re-run with True on the same workdir to add them)
+  config.baselines = True              # also train each accepted size alone with CE on the same views and steps (baseline_k rows)
 
   config.model = ml_collections.ConfigDict()
   config.model.ladder = "mnist"        # size family: mnist | cifar | tiny (models.LADDERS)
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.warmup_fraction = 0.05
   config.teacher.batch_size = 128
   config.teacher.grad_clip = 1.0
-  config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip
+  config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip | affine
 
   config.student = ml_collections.ConfigDict()
   config.student.epochs = 64           # students: their own, higher learning rate, more epochs
@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.student.warmup_fraction = 0.05
   config.student.batch_size = 128
   config.student.grad_clip = 1.0
-  config.student.augment = "shift"     # none | shift | crop_flip
+  config.student.augment = "affine"    # none | shift | crop_flip | affine (+-12 deg, x0.9-1.1,
+                                       # +-2 px): the teacher labels every view, so students
+                                       # may see more varied images than it trained on
   config.student.cached_views = 8      # >= 1: a fixed pool of this many augmented views per
                                        # image (the first unaugmented) on which the frozen
                                        # models run once; 0: augment live, frozen models

@@ -48,9 +48,12 @@ from typing import Iterator, Mapping
 import numpy as np
 
 MNIST5K_NUM_TRAIN_PER_CLASS = 400  # of the 500 images per class in the file
-AUGMENTATIONS = ("none", "shift", "crop_flip")
+AUGMENTATIONS = ("none", "shift", "crop_flip", "affine")
 SHIFT_MAX_PIXELS = 2  # "shift": translate by up to this many pixels per axis
 CROP_PAD_PIXELS = 4  # "crop_flip": zero-pad by this much, crop back to H x W
+AFFINE_MAX_DEGREES = 12.0  # "affine": rotate by up to this many degrees either way,
+AFFINE_MAX_SCALE = 0.1  # scale by a factor in [1 - this, 1 + this], translate by up to
+# SHIFT_MAX_PIXELS per axis (continuous), bilinear, zero fill
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 SYNTHETIC_DEFAULTS = dict(
     num_train=1000, num_test=200, height=28, width=28, channels=1, num_classes=10
@@ -767,21 +770,117 @@ def epoch_augmentation_params(
       padded image, in ``[0, 2 * pad]`` (``pad`` = 0, ``SHIFT_MAX_PIXELS`` or
       ``CROP_PAD_PIXELS``), and bool ``[N]`` horizontal flips.
     """
+    if augment == "affine":
+        raise ValueError("epoch_augmentation_params covers the pad-and-crop modes; use "
+                         "epoch_augmentation(...) for 'affine'")
+    draws = epoch_augmentation(num_examples, seed, epoch, augment)
+    if not draws:  # "none"
+        return np.full((num_examples, 2), 0), np.zeros(num_examples, bool)
+    return draws["offsets"], draws["flips"]
+
+
+def epoch_augmentation(num_examples: int, seed: int, epoch: int, augment: str) -> dict:
+    """``draw_augmentation`` for every position of an epoch, a function of (seed, epoch)."""
+    return draw_augmentation(num_examples, augment, np.random.default_rng([seed, epoch, 1]))
+
+
+def augmentation_pad(augment: str) -> int:
+    """Zero padding per side of a pad-and-crop mode (0 for ``"none"`` and ``"affine"``)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+    return {"none": 0, "shift": SHIFT_MAX_PIXELS, "crop_flip": CROP_PAD_PIXELS,
+            "affine": 0}[augment]
+
+
+def draw_augmentation(num_examples: int, augment: str, rng: np.random.Generator) -> dict:
+    """Random parameters of ``augment`` for ``num_examples`` images (see ``augment_images``).
+
+    Returns ``{}`` for ``"none"``; ``{"offsets": int64 [N, 2], "flips": bool [N]}``
+    for ``"shift"`` / ``"crop_flip"`` (flips all False for ``"shift"``);
+    ``{"angles": [N] degrees, "scales": [N], "shifts": [N, 2] pixels}`` (float64)
+    for ``"affine"``.
+    """
+    if augment == "affine":
+        return {
+            "angles": rng.uniform(-AFFINE_MAX_DEGREES, AFFINE_MAX_DEGREES, num_examples),
+            "scales": rng.uniform(1 - AFFINE_MAX_SCALE, 1 + AFFINE_MAX_SCALE, num_examples),
+            "shifts": rng.uniform(-SHIFT_MAX_PIXELS, SHIFT_MAX_PIXELS, (num_examples, 2)),
+        }
     pad = augmentation_pad(augment)
-    rng = np.random.default_rng([seed, epoch, 1])
+    if not pad:
+        return {}
     offsets = rng.integers(0, 2 * pad + 1, size=(num_examples, 2))
     if augment == "crop_flip":
         flips = rng.random(num_examples) < 0.5
     else:
         flips = np.zeros(num_examples, bool)
-    return offsets, flips
+    return {"offsets": offsets, "flips": flips}
 
 
-def augmentation_pad(augment: str) -> int:
-    """Zero padding per side of an augmentation mode (0 for ``"none"``)."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
-    return {"none": 0, "shift": SHIFT_MAX_PIXELS, "crop_flip": CROP_PAD_PIXELS}[augment]
+def augment_images(images: np.ndarray, augment: str, draws: Mapping[str, np.ndarray]
+                   ) -> np.ndarray:
+    """Applies ``augment`` with per-image parameters ``draws`` (from ``draw_augmentation``).
+
+    Args:
+      images: ``[B, H, W, C]``.
+      augment: one of ``AUGMENTATIONS``.
+      draws: the parameters of these ``B`` images.
+
+    Returns:
+      ``[B, H, W, C]`` of the dtype of ``images`` (``images`` itself for ``"none"``).
+    """
+    if augment == "affine":
+        return affine_warp(images, draws["angles"], draws["scales"], draws["shifts"])
+    pad = augmentation_pad(augment)
+    if not pad:
+        return images
+    return pad_crop_flip(images, draws["offsets"], draws["flips"], pad)
+
+
+def affine_warp(images: np.ndarray, angles: np.ndarray, scales: np.ndarray,
+                shifts: np.ndarray) -> np.ndarray:
+    """Rotates, scales and translates every image about its centre (bilinear, zero fill).
+
+    Output pixel ``p`` (coordinates relative to the centre ``((H-1)/2, (W-1)/2)``)
+    reads the input at ``R(-angle) (p - shift) / scale``: the content turns
+    counter-clockwise by ``angle`` degrees (as displayed, rows down), grows by
+    ``scale`` and moves by ``shift = (dy, dx)`` pixels. Angle 0, scale 1 and an
+    integer shift reproduce a pure shift exactly.
+
+    Args:
+      images: ``[B, H, W, C]``; integer images are rounded and clipped to their
+        dtype's range.
+      angles: ``[B]`` degrees. scales: ``[B]``, > 0. shifts: ``[B, 2]`` pixels.
+
+    Returns:
+      ``[B, H, W, C]`` of the dtype of ``images``.
+    """
+    b, h, w, c = images.shape
+    theta = np.deg2rad(np.asarray(angles, np.float64))[:, None, None]
+    inv_scale = 1.0 / np.asarray(scales, np.float64)[:, None, None]
+    shifts = np.asarray(shifts, np.float64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    py = np.arange(h)[None, :, None] - cy - shifts[:, 0, None, None]  # [B, H, 1]
+    px = np.arange(w)[None, None, :] - cx - shifts[:, 1, None, None]  # [B, 1, W]
+    cos, sin = np.cos(theta) * inv_scale, np.sin(theta) * inv_scale
+    src_y = cos * py + sin * px + cy  # [B, H, W]
+    src_x = -sin * py + cos * px + cx
+    y0, x0 = np.floor(src_y), np.floor(src_x)
+    fy, fx = (src_y - y0)[..., None], (src_x - x0)[..., None]
+    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
+    source = images.astype(np.float32)
+    batch = np.arange(b)[:, None, None]
+    out = np.zeros((b, h, w, c), np.float32)
+    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                           (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        yy, xx = y0 + dy, x0 + dx
+        inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))[..., None]
+        pixels = source[batch, np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)]  # [B, H, W, C]
+        out += np.where(inside, weight * pixels, 0.0).astype(np.float32)
+    if np.issubdtype(images.dtype, np.integer):
+        info = np.iinfo(images.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(images.dtype)
 
 
 def pad_crop_flip(
@@ -859,8 +958,8 @@ def augmented_views(
     """
     _check_positive(num_views, "num_views")
     _check_seed(seed, "seed")
-    pad = augmentation_pad(augment)
-    if num_views > 1 and not pad:
+    if num_views > 1 and augment == "none":
+        augmentation_pad(augment)  # an unknown name fails here first
         raise ValueError(
             f"num_views={num_views} needs an augmentation to draw the views from, got "
             f"augment={augment!r}; choose one of {[a for a in AUGMENTATIONS if a != 'none']}"
@@ -869,12 +968,11 @@ def augmented_views(
     pool = np.empty((num_views,) + images_uint8.shape, images_uint8.dtype)
     pool[0] = images_uint8
     n = len(images_uint8)
+    augmentation_pad(augment)  # validates the name
     for view in range(1, num_views):
         # Stream 2 of (seed, view): independent of the epoch draws (streams 0, 1).
-        rng = np.random.default_rng([seed, view, 2])
-        offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
-        flips = rng.random(n) < 0.5 if augment == "crop_flip" else np.zeros(n, bool)
-        pool[view] = pad_crop_flip(images_uint8, offsets, flips, pad)
+        draws = draw_augmentation(n, augment, np.random.default_rng([seed, view, 2]))
+        pool[view] = augment_images(images_uint8, augment, draws)
     return pool
 
 
@@ -896,15 +994,16 @@ def _assemble_batch(
     mean: np.ndarray,
     std: np.ndarray,
     num_devices: int,
-    augment_args: tuple[np.ndarray, np.ndarray, int] | None = None,
+    augment: str = "none",
+    draws: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Gathers rows (padding where not valid), augments, normalises, shards."""
     safe_rows = np.where(valid, rows, 0)
     images = images_uint8[safe_rows]  # [b, H, W, C] uint8
     if not valid.all():
         images[~valid] = 0
-    if augment_args is not None:
-        images = pad_crop_flip(images, *augment_args)
+    if draws:
+        images = augment_images(images, augment, draws)
     batch = {
         "image": normalize(images, mean, std),
         "label": np.where(valid, labels[safe_rows], 0).astype(np.int32),
@@ -939,8 +1038,9 @@ def train_batches(
       seed: non-negative run seed.
       epoch: non-negative epoch number.
       augment: ``"none"``, ``"shift"`` (translate by up to ``SHIFT_MAX_PIXELS``
-        per axis, zero fill) or ``"crop_flip"`` (zero-pad ``CROP_PAD_PIXELS``,
-        random ``H x W`` crop, random horizontal flip).
+        per axis, zero fill), ``"crop_flip"`` (zero-pad ``CROP_PAD_PIXELS``,
+        random ``H x W`` crop, random horizontal flip) or ``"affine"``
+        (``affine_warp``: rotation, scale and sub-pixel shift).
       num_devices: local devices of this host.
       process_index: this host's index.
       process_count: number of hosts.
@@ -955,11 +1055,11 @@ def train_batches(
     per_host = _per_host_batch(batch_size, num_devices, process_index, process_count)
     _check_seed(seed, "seed")
     _check_seed(epoch, "epoch")
-    pad = augmentation_pad(augment)
+    augmentation_pad(augment)  # validates the name
     n = dataset.num_train
     num_steps = steps_per_epoch(n, batch_size, drop_remainder)
     order = epoch_permutation(n, seed, epoch)  # [N] rows of x_train
-    offsets, flips = epoch_augmentation_params(n, seed, epoch, augment) if pad else (None, None)
+    epoch_draws = epoch_augmentation(n, seed, epoch, augment)  # {} for "none"
     start = process_index * per_host
 
     def stream() -> Iterator[dict[str, np.ndarray]]:
@@ -967,11 +1067,11 @@ def train_batches(
             positions = step * batch_size + start + np.arange(per_host)  # positions in the epoch
             valid = positions < n
             positions = np.minimum(positions, n - 1)
-            augment_args = (offsets[positions], flips[positions], pad) if pad else None
+            draws = {key: value[positions] for key, value in epoch_draws.items()}
             rows = order[positions]
             yield _assemble_batch(
                 dataset.x_train, dataset.y_train, rows, valid, dataset.mean, dataset.std,
-                num_devices, augment_args,
+                num_devices, augment, draws,
             )  # fmt: skip
 
     return stream()  # Arguments are checked above, when called, not at the first next().

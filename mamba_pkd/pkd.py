@@ -61,7 +61,7 @@ MODES = ("ensemble", "chain")
 TARGETS = ("teacher", "residual")
 STAGE_LOSSES = ("kd", "bdistil")
 ACCEPT_RULES = ("fit", "edge")
-AUGMENTATIONS = ("none", "shift", "crop_flip")
+AUGMENTATIONS = input_pipeline.AUGMENTATIONS
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +150,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"student.cached_views must be an int >= 0 (0: augment live), got {views!r}")
   if views > 1 and config.student.augment == "none":
     raise ValueError(f"student.cached_views={views} needs an augmentation to draw the views "
-                     "from: set student.augment to 'shift' or 'crop_flip', or cached_views to 0")
+                     "from: set student.augment to 'shift', 'crop_flip' or 'affine', or "
+                     "cached_views to 0")
   if config.model.ladder not in LADDERS:
     raise ValueError(f"model.ladder={config.model.ladder!r} is not valid; choose one of "
                      f"{tuple(sorted(LADDERS))}")

@@ -235,7 +235,7 @@ def test_train_batches_argument_errors():
         ip.train_batches(d, batch_size=10, seed=0, epoch=0, num_devices=2, process_count=3)
     with pytest.raises(ValueError, match="process_index"):
         ip.train_batches(d, batch_size=8, seed=0, epoch=0, process_index=2, process_count=2)
-    with pytest.raises(ValueError, match=r"'none', 'shift', 'crop_flip'.*'mixup'"):
+    with pytest.raises(ValueError, match=r"'none', 'shift', 'crop_flip', 'affine'.*'mixup'"):
         ip.train_batches(d, batch_size=8, seed=0, epoch=0, augment="mixup")
     with pytest.raises(ValueError, match="seed"):
         ip.train_batches(d, batch_size=8, seed=-1, epoch=0)
@@ -366,6 +366,51 @@ def test_augmented_views_first_is_original_others_are_shifts():
     # A function of the seed only; another seed draws other views.
     np.testing.assert_array_equal(ip.augmented_views(x, 4, "shift", seed=3), pool)
     assert not np.array_equal(ip.augmented_views(x, 4, "shift", seed=4)[1:], pool[1:])
+
+
+def test_affine_warp_exact_cases():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (3, 28, 28, 2), dtype=np.uint8)
+    ones, zeros = np.ones(3), np.zeros(3)
+    # Identity.
+    np.testing.assert_array_equal(ip.affine_warp(x, zeros, ones, np.zeros((3, 2))), x)
+    # 90 degrees maps the pixel grid onto itself: np.rot90 (counter-clockwise as displayed).
+    np.testing.assert_array_equal(
+        ip.affine_warp(x, np.full(3, 90.0), ones, np.zeros((3, 2))), np.rot90(x, axes=(1, 2))
+    )
+    # An integer shift equals pad-and-crop: content moves by (dy, dx) = (2, -1).
+    shifted = ip.affine_warp(x, zeros, ones, np.tile([[2.0, -1.0]], (3, 1)))
+    np.testing.assert_array_equal(
+        shifted, ip.pad_crop_flip(x, np.tile([[0, 3]], (3, 1)), np.zeros(3, bool), pad=2)
+    )
+    # A half-pixel shift averages neighbours (bilinear).
+    row = np.zeros((1, 1, 4, 1), np.float32)
+    row[0, 0, 1] = 1.0
+    half = ip.affine_warp(row, np.zeros(1), np.ones(1), np.array([[0.0, 0.5]]))
+    np.testing.assert_allclose(half[0, 0, :, 0], [0.0, 0.5, 0.5, 0.0])
+
+
+def test_affine_views_and_live_batches():
+    n = 64
+    x = np.zeros((n, 28, 28, 1), np.uint8)
+    x[:, 10:18, 12:16] = 255  # a bar: it stays roughly where it was and keeps its mass
+    pool = ip.augmented_views(x, 3, "affine", seed=1)
+    np.testing.assert_array_equal(pool[0], x)
+    for view in pool[1:]:
+        mass = view.reshape(n, -1).astype(np.float64).sum(axis=1) / (32 * 255)
+        assert (np.abs(mass - 1) < 0.3).all()  # scale 0.9..1.1 changes the area by <= 21%
+        assert len({v.tobytes() for v in view}) == n  # every image drawn differently
+    np.testing.assert_array_equal(ip.augmented_views(x, 3, "affine", seed=1), pool)
+    draws = ip.epoch_augmentation(n, 0, 0, "affine")
+    assert np.abs(draws["angles"]).max() <= ip.AFFINE_MAX_DEGREES
+    assert np.abs(draws["scales"] - 1).max() <= ip.AFFINE_MAX_SCALE
+    assert np.abs(draws["shifts"]).max() <= ip.SHIFT_MAX_PIXELS
+    d = ip.create_dataset("bars", x, np.arange(n) % 2, x[:2], np.arange(2), 2)
+    b = next(ip.train_batches(d, batch_size=16, seed=0, epoch=0, augment="affine"))
+    order = ip.epoch_permutation(n, 0, 0)[:16]
+    ref = ip.affine_warp(x[order], draws["angles"][:16], draws["scales"][:16],
+                         draws["shifts"][:16])
+    np.testing.assert_allclose(flat(b)["image"], ip.normalize(ref, d.mean, d.std))
 
 
 def test_augmented_views_errors_and_epoch_views():
