@@ -754,40 +754,20 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0]).permutation(num_examples)
 
 
-def epoch_augmentation_params(
-    num_examples: int, seed: int, epoch: int, augment: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Augmentation draws for every position of an epoch, a function of (seed, epoch).
-
-    Args:
-      num_examples: positions in the epoch.
-      seed: run seed.
-      epoch: epoch number.
-      augment: one of ``AUGMENTATIONS``.
-
-    Returns:
-      ``(offsets, flips)``: int64 ``[N, 2]`` crop corners ``(dy, dx)`` into the
-      padded image, in ``[0, 2 * pad]`` (``pad`` = 0, ``SHIFT_MAX_PIXELS`` or
-      ``CROP_PAD_PIXELS``), and bool ``[N]`` horizontal flips.
-    """
-    if augment == "affine":
-        raise ValueError("epoch_augmentation_params covers the pad-and-crop modes; use "
-                         "epoch_augmentation(...) for 'affine'")
-    draws = epoch_augmentation(num_examples, seed, epoch, augment)
-    if not draws:  # "none"
-        return np.full((num_examples, 2), 0), np.zeros(num_examples, bool)
-    return draws["offsets"], draws["flips"]
-
-
 def epoch_augmentation(num_examples: int, seed: int, epoch: int, augment: str) -> dict:
     """``draw_augmentation`` for every position of an epoch, a function of (seed, epoch)."""
     return draw_augmentation(num_examples, augment, np.random.default_rng([seed, epoch, 1]))
 
 
-def augmentation_pad(augment: str) -> int:
-    """Zero padding per side of a pad-and-crop mode (0 for ``"none"`` and ``"affine"``)."""
+def check_augment(augment: str) -> None:
+    """Raises ValueError unless ``augment`` is one of ``AUGMENTATIONS``."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+
+
+def augmentation_pad(augment: str) -> int:
+    """Zero padding per side of a pad-and-crop mode (0 for ``"none"`` and ``"affine"``)."""
+    check_augment(augment)
     return {"none": 0, "shift": SHIFT_MAX_PIXELS, "crop_flip": CROP_PAD_PIXELS,
             "affine": 0}[augment]
 
@@ -800,6 +780,7 @@ def draw_augmentation(num_examples: int, augment: str, rng: np.random.Generator)
     ``{"angles": [N] degrees, "scales": [N], "shifts": [N, 2] pixels}`` (float64)
     for ``"affine"``.
     """
+    check_augment(augment)
     if augment == "affine":
         return {
             "angles": rng.uniform(-AFFINE_MAX_DEGREES, AFFINE_MAX_DEGREES, num_examples),
@@ -958,8 +939,8 @@ def augmented_views(
     """
     _check_positive(num_views, "num_views")
     _check_seed(seed, "seed")
+    check_augment(augment)
     if num_views > 1 and augment == "none":
-        augmentation_pad(augment)  # an unknown name fails here first
         raise ValueError(
             f"num_views={num_views} needs an augmentation to draw the views from, got "
             f"augment={augment!r}; choose one of {[a for a in AUGMENTATIONS if a != 'none']}"
@@ -968,7 +949,6 @@ def augmented_views(
     pool = np.empty((num_views,) + images_uint8.shape, images_uint8.dtype)
     pool[0] = images_uint8
     n = len(images_uint8)
-    augmentation_pad(augment)  # validates the name
     for view in range(1, num_views):
         # Stream 2 of (seed, view): independent of the epoch draws (streams 0, 1).
         draws = draw_augmentation(n, augment, np.random.default_rng([seed, view, 2]))
@@ -1055,11 +1035,10 @@ def train_batches(
     per_host = _per_host_batch(batch_size, num_devices, process_index, process_count)
     _check_seed(seed, "seed")
     _check_seed(epoch, "epoch")
-    augmentation_pad(augment)  # validates the name
     n = dataset.num_train
     num_steps = steps_per_epoch(n, batch_size, drop_remainder)
     order = epoch_permutation(n, seed, epoch)  # [N] rows of x_train
-    epoch_draws = epoch_augmentation(n, seed, epoch, augment)  # {} for "none"
+    epoch_draws = epoch_augmentation(n, seed, epoch, augment)  # {} for "none"; checks the name
     start = process_index * per_host
 
     def stream() -> Iterator[dict[str, np.ndarray]]:

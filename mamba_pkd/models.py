@@ -242,7 +242,8 @@ def ladder_configs(family: str, *, image_shape: tuple[int, int, int], num_classe
   spec = LADDERS[family]
   configs = {}
   for name, size in spec["sizes"].items():
-    d_model, n_layers, d_state, patch_size = (tuple(size) + (spec["patch_size"],))[:4]
+    d_model, n_layers, d_state, *own_patch = size
+    patch_size = own_patch[0] if own_patch else spec["patch_size"]
     configs[name] = ModelConfig(image_shape=tuple(image_shape), num_classes=num_classes,
                                 patch_size=patch_size, d_model=d_model, n_layers=n_layers,
                                 d_state=d_state, **overrides)

@@ -61,7 +61,6 @@ MODES = ("ensemble", "chain")
 TARGETS = ("teacher", "residual")
 STAGE_LOSSES = ("kd", "bdistil")
 ACCEPT_RULES = ("fit", "edge")
-AUGMENTATIONS = input_pipeline.AUGMENTATIONS
 
 
 # ----------------------------------------------------------------------------
@@ -143,8 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   settings = settings_from_config(config)
   teacher_optim = optim_from_config(config.teacher, "teacher")
   student_optim = optim_from_config(config.student, "student")
-  _choice(config.teacher.augment, AUGMENTATIONS, "teacher.augment")
-  _choice(config.student.augment, AUGMENTATIONS, "student.augment")
+  _choice(config.teacher.augment, input_pipeline.AUGMENTATIONS, "teacher.augment")
+  _choice(config.student.augment, input_pipeline.AUGMENTATIONS, "student.augment")
   views = config.student.get("cached_views", 0)
   if isinstance(views, bool) or not isinstance(views, int) or views < 0:
     raise ValueError(f"student.cached_views must be an int >= 0 (0: augment live), got {views!r}")
@@ -282,15 +281,13 @@ def weak_learner_decision(*, teacher: np.ndarray, prefix: np.ndarray | None,
   searched = settings.target == "teacher" and prefix is not None  # eta came from line_search
   at_weight = f" at weight {weight:.3g}" if searched else ""
   if settings.accept == "fit":
-    # A searched weight of 0 leaves the fit unchanged: that is no improvement.
-    improves = fit_after <= fit_before - settings.margin and (fit_after < fit_before
-                                                              or not searched)
+    improves = fit_after <= fit_before - settings.margin
     why = (f"held-out fit to teacher{' (calibrated)' if searched else ''} {fit_before:.4f} -> "
            f"{fit_after:.4f}{at_weight} (needs a drop of at least {settings.margin})")
   else:
     improves = edge >= settings.gamma
     why = f"edge {edge:.4f} (needs >= {settings.gamma}){at_weight}"
-  improves = improves and weight > 0
+  improves = improves and weight > 0  # a searched weight of 0 leaves the ensemble as it was
   keeps_accuracy = acc_after >= acc_before - settings.max_accuracy_drop
   if not keeps_accuracy:
     why += (f"; held-out accuracy {acc_before:.4f} -> {acc_after:.4f} falls more than "
@@ -425,13 +422,13 @@ class Run:
 
   def stage(self, name: str, size: str, model_config: ModelConfig, stage_loss, optim, *,
             seed: int, augment: str,
-            cached: Mapping[str, np.ndarray] | Callable[[], Mapping] | None = None,
+            cached: Callable[[], Mapping[str, np.ndarray]] | None = None,
             spec: train.FrozenSpec = train.FrozenSpec(), frozen: train.Frozen = train.Frozen(),
             prev: "Member | None" = None, views: np.ndarray | None = None) -> Member:
     """Trains (or restores, if complete) one stage and predicts train and test sets.
 
     ``views`` (the student pool) makes ``cached`` index the pool's rows.
-    ``cached`` may be a zero-argument function returning the tables: it is
+    ``cached`` is a zero-argument function returning the tables: it is
     called only when the stage has to be trained, so restoring a finished
     stage never runs the frozen models over the pool.
     """
@@ -444,7 +441,7 @@ class Run:
       logging.info("stage %s: already complete, not retrained", name)
     else:
       data = train.StageData(self.dataset, self.train_index, augment=augment,
-                             cached=cached() if callable(cached) else cached, views=views)
+                             cached=cached() if cached is not None else None, views=views)
       live = not data.uses_cache  # frozen models run inside the step
       params = train.train_stage(
           name=name, model_config=model_config, stage_loss=stage_loss, optim=optim, data=data,

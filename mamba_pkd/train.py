@@ -385,9 +385,8 @@ def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -
 # The host dispatches at most this many steps ahead of the devices. With many
 # more queued, XLA's CPU client (JAX 0.10.2, host devices on 2 cores) sometimes
 # deadlocks in the gradient all-reduce when queued steps share an input buffer
-# (the replicated frozen models) and aborts the process after 40 s; measured in
-# a stress loop: 3 of 3 runs aborted unbounded, 0 of 5 with 4 steps ahead, at
-# the same steps/s.
+# (the replicated frozen models) and aborts the process after 40 s; see
+# experiments/dispatch_stress.py for the reproduction and the counts.
 MAX_STEPS_AHEAD = 4
 
 

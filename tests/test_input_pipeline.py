@@ -335,7 +335,8 @@ def test_train_augmentation_is_reproducible_from_params():
     d = small_dataset(shape=(8, 8, 3))
     b = next(ip.train_batches(d, batch_size=10, seed=4, epoch=1, augment="crop_flip"))
     order = ip.epoch_permutation(d.num_train, 4, 1)
-    offsets, flips = ip.epoch_augmentation_params(d.num_train, 4, 1, "crop_flip")
+    draws = ip.epoch_augmentation(d.num_train, 4, 1, "crop_flip")
+    offsets, flips = draws["offsets"], draws["flips"]
     ref = ip.pad_crop_flip_reference(
         d.x_train[order[:10]], offsets[:10], flips[:10], ip.CROP_PAD_PIXELS
     )
@@ -343,10 +344,10 @@ def test_train_augmentation_is_reproducible_from_params():
     assert 0 < flips.mean() < 1 and offsets.max() == 8 and offsets.min() == 0
     # Fresh draws every epoch, the same draws for the same (seed, epoch).
     np.testing.assert_array_equal(
-        ip.epoch_augmentation_params(d.num_train, 4, 1, "crop_flip")[0], offsets
+        ip.epoch_augmentation(d.num_train, 4, 1, "crop_flip")["offsets"], offsets
     )
     assert not np.array_equal(
-        ip.epoch_augmentation_params(d.num_train, 4, 2, "crop_flip")[0], offsets
+        ip.epoch_augmentation(d.num_train, 4, 2, "crop_flip")["offsets"], offsets
     )
 
 
