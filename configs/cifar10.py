@@ -50,15 +50,15 @@ def _default_config():
 
 def get_config():
   config = _default_config()
-  config.dataset = "cifar10"            # TFDS name; prepare it first (see the docstring)
-  config.validation_size = 5000         # held out of the 50,000 for the weak-learner test
-  config.eval_batch_size = 2000         # global prediction batch
+  config.dataset = "cifar10"  # TFDS name; prepare it first (see the docstring)
+  config.validation_size = 5000  # held out of the 50,000 for the weak-learner test
+  config.eval_batch_size = 2000  # global prediction batch
   config.checkpoint_every = 500
   config.log_every = 100
   config.model.ladder = "cifar"
-  config.model.scan_method = "auto"     # pallas on GPU, fused elsewhere
+  config.model.scan_method = "auto"  # pallas on GPU, fused elsewhere
   config.teacher.epochs = 100
-  config.teacher.batch_size = 512       # global; divisible by 1, 2, 4, 8 devices
+  config.teacher.batch_size = 512  # global; divisible by 1, 2, 4, 8 devices
   config.teacher.learning_rate = 1e-3
   config.teacher.weight_decay = 0.05
   config.teacher.augment = "crop_flip"  # random crop (pad 4) + horizontal flip
@@ -66,7 +66,8 @@ def get_config():
   config.student.batch_size = 512
   config.student.learning_rate = 3e-3
   config.student.augment = "crop_flip"
-  config.student.cached_views = 4       # view pool: 4 x 45,000 x 3,072 B = 553 MB; the frozen models run on it once
+  # view pool: 4 x 45,000 x 3,072 B = 553 MB; the frozen models run on it once
+  config.student.cached_views = 4
   config.pkd.max_students = 7
   config.report.latency = True
   return config

@@ -21,19 +21,20 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 0                      # data split, initialisation, batch order
-  config.dataset = "mnist5k"           # mnist5k | <tfds name> | npz:/path.npz | synthetic
-  config.data_dir = ""                 # TFDS data_dir ("" = TFDS default)
-  config.validation_size = 400         # held out of the training set for the weak-learner test
-  config.eval_batch_size = 500         # prediction batch (global)
-  config.checkpoint_every = 200        # steps between checkpoints within a stage
-  config.log_every = 50                # steps between progress lines / metrics records
-  config.baselines = True              # also train each accepted size alone with CE on the same views and steps (baseline_k rows)
+  config.seed = 0  # data split, initialisation, batch order
+  config.dataset = "mnist5k"  # mnist5k | <tfds name> | npz:/path.npz | synthetic
+  config.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+  config.validation_size = 400  # held out of the training set for the weak-learner test
+  config.eval_batch_size = 500  # prediction batch (global)
+  config.checkpoint_every = 200  # steps between checkpoints within a stage
+  config.log_every = 50  # steps between progress lines / metrics records
+  # Also train each accepted size alone with CE on the same views and steps (baseline_k rows).
+  config.baselines = True
 
   config.model = ml_collections.ConfigDict()
-  config.model.ladder = "mnist"        # size family: mnist | cifar | tiny (models.LADDERS)
-  config.model.scan_method = "auto"    # auto | fused | sequential | parallel | chunked | pallas
-  config.model.bidirectional = True    # reversed scan branch in every mixer (images are not causal)
+  config.model.ladder = "mnist"  # size family: mnist | cifar | tiny (models.LADDERS)
+  config.model.scan_method = "auto"  # auto | fused | sequential | parallel | chunked | pallas
+  config.model.bidirectional = True  # reversed scan branch in every mixer (images are not causal)
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.epochs = 20
@@ -42,42 +43,42 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.warmup_fraction = 0.05
   config.teacher.batch_size = 128
   config.teacher.grad_clip = 1.0
-  config.teacher.augment = "shift"     # none | shift (+-2 px) | crop_flip | affine
+  config.teacher.augment = "shift"  # none | shift (+-2 px) | crop_flip | affine
 
   config.student = ml_collections.ConfigDict()
-  config.student.epochs = 64           # students: their own, higher learning rate, more epochs
+  config.student.epochs = 64  # students: their own, higher learning rate, more epochs
   config.student.learning_rate = 5e-3
   config.student.weight_decay = 0.0
   config.student.warmup_fraction = 0.05
   config.student.batch_size = 128
   config.student.grad_clip = 1.0
-  config.student.augment = "affine"    # none | shift | crop_flip | affine (+-12 deg, x0.9-1.1,
-                                       # +-2 px): the teacher labels every view, so students
-                                       # may see more varied images than it trained on
-  config.student.cached_views = 8      # >= 1: a fixed pool of this many augmented views per
-                                       # image (the first unaugmented) on which the frozen
-                                       # models run once; 0: augment live, frozen models
-                                       # run at every step
+  # none | shift | crop_flip | affine (+-12 deg, x0.9-1.1, +-2 px): the teacher labels every
+  # view, so students may see more varied images than it trained on.
+  config.student.augment = "affine"
+  # >= 1: a fixed pool of this many augmented views per image (the first unaugmented) on which
+  # the frozen models run once; 0: augment live, frozen models run at every step.
+  config.student.cached_views = 8
 
   config.pkd = ml_collections.ConfigDict()
-  config.pkd.mode = "ensemble"         # ensemble (boosting) | chain (assistants)
-  config.pkd.target = "teacher"        # teacher: each student distils the teacher, weight by
-                                       # line search | residual: fits stop_grad(F_{k-1}) + f_k
+  config.pkd.mode = "ensemble"  # ensemble (boosting) | chain (assistants)
+  # teacher: each student distils the teacher, weight by line search
+  # residual: fits stop_grad(F_{k-1}) + f_k
+  config.pkd.target = "teacher"
   config.pkd.ladder = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")  # sizes, cheapest first
-  config.pkd.max_students = 5          # s1..s5: 24% of the teacher's FLOPs, under the budget below
-  config.pkd.flops_budget_pct = 25.0   # stop before the students' FLOPs exceed this % of the teacher
-  config.pkd.epsilon = -1.0            # stop when held-out accuracy is within epsilon of the teacher (<0: off)
-  config.pkd.alpha = 0.5               # L = alpha * CE + (1 - alpha) * T^2 KL
+  config.pkd.max_students = 5  # s1..s5: 24% of the teacher's FLOPs, under the budget below
+  config.pkd.flops_budget_pct = 25.0  # stop before the students' FLOPs exceed this % of the teacher
+  config.pkd.epsilon = -1.0  # stop when held-out accuracy is within epsilon of teacher (<0: off)
+  config.pkd.alpha = 0.5  # L = alpha * CE + (1 - alpha) * T^2 KL
   config.pkd.temperature = 4.0
-  config.pkd.loss = "kd"               # kd | bdistil
-  config.pkd.accept = "fit"            # fit (held-out KL to teacher drops) | edge (gamma)
-  config.pkd.margin = 0.0              # required drop of the held-out KL for "fit"
-  config.pkd.gamma = 0.0               # required edge for "edge"
+  config.pkd.loss = "kd"  # kd | bdistil
+  config.pkd.accept = "fit"  # fit (held-out KL to teacher drops) | edge (gamma)
+  config.pkd.margin = 0.0  # required drop of the held-out KL for "fit"
+  config.pkd.gamma = 0.0  # required edge for "edge"
   config.pkd.max_accuracy_drop = 0.005  # reject a student that costs more held-out accuracy
-  config.pkd.reseeds = 1               # retries with another seed before the next ladder size
-  config.pkd.connect = False           # student k reads student k-1's frozen features
+  config.pkd.reseeds = 1  # retries with another seed before the next ladder size
+  config.pkd.connect = False  # student k reads student k-1's frozen features
 
   config.report = ml_collections.ConfigDict()
-  config.report.latency = True         # measure CPU latency per image (batch 1 and 256)
+  config.report.latency = True  # measure CPU latency per image (batch 1 and 256)
   config.report.repeats = 10
   return config

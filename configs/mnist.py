@@ -52,22 +52,23 @@ def _default_config():
 
 def get_config():
   config = _default_config()
-  config.dataset = "mnist"              # TFDS name; prepare it first (see the docstring)
-  config.validation_size = 5000         # held out of the 60,000 for the weak-learner test
-  config.eval_batch_size = 2000         # global prediction batch
+  config.dataset = "mnist"  # TFDS name; prepare it first (see the docstring)
+  config.validation_size = 5000  # held out of the 60,000 for the weak-learner test
+  config.eval_batch_size = 2000  # global prediction batch
   config.checkpoint_every = 500
   config.log_every = 100
   config.model.ladder = "mnist"
-  config.model.scan_method = "auto"     # pallas on GPU, fused elsewhere
+  config.model.scan_method = "auto"  # pallas on GPU, fused elsewhere
   config.teacher.epochs = 20
-  config.teacher.batch_size = 512       # global; divisible by 1, 2, 4, 8 devices
+  config.teacher.batch_size = 512  # global; divisible by 1, 2, 4, 8 devices
   config.teacher.learning_rate = 2e-3
   config.teacher.augment = "shift"
   config.student.epochs = 20
   config.student.batch_size = 512
   config.student.learning_rate = 5e-3
   config.student.augment = "shift"
-  config.student.cached_views = 8       # view pool: 8 x 55,000 x 784 B = 345 MB; the frozen models run on it once
+  # view pool: 8 x 55,000 x 784 B = 345 MB; the frozen models run on it once
+  config.student.cached_views = 8
   config.pkd.max_students = 7
   config.report.latency = True
   return config

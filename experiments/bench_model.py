@@ -64,8 +64,11 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
-              "MALLOC_TOP_PAD_": "1000000000"}
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_TOP_PAD_": "1000000000",
+}
 IMAGE_SHAPE = (28, 28, 1)
 PATCH = 4
 NUM_CLASSES = 10
@@ -76,19 +79,31 @@ WEIGHT_DECAY = 0.05
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n\n", 1)[1])
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split("\n\n", 1)[1],
+  )
   p.add_argument("--batch", type=int, default=128, help="global batch size")
   p.add_argument("--repeats", type=int, default=5, help="timed steps per row (median reported)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-  p.add_argument("--cpu_devices", type=int, default=None,
-                 help="also time the pmapped step on this many host devices "
-                      "(default: the core count; 0 or 1: skip)")
-  p.add_argument("--no_default_malloc", action="store_true",
-                 help="skip the mambapy run with glibc's default malloc settings")
-  p.add_argument("--no_one_thread", action="store_true",
-                 help="skip the mambapy run with torch.set_num_threads(1)")
+  p.add_argument(
+      "--cpu_devices",
+      type=int,
+      default=None,
+      help="also time the pmapped step on this many host devices "
+      "(default: the core count; 0 or 1: skip)",
+  )
+  p.add_argument(
+      "--no_default_malloc",
+      action="store_true",
+      help="skip the mambapy run with glibc's default malloc settings",
+  )
+  p.add_argument(
+      "--no_one_thread",
+      action="store_true",
+      help="skip the mambapy run with torch.set_num_threads(1)",
+  )
   p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -140,8 +155,12 @@ def time_steps(step, warmup: int, repeats: int) -> dict:
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return dict(compile_s=first, ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
-              max_ms=1e3 * max(times))
+  return dict(
+      compile_s=first,
+      ms=1e3 * statistics.median(times),
+      min_ms=1e3 * min(times),
+      max_ms=1e3 * max(times),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -151,8 +170,16 @@ def time_steps(step, warmup: int, repeats: int) -> dict:
 
 def model_config(method: str):
   from mamba_pkd.models import ModelConfig  # pylint: disable=g-import-not-at-top
-  return ModelConfig(image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES, patch_size=PATCH,
-                     bidirectional=False, pool="mean", scan_method=method, **MODEL)
+
+  return ModelConfig(
+      image_shape=IMAGE_SHAPE,
+      num_classes=NUM_CLASSES,
+      patch_size=PATCH,
+      bidirectional=False,
+      pool="mean",
+      scan_method=method,
+      **MODEL,
+  )
 
 
 def bench_ours_jit(method: str, args) -> dict:
@@ -171,6 +198,7 @@ def bench_ours_jit(method: str, args) -> dict:
   def train_step(params, opt_state, images, labels):
     def loss_fn(p):
       return losses.cross_entropy(model.apply({"params": p}, images), labels)
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -197,11 +225,14 @@ def bench_ours_pmap(args) -> dict:
   params = models.init_params(cfg, jax.random.key(args.seed))
   tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   step_fn = parallel.data_parallel(
-      train.make_train_step(cfg, tx, losses.hard(), train.FrozenSpec()), donate_first=True)
+      train.make_train_step(cfg, tx, losses.hard(), train.FrozenSpec()), donate_first=True
+  )
   images, labels = make_batch(args.batch, args.seed)
   per = args.batch // devices
-  batch = {"image": images.reshape(devices, per, *IMAGE_SHAPE),
-           "label": labels.reshape(devices, per)}
+  batch = {
+      "image": images.reshape(devices, per, *IMAGE_SHAPE),
+      "label": labels.reshape(devices, per),
+  }
   batch = jax.pmap(lambda x: x)(batch)  # placed on the devices once, like the data in ours-jit
   frozen = parallel.replicate(train.Frozen())
   rngs = parallel.split_rngs(jax.random.key(args.seed))
@@ -238,8 +269,13 @@ def bench_torch(args) -> dict:
     def __init__(self):
       super().__init__()
       config = mambapy_mamba.MambaConfig(
-          d_model=d_model, n_layers=MODEL["n_layers"], d_state=MODEL["d_state"],
-          expand_factor=MODEL["expand"], d_conv=MODEL["d_conv"], pscan=True)
+          d_model=d_model,
+          n_layers=MODEL["n_layers"],
+          d_state=MODEL["d_state"],
+          expand_factor=MODEL["expand"],
+          d_conv=MODEL["d_conv"],
+          pscan=True,
+      )
       self.patch_embed = nn.Linear(PATCH * PATCH * IMAGE_SHAPE[2], d_model)
       self.pos_embed = nn.Parameter(0.02 * torch.randn(1, num_tokens, d_model))
       self.mamba = mambapy_mamba.Mamba(config)
@@ -266,9 +302,12 @@ def bench_torch(args) -> dict:
     loss.item()
 
   result = time_steps(step, args.warmup, args.repeats)
-  result.update(threads=torch.get_num_threads(), torch=torch.__version__,
-                n_params=sum(p.numel() for p in model.parameters()),
-                malloc={k: os.environ.get(k) for k in MALLOC_ENV})
+  result.update(
+      threads=torch.get_num_threads(),
+      torch=torch.__version__,
+      n_params=sum(p.numel() for p in model.parameters()),
+      malloc={k: os.environ.get(k) for k in MALLOC_ENV},
+  )
   return result
 
 
@@ -282,16 +321,28 @@ def run_worker(kind: str, args, env_changes: dict, drop: tuple = (), threads: in
   env = {k: v for k, v in os.environ.items() if k not in drop}
   env.update(env_changes)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-  cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind,
-         "--batch", str(args.batch), "--repeats", str(args.repeats),
-         "--warmup", str(args.warmup), "--cpu_devices", str(args.cpu_devices),
-         "--seed", str(args.seed)] + (["--threads", str(threads)] if threads else [])
+  cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--_worker",
+      kind,
+      "--batch",
+      str(args.batch),
+      "--repeats",
+      str(args.repeats),
+      "--warmup",
+      str(args.warmup),
+      "--cpu_devices",
+      str(args.cpu_devices),
+      "--seed",
+      str(args.seed),
+  ] + (["--threads", str(threads)] if threads else [])
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
     print(f"worker {kind} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
     return {"error": f"rc {proc.returncode}"}
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def worker_main(args) -> None:
@@ -307,17 +358,26 @@ def main(argv=None) -> None:
   sys.path.insert(0, REPO)
   load_before = load_average()
   cores = num_cores()
-  print(f"bench_model: batch {args.batch}, 49 tokens, d_model 64, 4 layers, d_state 16, "
-        f"expand 2, d_conv 4, mean-pool + 10-class head; one step = fwd + CE + bwd + AdamW")
-  print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores; "
-        f"median of {args.repeats} steps after {args.warmup} warm-up steps")
+  print(
+      f"bench_model: batch {args.batch}, 49 tokens, d_model 64, 4 layers, d_state 16, "
+      f"expand 2, d_conv 4, mean-pool + 10-class head; one step = fwd + CE + bwd + AdamW"
+  )
+  print(
+      f"machine: {platform.processor() or platform.machine()}, {cores} usable cores; "
+      f"median of {args.repeats} steps after {args.warmup} warm-up steps"
+  )
   print(f"load average before: {load_before}")
 
   rows = {}  # name -> result dict
-  no_fork_flag = {"XLA_FLAGS": " ".join(
-      f for f in os.environ.get("XLA_FLAGS", "").split()
-      if "xla_force_host_platform_device_count" not in f)}
+  no_fork_flag = {
+      "XLA_FLAGS": " ".join(
+          f
+          for f in os.environ.get("XLA_FLAGS", "").split()
+          if "xla_force_host_platform_device_count" not in f
+      )
+  }
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.local_device_count() != 1:
     print(f"note: this process has {jax.local_device_count()} JAX devices; the jit rows use one")
   for method in SINGLE_METHODS:
@@ -325,7 +385,8 @@ def main(argv=None) -> None:
   if args.cpu_devices > 1:
     flags = f"{no_fork_flag['XLA_FLAGS']} --xla_force_host_platform_device_count={args.cpu_devices}"
     rows[f"ours-fused-{args.cpu_devices}dev (pmap train step)"] = run_worker(
-        "pmap", args, {"XLA_FLAGS": flags.strip()})
+        "pmap", args, {"XLA_FLAGS": flags.strip()}
+    )
   tuned_name = f"mambapy (tuned malloc, {cores} thr)"
   rows[tuned_name] = run_worker("torch", args, MALLOC_ENV)
   tuned_names = [tuned_name]
@@ -334,7 +395,8 @@ def main(argv=None) -> None:
     rows[tuned_names[-1]] = run_worker("torch", args, MALLOC_ENV, threads=1)
   if not args.no_default_malloc:
     rows[f"mambapy (default malloc, {cores} thr)"] = run_worker(
-        "torch", args, {}, drop=tuple(MALLOC_ENV))
+        "torch", args, {}, drop=tuple(MALLOC_ENV)
+    )
   load_after = load_average()
 
   # The reference is mambapy's faster tuned-malloc run: on a loaded machine torch's
@@ -351,16 +413,20 @@ def main(argv=None) -> None:
       print(f"{name:<36} {'failed: ' + r.get('error', '?'):>9}")
       continue
     ratio = f"{theirs / r['ms']:.2f}x" if theirs else "-"
-    print(f"{name:<36} {r['ms']:>9.1f} {1e3 * args.batch / r['ms']:>9.0f} {ratio:>13} "
-          f"{r['compile_s']:>13.1f}")
+    print(
+        f"{name:<36} {r['ms']:>9.1f} {1e3 * args.batch / r['ms']:>9.0f} {ratio:>13} "
+        f"{r['compile_s']:>13.1f}"
+    )
   print()
   for name, r in rows.items():
     if "ms" in r:
       extra = {k: r[k] for k in ("devices", "threads", "torch", "n_params") if k in r}
       print(f"  {name}: min {r['min_ms']:.1f} / max {r['max_ms']:.1f} ms {extra or ''}")
-  print(f"  ratio column = t({theirs_name}) / t(row), the faster mambapy tuned-malloc run; "
-        f"mambapy's torch.set_num_threads = {cores} (the usable cores) unless it says 1 thr; "
-        "ours-*-jit use one XLA device.")
+  print(
+      f"  ratio column = t({theirs_name}) / t(row), the faster mambapy tuned-malloc run; "
+      f"mambapy's torch.set_num_threads = {cores} (the usable cores) unless it says 1 thr; "
+      "ours-*-jit use one XLA device."
+  )
   print("  Timings on this shared machine vary between runs: compare rows within one run only.")
   print(f"load average after:  {load_after}")
 
@@ -368,17 +434,21 @@ def main(argv=None) -> None:
   if ours and theirs:
     best = min(ours)
     if "ms" in rows[tuned_name]:
-      print(f"  ours-fused (best) vs {tuned_name} alone: "
-            f"{rows[tuned_name]['ms'] / best:.2f}x")
+      print(f"  ours-fused (best) vs {tuned_name} alone: " f"{rows[tuned_name]['ms'] / best:.2f}x")
     verdict = "PASS" if theirs / best >= 2.0 else "FAIL"
-    print(f"BAR ours >= 2x faster than mambapy: {verdict} ({theirs / best:.2f}; "
-          f"best ours-fused vs {theirs_name})")
+    print(
+        f"BAR ours >= 2x faster than mambapy: {verdict} ({theirs / best:.2f}; "
+        f"best ours-fused vs {theirs_name})"
+    )
   else:
     print("BAR ours >= 2x faster than mambapy: FAIL (a run failed, no ratio)")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(rows=rows, batch=args.batch, load_before=load_before,
-                     load_after=load_after), f, indent=1)
+      json.dump(
+          dict(rows=rows, batch=args.batch, load_before=load_before, load_after=load_after),
+          f,
+          indent=1,
+      )
 
 
 if __name__ == "__main__":

@@ -54,29 +54,50 @@ except ImportError:  # run as a script from a checkout that is not pip-installed
 
 DEFAULT_SHAPES = "64,49,128,16;64,196,128,16;16,784,64,16"
 CPU_METHODS = ("sequential", "parallel", "chunked", "fused")
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
-              "MALLOC_TOP_PAD_": "1000000000"}
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_TOP_PAD_": "1000000000",
+}
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n\n", 1)[1])
-  p.add_argument("--shapes", default=DEFAULT_SHAPES,
-                 help="';'-separated batch,L,d_inner,N (default: %(default)s)")
-  p.add_argument("--methods", default=None,
-                 help="comma-separated methods (default: sequential,parallel,chunked,fused"
-                      " and pallas on GPU or with --pallas_interpret)")
-  p.add_argument("--rounds", type=int, default=3,
-                 help="rounds over all methods (median of rounds * per_round calls reported)")
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split("\n\n", 1)[1],
+  )
+  p.add_argument(
+      "--shapes",
+      default=DEFAULT_SHAPES,
+      help="';'-separated batch,L,d_inner,N (default: %(default)s)",
+  )
+  p.add_argument(
+      "--methods",
+      default=None,
+      help="comma-separated methods (default: sequential,parallel,chunked,fused"
+      " and pallas on GPU or with --pallas_interpret)",
+  )
+  p.add_argument(
+      "--rounds",
+      type=int,
+      default=3,
+      help="rounds over all methods (median of rounds * per_round calls reported)",
+  )
   p.add_argument("--per_round", type=int, default=3, help="timed calls per method per round")
   p.add_argument("--chunk_size", type=int, default=64, help="chunk_size of 'chunked'")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--pallas_interpret", action="store_true",
-                 help="on CPU, also time pallas through the Pallas interpreter (slow)")
+  p.add_argument(
+      "--pallas_interpret",
+      action="store_true",
+      help="on CPU, also time pallas through the Pallas interpreter (slow)",
+  )
   p.add_argument("--torch", action="store_true", help="also time mambapy (see above)")
-  p.add_argument("--torch_seq", action="store_true",
-                 help="with --torch, also time mambapy's Python loop (very slow at L = 784)")
+  p.add_argument(
+      "--torch_seq",
+      action="store_true",
+      help="with --torch, also time mambapy's Python loop (very slow at L = 784)",
+  )
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = p.parse_args(argv)
   try:
@@ -106,11 +127,16 @@ def make_inputs(shape, seed):
   rng = np.random.default_rng(seed)
   normal = lambda *s: rng.standard_normal(s).astype(np.float32)
   a_log = np.log(np.tile(np.arange(1, n_state + 1, dtype=np.float32), (d_inner, 1)))
-  return dict(u=normal(batch, length, d_inner), delta=normal(batch, length, d_inner) - 2.0,
-              A=-np.exp(a_log),  # S4D-real initialisation, as in Mamba
-              B=normal(batch, length, n_state), C=normal(batch, length, n_state),
-              D=np.ones(d_inner, np.float32), delta_bias=normal(d_inner) * 0.1,
-              w=normal(batch, length, d_inner))
+  return dict(
+      u=normal(batch, length, d_inner),
+      delta=normal(batch, length, d_inner) - 2.0,
+      A=-np.exp(a_log),  # S4D-real initialisation, as in Mamba
+      B=normal(batch, length, n_state),
+      C=normal(batch, length, n_state),
+      D=np.ones(d_inner, np.float32),
+      delta_bias=normal(d_inner) * 0.1,
+      w=normal(batch, length, d_inner),
+  )
 
 
 def jax_functions(method, chunk_size):
@@ -118,8 +144,9 @@ def jax_functions(method, chunk_size):
 
   def forward(u, delta, A, B, C, D, bias, w):
     del w
-    return selective_scan(u, delta, A, B, C, D, delta_bias=bias, method=method,
-                          chunk_size=chunk_size)
+    return selective_scan(
+        u, delta, A, B, C, D, delta_bias=bias, method=method, chunk_size=chunk_size
+    )
 
   def loss(u, delta, A, B, C, D, bias, w):
     return jnp.sum(w * forward(u, delta, A, B, C, D, bias, w))
@@ -131,6 +158,7 @@ def torch_functions(torch, variant, shape):
   """mambapy's selective scan as (forward, forward+backward) of torch tensors."""
   from mambapy import mamba as mambapy_mamba  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   block = mambapy_mamba.MambaBlock
   config = argparse.Namespace(d_inner=shape[2], d_state=shape[3])
   owner = argparse.Namespace(config=config)  # selective_scan_seq reads self.config only
@@ -193,8 +221,10 @@ def bench_shape(shape, args, torch):
   y_ref = np.asarray(fns[(args.methods[0], "fwd")](*jargs))
   if "sequential" in args.methods:
     y_ref = np.asarray(fns[("sequential", "fwd")](*jargs))
-  errors = {m: float(np.max(np.abs(np.asarray(fns[(m, "fwd")](*jargs)) - y_ref))
-                     / np.max(np.abs(y_ref))) for m in args.methods}
+  errors = {
+      m: float(np.max(np.abs(np.asarray(fns[(m, "fwd")](*jargs)) - y_ref)) / np.max(np.abs(y_ref)))
+      for m in args.methods
+  }
   torch_errors = {}
   if torch is not None:
     targs = tuple(torch.tensor(data[k], requires_grad=(k != "w")) for k in names)
@@ -205,8 +235,11 @@ def bench_shape(shape, args, torch):
       y = fwd(*targs).detach().numpy()
       torch_errors[f"mambapy-{variant}"] = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
   # JAX dispatches asynchronously: block on every output array (grads are a tuple).
-  sync = lambda x: x if torch is not None and isinstance(x, torch.Tensor) else (
-      jax.block_until_ready(x))
+  sync = (
+      lambda x: x
+      if torch is not None and isinstance(x, torch.Tensor)
+      else (jax.block_until_ready(x))
+  )
   results = time_rounds(fns, call_args, args.rounds, args.per_round, sync)
   torch_results = {k: results.pop(k) for k in list(results) if k[0].startswith("mambapy")}
   return results, errors, torch_results, torch_errors
@@ -217,23 +250,29 @@ def print_table(shape, methods, results, errors, torch_results, torch_errors):
   both = {**results, **torch_results}
   t = lambda m, k, clock=0: both[(m, k)][clock] if (m, k) in both else None
   print(f"\n(batch, L, d_inner, N) = {shape}")
-  print(f"{'method':<15}{'fwd ms':>9}{'f+b ms':>9}{'fwd x par':>10}{'f+b x par':>10}"
-        f"{'fwd x seq':>10}{'f+b x seq':>10}{'rel err':>9}{'fwd cpu':>9}{'f+b cpu':>9}"
-        f"{'f+b cpu x par':>14}")
+  print(
+      f"{'method':<15}{'fwd ms':>9}{'f+b ms':>9}{'fwd x par':>10}{'f+b x par':>10}"
+      f"{'fwd x seq':>10}{'f+b x seq':>10}{'rel err':>9}{'fwd cpu':>9}{'f+b cpu':>9}"
+      f"{'f+b cpu x par':>14}"
+  )
   rows = list(methods) + sorted({m for m, _ in torch_results})
   for m in rows:
     f, fb = t(m, "fwd"), t(m, "fwd+bwd")
     err = errors.get(m, torch_errors.get(m))
-    print(f"{m:<15}{1e3 * f:>9.1f}{1e3 * fb:>9.1f}"
-          f"{ratio(t('parallel', 'fwd'), f):>10}{ratio(t('parallel', 'fwd+bwd'), fb):>10}"
-          f"{ratio(t('sequential', 'fwd'), f):>10}{ratio(t('sequential', 'fwd+bwd'), fb):>10}"
-          f"{err:>9.1e}{1e3 * t(m, 'fwd', 1):>9.1f}{1e3 * t(m, 'fwd+bwd', 1):>9.1f}"
-          f"{ratio(t('parallel', 'fwd+bwd', 1), t(m, 'fwd+bwd', 1)):>14}")
+    print(
+        f"{m:<15}{1e3 * f:>9.1f}{1e3 * fb:>9.1f}"
+        f"{ratio(t('parallel', 'fwd'), f):>10}{ratio(t('parallel', 'fwd+bwd'), fb):>10}"
+        f"{ratio(t('sequential', 'fwd'), f):>10}{ratio(t('sequential', 'fwd+bwd'), fb):>10}"
+        f"{err:>9.1e}{1e3 * t(m, 'fwd', 1):>9.1f}{1e3 * t(m, 'fwd+bwd', 1):>9.1f}"
+        f"{ratio(t('parallel', 'fwd+bwd', 1), t(m, 'fwd+bwd', 1)):>14}"
+    )
   if torch_results:
     for ours in [m for m in ("fused", "sequential", "pallas") if m in methods]:
       for theirs in sorted({m for m, _ in torch_results}):
-        print(f"  ours/theirs (wall) {ours} / {theirs}: fwd {t(ours, 'fwd') / t(theirs, 'fwd'):.3f}, "
-              f"fwd+bwd {t(ours, 'fwd+bwd') / t(theirs, 'fwd+bwd'):.3f}")
+        print(
+            f"  ours/theirs (wall) {ours} / {theirs}: fwd {t(ours, 'fwd') / t(theirs, 'fwd'):.3f}, "
+            f"fwd+bwd {t(ours, 'fwd+bwd') / t(theirs, 'fwd+bwd'):.3f}"
+        )
 
 
 def main(argv=None):
@@ -247,32 +286,51 @@ def main(argv=None):
       sys.exit(f"--torch needs `pip install torch==2.13.0 mambapy==1.2.0`: {e}")
     missing = {k: v for k, v in MALLOC_ENV.items() if os.environ.get(k) != v}
     if missing:
-      print("WARNING: glibc malloc is not tuned; torch times will be inflated. Set "
-            + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+      print(
+          "WARNING: glibc malloc is not tuned; torch times will be inflated. Set "
+          + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+      )
     torch.set_num_threads(len(os.sched_getaffinity(0)))
   cpus = len(os.sched_getaffinity(0))
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0]}, "
-        f"{cpus} CPUs ({platform.processor() or platform.machine()}), python "
-        f"{platform.python_version()}" + (f", torch {torch.__version__} with "
-                                         f"{torch.get_num_threads()} threads" if torch else ""))
+  print(
+      f"jax {jax.__version__}, backend {jax.default_backend()}, device {jax.devices()[0]}, "
+      f"{cpus} CPUs ({platform.processor() or platform.machine()}), python "
+      f"{platform.python_version()}"
+      + (f", torch {torch.__version__} with " f"{torch.get_num_threads()} threads" if torch else "")
+  )
   malloc = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-  print(f"median of {args.rounds} rounds x {args.per_round} calls; glibc malloc "
-        f"{'tuned (MALLOC_*)' if malloc else 'default'}; load average before: "
-        f"{os.getloadavg()[0]:.2f}")
+  print(
+      f"median of {args.rounds} rounds x {args.per_round} calls; glibc malloc "
+      f"{'tuned (MALLOC_*)' if malloc else 'default'}; load average before: "
+      f"{os.getloadavg()[0]:.2f}"
+  )
   report = []
   for shape in args.shapes:
     results, errors, torch_results, torch_errors = bench_shape(shape, args, torch)
     print_table(shape, args.methods, results, errors, torch_results, torch_errors)
-    report.append(dict(shape=shape, wall_ms={f"{m}/{k}": 1e3 * v[0] for (m, k), v in
-                                             {**results, **torch_results}.items()},
-                       cpu_ms={f"{m}/{k}": 1e3 * v[1] for (m, k), v in
-                               {**results, **torch_results}.items()},
-                       rel_err={**errors, **torch_errors}))
+    report.append(
+        dict(
+            shape=shape,
+            wall_ms={f"{m}/{k}": 1e3 * v[0] for (m, k), v in {**results, **torch_results}.items()},
+            cpu_ms={f"{m}/{k}": 1e3 * v[1] for (m, k), v in {**results, **torch_results}.items()},
+            rel_err={**errors, **torch_errors},
+        )
+    )
   print(f"\nload average after: {os.getloadavg()[0]:.2f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(jax=jax.__version__, backend=jax.default_backend(), cpus=cpus,
-                     rounds=args.rounds, per_round=args.per_round, results=report), f, indent=1)
+      json.dump(
+          dict(
+              jax=jax.__version__,
+              backend=jax.default_backend(),
+              cpus=cpus,
+              rounds=args.rounds,
+              per_round=args.per_round,
+              results=report,
+          ),
+          f,
+          indent=1,
+      )
 
 
 if __name__ == "__main__":

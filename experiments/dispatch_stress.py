@@ -41,29 +41,41 @@ from mamba_pkd import losses, models, parallel, train  # pylint: disable=g-impor
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps_ahead", type=int, default=train.MAX_STEPS_AHEAD,
-                      help="most steps in flight (0: unbounded)")
+  parser.add_argument(
+      "--steps_ahead",
+      type=int,
+      default=train.MAX_STEPS_AHEAD,
+      help="most steps in flight (0: unbounded)",
+  )
   parser.add_argument("--steps", type=int, default=300, help="steps per model")
   parser.add_argument("--batch_size", type=int, default=128)
   args = parser.parse_args()
   devices = jax.local_device_count()
   parallel.check_batch_divisible(args.batch_size)
-  sizes = models.ladder_configs("mnist", image_shape=(28, 28, 1), num_classes=10,
-                                bidirectional=True)
-  print(f"{devices} devices, batch {args.batch_size}, steps ahead "
-        f"{args.steps_ahead or 'unbounded'}", flush=True)
+  sizes = models.ladder_configs(
+      "mnist", image_shape=(28, 28, 1), num_classes=10, bidirectional=True
+  )
+  print(
+      f"{devices} devices, batch {args.batch_size}, steps ahead "
+      f"{args.steps_ahead or 'unbounded'}",
+      flush=True,
+  )
   per_device = args.batch_size // devices
   rng_np = np.random.default_rng(0)
-  batch = {"image": rng_np.standard_normal((devices, per_device, 28, 28, 1), np.float32),
-           "label": rng_np.integers(0, 10, (devices, per_device)).astype(np.int32)}
+  batch = {
+      "image": rng_np.standard_normal((devices, per_device, 28, 28, 1), np.float32),
+      "label": rng_np.integers(0, 10, (devices, per_device)).astype(np.int32),
+  }
   for size in ("s1", "s4", "s1", "s2"):
     config = sizes[size]
     tx = train.create_optimizer(train.OptimConfig(), args.steps)
     state = parallel.replicate(
-        train.create_train_state(models.init_params(config, jax.random.key(0)), tx))
+        train.create_train_state(models.init_params(config, jax.random.key(0)), tx)
+    )
     step = parallel.data_parallel(
         train.make_train_step(config, tx, losses.hard("student"), train.FrozenSpec()),
-        donate_first=True)
+        donate_first=True,
+    )
     frozen = parallel.replicate(train.Frozen())
     rngs = parallel.device_rngs(jax.random.key(0), 0)  # reused by every step on purpose
     state, metrics = step(state, batch, frozen, rngs)

@@ -49,8 +49,10 @@ def read_metrics(path: str | pathlib.Path) -> dict[str, dict[str, tuple[list[int
         record = json.loads(line)
         stage, step = str(record["stage"]), int(record["step"])
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}:{number} is not a metrics record with 'stage' and 'step' "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{path}:{number} is not a metrics record with 'stage' and 'step' "
+            f"({type(e).__name__}: {e})"
+        ) from None
       series = out.setdefault(stage, {})
       for name, value in record.items():
         if name in ("stage", "step") or not isinstance(value, (int, float)):
@@ -63,8 +65,9 @@ def read_metrics(path: str | pathlib.Path) -> dict[str, dict[str, tuple[list[int
   return out
 
 
-def plot_metrics(metrics: dict, out_png: str | pathlib.Path,
-                 names: Sequence[str] = DEFAULT_METRICS) -> pathlib.Path:
+def plot_metrics(
+    metrics: dict, out_png: str | pathlib.Path, names: Sequence[str] = DEFAULT_METRICS
+) -> pathlib.Path:
   """Saves one panel per metric name (two per row), one line per stage; returns the path.
 
   Raises:
@@ -104,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="a run's --workdir (or a metrics.jsonl)")
   parser.add_argument("--out", default="", help=f"PNG path (default <workdir>/{PLOT_NAME})")
-  parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                      help="comma-separated metric names (default loss,accuracy)")
+  parser.add_argument(
+      "--metrics",
+      default=",".join(DEFAULT_METRICS),
+      help="comma-separated metric names (default loss,accuracy)",
+  )
   args = parser.parse_args(argv)
   try:
     metrics = read_metrics(args.workdir)

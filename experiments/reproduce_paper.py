@@ -40,24 +40,41 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = {"mnist": "configs/mnist.py", "cifar10": "configs/cifar10.py",
-           "default": "configs/default.py"}
+CONFIGS = {
+    "mnist": "configs/mnist.py",
+    "cifar10": "configs/cifar10.py",
+    "default": "configs/default.py",
+}
 # The paper's abstract (arXiv 2503.01727): percentages of the teacher's FLOPs, accuracies in %.
 PAPER = {
-    "mnist": {"teacher_accuracy": 98.0, "weakest_pct_flops": 1.0, "weakest_accuracy": 72.0,
-              "ensemble_students": 7, "ensemble_pct_flops": 63.0, "ensemble_accuracy": 98.0},
-    "cifar10": {"teacher_accuracy": None, "weakest_pct_flops": 5.0, "weakest_accuracy": 50.0,
-                "ensemble_gap_points": 1.0},
+    "mnist": {
+        "teacher_accuracy": 98.0,
+        "weakest_pct_flops": 1.0,
+        "weakest_accuracy": 72.0,
+        "ensemble_students": 7,
+        "ensemble_pct_flops": 63.0,
+        "ensemble_accuracy": 98.0,
+    },
+    "cifar10": {
+        "teacher_accuracy": None,
+        "weakest_pct_flops": 5.0,
+        "weakest_accuracy": 50.0,
+        "ensemble_gap_points": 1.0,
+    },
 }
 PAPER["default"] = PAPER["mnist"]  # mnist5k: a 5,000-digit subset of the same task
-SYNTHETIC_SHAPES = {"mnist": (28, 28, 1, 10), "cifar10": (32, 32, 3, 10),
-                    "default": (28, 28, 1, 10)}
+SYNTHETIC_SHAPES = {
+    "mnist": (28, 28, 1, 10),
+    "cifar10": (32, 32, 3, 10),
+    "default": (28, 28, 1, 10),
+}
 FULL_TRAIN = {"mnist": 60000, "cifar10": 50000, "default": 4000}
 
 
 def load_config(experiment: str):
   """The ml_collections config of an experiment, loaded from its file."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   if experiment not in CONFIGS:
     raise ValueError(f"unknown experiment {experiment!r}; choose one of {sorted(CONFIGS)}")
   path = REPO / CONFIGS[experiment]
@@ -73,8 +90,13 @@ def launch_command(experiment: str, workdir: str, data_dir: str = "") -> list[st
     raise ValueError(f"unknown experiment {experiment!r}; choose one of {sorted(CONFIGS)}")
   if not workdir.startswith("$"):
     workdir = str(pathlib.Path(workdir).absolute())  # Orbax refuses relative checkpoint paths
-  cmd = [sys.executable, "-m", "mamba_pkd.main", f"--config={CONFIGS[experiment]}",
-         f"--workdir={workdir}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "mamba_pkd.main",
+      f"--config={CONFIGS[experiment]}",
+      f"--workdir={workdir}",
+  ]
   if data_dir:
     cmd.append(f"--config.data_dir={data_dir}")
   return cmd
@@ -84,25 +106,36 @@ def summarize(results_path: str | pathlib.Path) -> dict:
   """Headline numbers of a results.json (accuracies in %, FLOPs in % of the teacher)."""
   data = json.loads(pathlib.Path(results_path).read_text(encoding="utf-8"))
   rows = {r["name"]: r for r in data["rows"]}
-  prefixes = sorted((r for r in data["rows"] if r["kind"] == "prefix"),
-                    key=lambda r: r["pct_teacher_flops"])
+  prefixes = sorted(
+      (r for r in data["rows"] if r["kind"] == "prefix"), key=lambda r: r["pct_teacher_flops"]
+  )
   students = [r for r in data["rows"] if r["kind"] == "student"]
   teacher = rows["teacher"]
-  out = {"dataset": data["meta"].get("dataset"), "teacher_accuracy": 100 * teacher["accuracy"],
-         "num_students": len(prefixes) or len(students)}
+  out = {
+      "dataset": data["meta"].get("dataset"),
+      "teacher_accuracy": 100 * teacher["accuracy"],
+      "num_students": len(prefixes) or len(students),
+  }
   if students:
     weakest = min(students, key=lambda r: r["pct_teacher_flops"])
-    out.update(weakest=weakest["name"], weakest_pct_flops=weakest["pct_teacher_flops"],
-               weakest_accuracy=100 * weakest["accuracy"])
+    out.update(
+        weakest=weakest["name"],
+        weakest_pct_flops=weakest["pct_teacher_flops"],
+        weakest_accuracy=100 * weakest["accuracy"],
+    )
   if prefixes:
     last = prefixes[-1]
-    out.update(ensemble_pct_flops=last["pct_teacher_flops"],
-               ensemble_accuracy=100 * last["accuracy"],
-               ensemble_gap_points=100 * (teacher["accuracy"] - last["accuracy"]))
+    out.update(
+        ensemble_pct_flops=last["pct_teacher_flops"],
+        ensemble_accuracy=100 * last["accuracy"],
+        ensemble_gap_points=100 * (teacher["accuracy"] - last["accuracy"]),
+    )
     close = [p for p in prefixes if teacher["accuracy"] - p["accuracy"] <= 0.01]
     if close:
-      out.update(cheapest_within_1pt=close[0]["name"],
-                 cheapest_within_1pt_pct_flops=close[0]["pct_teacher_flops"])
+      out.update(
+          cheapest_within_1pt=close[0]["name"],
+          cheapest_within_1pt_pct_flops=close[0]["pct_teacher_flops"],
+      )
   return out
 
 
@@ -113,26 +146,35 @@ def compare_table(experiment: str, ours: dict) -> str:
   def cell(value, fmt="{:.1f}"):
     return "-" if value is None else fmt.format(value)
 
-  lines = ["| | paper | ours |", "|---|---:|---:|",
-           f"| teacher accuracy % | {cell(paper.get('teacher_accuracy'))} | "
-           f"{cell(ours.get('teacher_accuracy'), '{:.2f}')} |",
-           f"| weakest student: % teacher FLOPs | {cell(paper.get('weakest_pct_flops'))} | "
-           f"{cell(ours.get('weakest_pct_flops'), '{:.2f}')} |",
-           f"| weakest student: accuracy % | {cell(paper.get('weakest_accuracy'))} | "
-           f"{cell(ours.get('weakest_accuracy'), '{:.2f}')} |",
-           f"| students in the ensemble | {cell(paper.get('ensemble_students'), '{}')} | "
-           f"{ours.get('num_students', '-')} |",
-           f"| ensemble: % teacher FLOPs | {cell(paper.get('ensemble_pct_flops'))} | "
-           f"{cell(ours.get('ensemble_pct_flops'), '{:.2f}')} |",
-           f"| ensemble: accuracy % | {cell(paper.get('ensemble_accuracy'))} | "
-           f"{cell(ours.get('ensemble_accuracy'), '{:.2f}')} |",
-           f"| ensemble: points under the teacher | {cell(paper.get('ensemble_gap_points'))} | "
-           f"{cell(ours.get('ensemble_gap_points'), '{:.2f}')} |"]
+  lines = [
+      "| | paper | ours |",
+      "|---|---:|---:|",
+      f"| teacher accuracy % | {cell(paper.get('teacher_accuracy'))} | "
+      f"{cell(ours.get('teacher_accuracy'), '{:.2f}')} |",
+      f"| weakest student: % teacher FLOPs | {cell(paper.get('weakest_pct_flops'))} | "
+      f"{cell(ours.get('weakest_pct_flops'), '{:.2f}')} |",
+      f"| weakest student: accuracy % | {cell(paper.get('weakest_accuracy'))} | "
+      f"{cell(ours.get('weakest_accuracy'), '{:.2f}')} |",
+      f"| students in the ensemble | {cell(paper.get('ensemble_students'), '{}')} | "
+      f"{ours.get('num_students', '-')} |",
+      f"| ensemble: % teacher FLOPs | {cell(paper.get('ensemble_pct_flops'))} | "
+      f"{cell(ours.get('ensemble_pct_flops'), '{:.2f}')} |",
+      f"| ensemble: accuracy % | {cell(paper.get('ensemble_accuracy'))} | "
+      f"{cell(ours.get('ensemble_accuracy'), '{:.2f}')} |",
+      f"| ensemble: points under the teacher | {cell(paper.get('ensemble_gap_points'))} | "
+      f"{cell(ours.get('ensemble_gap_points'), '{:.2f}')} |",
+  ]
   return "\n".join(lines) + "\n"
 
 
-def estimate(experiment: str, *, epochs: int = 2, num_train: int = 20480,
-             scan_method: str = "", workdir: str = "") -> dict:
+def estimate(
+    experiment: str,
+    *,
+    epochs: int = 2,
+    num_train: int = 20480,
+    scan_method: str = "",
+    workdir: str = "",
+) -> dict:
   """Short synthetic run of the config's teacher, s1 and s8; extrapolates the full run.
 
   The synthetic data has the experiment's image shape and class count; its
@@ -141,11 +183,14 @@ def estimate(experiment: str, *, epochs: int = 2, num_train: int = 20480,
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from mamba_pkd import pkd  # pylint: disable=g-import-not-at-top
+
   config = load_config(experiment)
   full = load_config(experiment)
   h, w, c, k = SYNTHETIC_SHAPES[experiment]
-  config.dataset = (f"synthetic:num_train={num_train},num_test=1000,height={h},width={w},"
-                    f"channels={c},num_classes={k}")
+  config.dataset = (
+      f"synthetic:num_train={num_train},num_test=1000,height={h},width={w},"
+      f"channels={c},num_classes={k}"
+  )
   config.teacher.epochs = epochs
   config.student.epochs = epochs
   config.pkd.ladder = ("s1", "s8")
@@ -181,16 +226,26 @@ def estimate(experiment: str, *, epochs: int = 2, num_train: int = 20480,
   low = teacher_s + 14 * (s_steps / s1_rate + overhead_per_stage)
   high = teacher_s + 23 * (s_steps / s8_rate + overhead_per_stage)
   return {
-      "experiment": experiment, "device": str(jax.devices()[0].device_kind),
-      "num_devices": jax.local_device_count(), "jax": jax.__version__,
+      "experiment": experiment,
+      "device": str(jax.devices()[0].device_kind),
+      "num_devices": jax.local_device_count(),
+      "jax": jax.__version__,
       "scan_method": config.model.scan_method,
-      "measured": {"steps_per_sec": rates, "short_run_wall_s": wall,
-                   "overhead_per_stage_s": overhead_per_stage,
-                   "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-                   "synthetic_num_train": num_train, "epochs": epochs},
-      "full_run_estimate": {"teacher_steps": t_steps, "student_steps_each": s_steps,
-                            "teacher_hours": teacher_s / 3600,
-                            "total_hours_low": low / 3600, "total_hours_high": high / 3600},
+      "measured": {
+          "steps_per_sec": rates,
+          "short_run_wall_s": wall,
+          "overhead_per_stage_s": overhead_per_stage,
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+          "synthetic_num_train": num_train,
+          "epochs": epochs,
+      },
+      "full_run_estimate": {
+          "teacher_steps": t_steps,
+          "student_steps_each": s_steps,
+          "teacher_hours": teacher_s / 3600,
+          "total_hours_low": low / 3600,
+          "total_hours_high": high / 3600,
+      },
   }
 
 
@@ -219,8 +274,9 @@ def main(argv=None) -> int:
       print(" ".join(["python"] + cmd[1:]))
     return 0
   if args.command == "estimate":
-    result = estimate(args.experiment, epochs=args.epochs, num_train=args.num_train,
-                      scan_method=args.scan_method)
+    result = estimate(
+        args.experiment, epochs=args.epochs, num_train=args.num_train, scan_method=args.scan_method
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

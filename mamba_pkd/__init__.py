@@ -12,7 +12,17 @@ from mamba_pkd.models import MambaClassifier, ModelConfig, init_params, ladder_c
 from mamba_pkd.ssm import SCAN_METHODS, selective_scan
 
 __all__ = [
-    "MambaClassifier", "MambaMixer", "ModelConfig", "PatchEmbed", "RMSNorm", "ResidualBlock",
-    "SCAN_METHODS", "flops", "init_params", "ladder_configs", "losses", "selective_scan",
+    "MambaClassifier",
+    "MambaMixer",
+    "ModelConfig",
+    "PatchEmbed",
+    "RMSNorm",
+    "ResidualBlock",
+    "SCAN_METHODS",
+    "flops",
+    "init_params",
+    "ladder_configs",
+    "losses",
+    "selective_scan",
 ]
 __version__ = "0.1.0"

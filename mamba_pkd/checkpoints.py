@@ -108,8 +108,7 @@ def _preservation_options(max_to_keep: int) -> dict[str, Any]:
   managers = getattr(ocp, "checkpoint_managers", None)
   latest_n = getattr(managers, "LatestN", None)
   if latest_n is None:
-    logging.info("orbax %s has no LatestN; using max_to_keep.",
-                 getattr(ocp, "__version__", "?"))
+    logging.info("orbax %s has no LatestN; using max_to_keep.", getattr(ocp, "__version__", "?"))
     return {"max_to_keep": max_to_keep}
   return {"preservation_policy": latest_n(n=max_to_keep)}
 
@@ -163,9 +162,7 @@ def _host_spec(x: Any) -> Any:
 def _restore_args(template: PyTree) -> ocp.args.PyTreeRestore:
   """PyTreeRestore into host NumPy with the stored shapes/dtypes (no sharding)."""
   item = jax.tree.map(_host_spec, template)
-  restore_args = jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item
-  )
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   return ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
 
 
@@ -199,8 +196,7 @@ def _jsonable_info(info: Mapping[str, Any]) -> dict[str, Any]:
   """``info`` as plain JSON types (NumPy scalars/arrays converted); validates."""
   if not isinstance(info, Mapping) or not all(isinstance(k, str) for k in info):
     raise ValueError(
-        f"info must be a dict with str keys, got {type(info).__name__}: "
-        f"{info!r:.200}"
+        f"info must be a dict with str keys, got {type(info).__name__}: " f"{info!r:.200}"
     )
 
   def default(obj: Any) -> Any:
@@ -270,12 +266,9 @@ class StageCheckpointer:
     Raises:
       ValueError: if ``max_to_keep`` is not an int >= 1.
     """
-    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or (
-        max_to_keep < 1
-    ):
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or (max_to_keep < 1):
       raise ValueError(
-          f"max_to_keep={max_to_keep!r} must be an int >= 1 (the number of "
-          "newest steps kept)."
+          f"max_to_keep={max_to_keep!r} must be an int >= 1 (the number of " "newest steps kept)."
       )
     self.directory = pathlib.Path(directory).absolute()  # Orbax needs absolute paths
     self.is_writer = bool(is_writer)
@@ -286,7 +279,8 @@ class StageCheckpointer:
       if self.is_writer:
         root.mkdir(parents=True, exist_ok=True)
     self._steps = _create_manager(
-        self._steps_dir, is_writer=self.is_writer,
+        self._steps_dir,
+        is_writer=self.is_writer,
         **_preservation_options(max_to_keep),
     )
     self._final = _create_manager(self._final_dir, is_writer=self.is_writer)
@@ -321,8 +315,7 @@ class StageCheckpointer:
     latest = self.latest_step()
     if latest is not None and step <= latest:
       if step == latest:
-        logging.info("Step %d of %s is already saved; not saving it again.",
-                     step, self._steps_dir)
+        logging.info("Step %d of %s is already saved; not saving it again.", step, self._steps_dir)
         return
       raise ValueError(
           f"step={step} is older than the newest saved step {latest} in "
@@ -357,8 +350,10 @@ class StageCheckpointer:
         # Orbax/TensorStore raise ValueError, OSError, JSONDecodeError, ...
         # for damaged files; any of them makes this step unusable.
         logging.warning(
-            "Checkpoint step %d in %s is unreadable, falling back to the "
-            "previous step: %s: %s", step, self._steps_dir, type(e).__name__,
+            "Checkpoint step %d in %s is unreadable, falling back to the " "previous step: %s: %s",
+            step,
+            self._steps_dir,
+            type(e).__name__,
             _shorten(e),
         )
         failures.append((step, e))
@@ -368,8 +363,7 @@ class StageCheckpointer:
       logging.info("Restored step %d from %s.", step, self._steps_dir)
       return step, restored
     if failures:
-      errors = "; ".join(
-          f"step {s}: {type(e).__name__}: {_shorten(e)}" for s, e in failures)
+      errors = "; ".join(f"step {s}: {type(e).__name__}: {_shorten(e)}" for s, e in failures)
       raise ValueError(
           f"none of the checkpoints in {self._steps_dir} could be restored "
           f"into the given template ({errors}). If the run's config "
@@ -438,12 +432,9 @@ class StageCheckpointer:
       )
     restored = self._final.restore(
         _FINAL_STEP,
-        args=ocp.args.Composite(
-            params=_restore_args(template_params), info=ocp.args.JsonRestore()
-        ),
+        args=ocp.args.Composite(params=_restore_args(template_params), info=ocp.args.JsonRestore()),
     )
-    _check_matches(restored["params"], template_params,
-                   f"final params in {self._final_dir}")
+    _check_matches(restored["params"], template_params, f"final params in {self._final_dir}")
     return restored["params"], dict(restored["info"])
 
   def close(self) -> None:
@@ -471,7 +462,8 @@ class StageCheckpointer:
       if ORBAX_TMP_MARKER in path.name:
         logging.warning(
             "Ignoring half-written checkpoint %s (a save that was interrupted)%s.",
-            path, "; the writer deletes it" if self.is_writer else "",
+            path,
+            "; the writer deletes it" if self.is_writer else "",
         )
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -488,4 +480,3 @@ class StageCheckpointer:
       except OSError as e:
         logging.warning("Could not move unreadable step %s aside: %s", source, e)
     self._steps.reload()
-

@@ -90,6 +90,7 @@ class Preprocessing:
     mean: per-channel mean of ``x_train / 255``, length C.
     std: per-channel standard deviation of ``x_train / 255``, length C.
   """
+
   image_shape: tuple[int, int, int]
   num_classes: int
   mean: tuple[float, ...]
@@ -101,15 +102,19 @@ class Preprocessing:
     object.__setattr__(self, "std", tuple(float(s) for s in np.ravel(self.std)))
     channels = self.image_shape[-1]
     if len(self.mean) != channels or len(self.std) != channels:
-      raise ValueError(f"mean and std need {channels} values (one per channel of "
-                       f"image_shape={self.image_shape}), got {self.mean} and {self.std}")
+      raise ValueError(
+          f"mean and std need {channels} values (one per channel of "
+          f"image_shape={self.image_shape}), got {self.mean} and {self.std}"
+      )
 
   def check_images(self, images: np.ndarray, what: str = "images") -> np.ndarray:
     """Returns ``images`` as an array after checking it is [N, H, W, C]."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"{what} must have shape [N, {', '.join(map(str, self.image_shape))}] "
-                       f"(N images of the model's input shape), got {tuple(images.shape)}")
+      raise ValueError(
+          f"{what} must have shape [N, {', '.join(map(str, self.image_shape))}] "
+          f"(N images of the model's input shape), got {tuple(images.shape)}"
+      )
     return images
 
   def normalize(self, images: np.ndarray, *, normalized: bool = False) -> np.ndarray:
@@ -128,24 +133,32 @@ class Preprocessing:
     if images.dtype == np.uint8:
       return input_pipeline.normalize(images, np.asarray(self.mean), np.asarray(self.std))
     if not np.issubdtype(images.dtype, np.floating):
-      raise ValueError(f"images must be uint8 pixels (0..255) or float pixels in [0, 1], got "
-                       f"dtype {images.dtype}; convert with images.astype(np.uint8) if they "
-                       "are 0..255 integers")
+      raise ValueError(
+          f"images must be uint8 pixels (0..255) or float pixels in [0, 1], got "
+          f"dtype {images.dtype}; convert with images.astype(np.uint8) if they "
+          "are 0..255 integers"
+      )
     if normalized:
       return images.astype(np.float32)
     low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
     if low < -1e-6 or high > 1 + 1e-6:
-      raise ValueError(f"float images must be pixels in [0, 1] (uint8 / 255), got values in "
-                       f"[{low:.4g}, {high:.4g}]; pass uint8 pixels, divide by 255, or pass "
-                       "normalized=True for inputs already normalised like the training data")
+      raise ValueError(
+          f"float images must be pixels in [0, 1] (uint8 / 255), got values in "
+          f"[{low:.4g}, {high:.4g}]; pass uint8 pixels, divide by 255, or pass "
+          "normalized=True for inputs already normalised like the training data"
+      )
     mean = np.asarray(self.mean, np.float32)
     std = np.asarray(self.std, np.float32)
     return ((images.astype(np.float32) - mean) / std).astype(np.float32)
 
   def to_json(self) -> dict:
-    return {"image_shape": list(self.image_shape), "num_classes": self.num_classes,
-            "mean": list(self.mean), "std": list(self.std),
-            "formula": "x = (uint8_pixels / 255 - mean) / std, float32, NHWC"}
+    return {
+        "image_shape": list(self.image_shape),
+        "num_classes": self.num_classes,
+        "mean": list(self.mean),
+        "std": list(self.std),
+        "formula": "x = (uint8_pixels / 255 - mean) / std, float32, NHWC",
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -170,6 +183,7 @@ class Member:
       held-out fit to the teacher, ``pkd.calibrated_fit``); 1 where the run
       did not calibrate. Only softmax-based uses (early exit) need it.
   """
+
   name: str
   stage: str
   size: str
@@ -201,6 +215,7 @@ class RunModels:
     prefix_accuracy: test accuracy of ``prefix_1..k`` from ``results.json``
       (``None`` where the run has no such row), one per student.
   """
+
   workdir: pathlib.Path
   dataset: str
   mode: str
@@ -227,8 +242,10 @@ def _get(tree: Mapping, dotted: str, path: pathlib.Path):
   node = tree
   for key in dotted.split("."):
     if not isinstance(node, Mapping) or key not in node:
-      raise ValueError(f"{path} has no field {dotted!r}; was it written by "
-                       "mamba_pkd.main (pkd.train_and_evaluate)?")
+      raise ValueError(
+          f"{path} has no field {dotted!r}; was it written by "
+          "mamba_pkd.main (pkd.train_and_evaluate)?"
+      )
     node = node[key]
   return node
 
@@ -236,9 +253,11 @@ def _get(tree: Mapping, dotted: str, path: pathlib.Path):
 def _load_stage(workdir: pathlib.Path, stage: str, config: ModelConfig) -> tuple[PyTree, dict]:
   directory = checkpoints.stage_dir(workdir, stage)
   if not (directory / checkpoints.FINAL_SUBDIR).is_dir():
-    raise ValueError(f"stage {stage!r} has no final checkpoint ({directory}/final is missing); "
-                     "the run did not finish this stage: re-run mamba_pkd.main with the same "
-                     "--workdir to complete it")
+    raise ValueError(
+        f"stage {stage!r} has no final checkpoint ({directory}/final is missing); "
+        "the run did not finish this stage: re-run mamba_pkd.main with the same "
+        "--workdir to complete it"
+    )
   template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
   with checkpoints.StageCheckpointer(directory, is_writer=False) as ckpt:
     return ckpt.load_final(template)
@@ -248,13 +267,16 @@ def _preprocessing_of_run(config: Mapping, meta: Mapping, path: pathlib.Path) ->
   """From ``meta["preprocessing"]`` when the run stored it, else by loading the dataset."""
   stored = meta.get("preprocessing")
   if isinstance(stored, Mapping) and {"mean", "std", "image_shape", "num_classes"} <= set(stored):
-    return Preprocessing(stored["image_shape"], stored["num_classes"], stored["mean"],
-                         stored["std"])
+    return Preprocessing(
+        stored["image_shape"], stored["num_classes"], stored["mean"], stored["std"]
+    )
   # The run's results.json does not carry the constants: recompute them exactly
   # as the run did (same dataset, same seed; the stats depend on x_train only).
   dataset = input_pipeline.load_dataset(
-      _get(config, "dataset", path), data_dir=config.get("data_dir") or None,
-      seed=int(config.get("seed", 0)))
+      _get(config, "dataset", path),
+      data_dir=config.get("data_dir") or None,
+      seed=int(config.get("seed", 0)),
+  )
   return Preprocessing(dataset.image_shape, dataset.num_classes, dataset.mean, dataset.std)
 
 
@@ -276,21 +298,29 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
   """
   workdir = pathlib.Path(workdir).absolute()  # Orbax wants absolute paths
   if not workdir.is_dir():
-    raise ValueError(f"workdir {str(workdir)!r} does not exist; pass the --workdir of a "
-                     "finished `python -m mamba_pkd.main` run")
+    raise ValueError(
+        f"workdir {str(workdir)!r} does not exist; pass the --workdir of a "
+        "finished `python -m mamba_pkd.main` run"
+    )
   config_path, results_path = workdir / "config.json", workdir / "results.json"
   config = _read_json(config_path, "pass the --workdir of a mamba_pkd.main run")
-  results = _read_json(results_path, "the run has not finished (results.json is written at "
-                                     "the end): re-run mamba_pkd.main with the same --workdir")
+  results = _read_json(
+      results_path,
+      "the run has not finished (results.json is written at "
+      "the end): re-run mamba_pkd.main with the same --workdir",
+  )
   meta = results.get("meta", {})
   family = _get(config, "model.ladder", config_path)
   mode = _get(config, "pkd.mode", config_path)
   connect = bool(_get(config, "pkd.connect", config_path))
   preprocessing = _preprocessing_of_run(config, meta, config_path)
-  sizes = ladder_configs(family, image_shape=preprocessing.image_shape,
-                         num_classes=preprocessing.num_classes,
-                         scan_method=_get(config, "model.scan_method", config_path),
-                         bidirectional=bool(_get(config, "model.bidirectional", config_path)))
+  sizes = ladder_configs(
+      family,
+      image_shape=preprocessing.image_shape,
+      num_classes=preprocessing.num_classes,
+      scan_method=_get(config, "model.scan_method", config_path),
+      bidirectional=bool(_get(config, "model.bidirectional", config_path)),
+  )
 
   teacher_params = _load_stage(workdir, "teacher", sizes["teacher"])[0] if with_teacher else None
   teacher = Member("teacher", "teacher", "teacher", sizes["teacher"], teacher_params)
@@ -307,12 +337,22 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
         cfg = cfg.replace(connect_dim=students[-1].config.d_model)
       params, info = _load_stage(workdir, stage, cfg)
       if info.get("size", size) != size:
-        raise ValueError(f"stage {stage!r} was trained as size {info.get('size')!r} but "
-                         f"results.json says {size!r}; the workdir is inconsistent")
+        raise ValueError(
+            f"stage {stage!r} was trained as size {info.get('size')!r} but "
+            f"results.json says {size!r}; the workdir is inconsistent"
+        )
       # The stage saved f_k; the ensemble holds eta_k f_k (see pkd.Decision.weight).
       params = scale_head(params, float(entry.get("weight", 1.0)))
-      students.append(Member(f"student_{len(students) + 1}", stage, size, cfg, params,
-                             prefix_scale=float(entry.get("scale", 1.0))))
+      students.append(
+          Member(
+              f"student_{len(students) + 1}",
+              stage,
+              size,
+              cfg,
+              params,
+              prefix_scale=float(entry.get("scale", 1.0)),
+          )
+      )
   elif mode == "chain":
     chain = next((e["chain"] for e in decisions if "chain" in e), [])
     for k, size in enumerate(chain, start=1):
@@ -323,13 +363,20 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
 
   rows = {row.get("name"): row for row in results.get("rows", [])}
   accuracy = [rows.get(f"prefix_1..{k}", {}).get("accuracy") for k in range(1, len(students) + 1)]
-  return RunModels(workdir=workdir, dataset=str(meta.get("dataset", config.get("dataset"))),
-                   mode=mode, preprocessing=preprocessing, teacher=teacher, students=students,
-                   prefix_accuracy=accuracy)
+  return RunModels(
+      workdir=workdir,
+      dataset=str(meta.get("dataset", config.get("dataset"))),
+      mode=mode,
+      preprocessing=preprocessing,
+      teacher=teacher,
+      students=students,
+      prefix_accuracy=accuracy,
+  )
 
 
-def select_members(run: RunModels, *, prefix: int | None = None, student: int | None = None,
-                   teacher: bool = False) -> list[Member]:
+def select_members(
+    run: RunModels, *, prefix: int | None = None, student: int | None = None, teacher: bool = False
+) -> list[Member]:
   """The members an export or a prediction uses.
 
   Args:
@@ -343,8 +390,11 @@ def select_members(run: RunModels, *, prefix: int | None = None, student: int | 
     ValueError: more than one selector, an index out of range (the valid
       range is named), a prefix of a chain-mode run, or a connected student alone.
   """
-  given = [name for name, v in (("prefix", prefix), ("student", student), ("teacher", teacher))
-           if v not in (None, False)]
+  given = [
+      name
+      for name, v in (("prefix", prefix), ("student", student), ("teacher", teacher))
+      if v not in (None, False)
+  ]
   if len(given) > 1:
     raise ValueError(f"choose one of prefix, student, teacher; got {given}")
   n = len(run.students)
@@ -357,21 +407,27 @@ def select_members(run: RunModels, *, prefix: int | None = None, student: int | 
       raise ValueError(f"student={student!r} is out of range: the run has {n} students (1..{n})")
     member = run.students[student - 1]
     if member.config.connect_dim:
-      raise ValueError(f"student {student} reads student {student - 1}'s features "
-                       "(pkd.connect=True), so it is not a classifier alone; export the "
-                       f"prefix 1..{student} instead (prefix={student})")
+      raise ValueError(
+          f"student {student} reads student {student - 1}'s features "
+          "(pkd.connect=True), so it is not a classifier alone; export the "
+          f"prefix 1..{student} instead (prefix={student})"
+      )
     return [member]
   if n == 0:
     raise ValueError(f"the run in {run.workdir} accepted no student; export the teacher instead")
   if run.mode != "ensemble":
     if prefix is not None or n > 1:
-      raise ValueError("a chain-mode run has no ensemble prefixes (its students are separate "
-                       f"classifiers); choose one with student=1..{n} or the teacher")
+      raise ValueError(
+          "a chain-mode run has no ensemble prefixes (its students are separate "
+          f"classifiers); choose one with student=1..{n} or the teacher"
+      )
     return list(run.students)
   k = n if prefix is None else prefix
   if not isinstance(k, int) or not 1 <= k <= n:
-    raise ValueError(f"prefix={prefix!r} is out of range: the ensemble has {n} students, "
-                     f"valid prefixes 1..{n}")
+    raise ValueError(
+        f"prefix={prefix!r} is out of range: the ensemble has {n} students, "
+        f"valid prefixes 1..{n}"
+    )
   return list(run.students[:k])
 
 
@@ -383,18 +439,22 @@ def select_members(run: RunModels, *, prefix: int | None = None, student: int | 
 @dataclasses.dataclass(frozen=True)
 class PrefixCost:
   """Cost of the prefix ``student_1..k``."""
+
   k: int
   sizes: tuple[str, ...]
   flops: int
   pct_teacher_flops: float
 
   def describe(self) -> str:
-    return (f"prefix 1..{self.k} ({'+'.join(self.sizes)}): {self.flops:,} FLOPs/image, "
-            f"{self.pct_teacher_flops:.2f}% of the teacher")
+    return (
+        f"prefix 1..{self.k} ({'+'.join(self.sizes)}): {self.flops:,} FLOPs/image, "
+        f"{self.pct_teacher_flops:.2f}% of the teacher"
+    )
 
 
-def prefix_costs(member_flops: Sequence[int], member_sizes: Sequence[str],
-                 teacher_flops: int) -> list[PrefixCost]:
+def prefix_costs(
+    member_flops: Sequence[int], member_sizes: Sequence[str], teacher_flops: int
+) -> list[PrefixCost]:
   """Cumulative FLOPs of every prefix, ``k = 1..len(member_flops)``."""
   out, total = [], 0
   for k, (f, _) in enumerate(zip(member_flops, member_sizes), start=1):
@@ -422,16 +482,21 @@ def parse_flops(text: str | float | int) -> tuple[float | None, float | None]:
     except ValueError:
       value = float("nan")
   if not math.isfinite(value) or value <= 0:
-    raise ValueError(f"max_flops={text!r} must be a positive number of FLOPs per image "
-                     "(e.g. 2.5e6, 120k, 3M) or a percentage of the teacher's (e.g. 25%)")
+    raise ValueError(
+        f"max_flops={text!r} must be a positive number of FLOPs per image "
+        "(e.g. 2.5e6, 120k, 3M) or a percentage of the teacher's (e.g. 25%)"
+    )
   return (None, value) if pct else (value, None)
 
 
-def largest_prefix_within(costs: Sequence[PrefixCost], *, max_flops: float | None = None,
-                          max_flops_pct: float | None = None,
-                          max_latency_ms: float | None = None,
-                          latency_ms: Callable[[int], float] | None = None
-                          ) -> tuple[int, dict[int, float]]:
+def largest_prefix_within(
+    costs: Sequence[PrefixCost],
+    *,
+    max_flops: float | None = None,
+    max_flops_pct: float | None = None,
+    max_latency_ms: float | None = None,
+    latency_ms: Callable[[int], float] | None = None,
+) -> tuple[int, dict[int, float]]:
   """The largest k whose prefix fits every given budget.
 
   FLOPs budgets filter first (static). Latency is then measured by
@@ -453,19 +518,30 @@ def largest_prefix_within(costs: Sequence[PrefixCost], *, max_flops: float | Non
     BudgetError: even the cheapest prefix does not fit (the message gives its cost).
     ValueError: a budget that is not a positive number.
   """
-  for name, value in (("max_flops", max_flops), ("max_flops_pct", max_flops_pct),
-                      ("max_latency_ms", max_latency_ms)):
+  for name, value in (
+      ("max_flops", max_flops),
+      ("max_flops_pct", max_flops_pct),
+      ("max_latency_ms", max_latency_ms),
+  ):
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
       raise ValueError(f"{name} must be a positive number, got {value!r}")
   if not costs:
     raise ValueError("there is no prefix to choose from (the ensemble is empty)")
-  fits = [c for c in costs
-          if (max_flops is None or c.flops <= max_flops)
-          and (max_flops_pct is None or c.pct_teacher_flops <= max_flops_pct)]
+  fits = [
+      c
+      for c in costs
+      if (max_flops is None or c.flops <= max_flops)
+      and (max_flops_pct is None or c.pct_teacher_flops <= max_flops_pct)
+  ]
   if not fits:
-    asked = " and ".join(s for s in (
-        f"--max_flops={max_flops:,.0f}" if max_flops is not None else "",
-        f"--max_flops_pct={max_flops_pct:g}" if max_flops_pct is not None else "") if s)
+    asked = " and ".join(
+        s
+        for s in (
+            f"--max_flops={max_flops:,.0f}" if max_flops is not None else "",
+            f"--max_flops_pct={max_flops_pct:g}" if max_flops_pct is not None else "",
+        )
+        if s
+    )
     raise BudgetError(f"no ensemble prefix fits {asked}: the cheapest, {costs[0].describe()}")
   k_best = fits[-1].k
   measured: dict[int, float] = {}
@@ -479,9 +555,11 @@ def largest_prefix_within(costs: Sequence[PrefixCost], *, max_flops: float | Non
         break
       k_lat = cost.k
     if k_lat == 0:
-      raise BudgetError(f"no ensemble prefix fits --max_latency_ms={max_latency_ms:g}: the "
-                        f"cheapest, {costs[0].describe()}, takes {measured[1]:.3g} ms per call "
-                        "on this machine")
+      raise BudgetError(
+          f"no ensemble prefix fits --max_latency_ms={max_latency_ms:g}: the "
+          f"cheapest, {costs[0].describe()}, takes {measured[1]:.3g} ms per call "
+          "on this machine"
+      )
     k_best = k_lat
   return k_best, measured
 
@@ -525,8 +603,9 @@ class Ensemble:
     return len(self.members)
 
   def costs(self) -> list[PrefixCost]:
-    return prefix_costs([m["flops"] for m in self.members], [m["size"] for m in self.members],
-                        self.teacher_flops)
+    return prefix_costs(
+        [m["flops"] for m in self.members], [m["size"] for m in self.members], self.teacher_flops
+    )
 
   def resolve_num_members(self, k: int | None) -> int:
     """``k`` (None: all members) checked to be in 1..num_members."""
@@ -541,7 +620,7 @@ class Ensemble:
     n = len(arrays[0])
     outs: list[list[np.ndarray]] = []
     for start in range(0, n, self.batch_size):
-      chunk = [a[start:start + self.batch_size] for a in arrays]
+      chunk = [a[start : start + self.batch_size] for a in arrays]
       rows = len(chunk[0])
       pad = _bucket(rows, self.batch_size) - rows
       if pad:
@@ -551,8 +630,9 @@ class Ensemble:
       outs.append([np.asarray(r)[:rows] for r in result])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
-  def member_forward(self, j: int, x: np.ndarray, prev_features: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+  def member_forward(
+      self, j: int, x: np.ndarray, prev_features: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Member ``j`` (0-based) on normalised inputs.
 
     Args:
@@ -568,14 +648,14 @@ class Ensemble:
     if connect:
       if prev_features is None or prev_features.shape != (len(x), connect):
         raise ValueError(f"member {j + 1} is connected: pass prev_features [N, {connect}]")
-      logits, feats = self._run_padded(self._member_fn(j),
-                                       [x, prev_features.astype(np.float32)])
+      logits, feats = self._run_padded(self._member_fn(j), [x, prev_features.astype(np.float32)])
     else:
       logits, feats = self._run_padded(self._member_fn(j), [x])
     return logits, feats
 
-  def logits(self, images: np.ndarray, *, num_members: int | None = None,
-             normalized: bool = False) -> np.ndarray:
+  def logits(
+      self, images: np.ndarray, *, num_members: int | None = None, normalized: bool = False
+  ) -> np.ndarray:
     """``F_k(x)``: the summed logits of the first ``num_members`` members.
 
     Args:
@@ -605,23 +685,38 @@ class Ensemble:
 
 
 def _member_dict(m: Member) -> dict:
-  return {"name": m.name, "stage": m.stage, "size": m.size, "flops": m.flops,
-          "params": m.num_params, "d_model": m.config.d_model,
-          "connect_dim": m.config.connect_dim, "prefix_scale": m.prefix_scale}
+  return {
+      "name": m.name,
+      "stage": m.stage,
+      "size": m.size,
+      "flops": m.flops,
+      "params": m.num_params,
+      "d_model": m.config.d_model,
+      "connect_dim": m.config.connect_dim,
+      "prefix_scale": m.prefix_scale,
+  }
 
 
 class InProcessEnsemble(Ensemble):
   """Members from a workdir, run with Flax in this process."""
 
-  def __init__(self, members: Sequence[Member], *, preprocessing: Preprocessing,
-               teacher_flops: int, prefix_accuracy: Sequence[float | None] = (),
-               batch_size: int = DEFAULT_BATCH_SIZE, description: str = ""):
+  def __init__(
+      self,
+      members: Sequence[Member],
+      *,
+      preprocessing: Preprocessing,
+      teacher_flops: int,
+      prefix_accuracy: Sequence[float | None] = (),
+      batch_size: int = DEFAULT_BATCH_SIZE,
+      description: str = "",
+  ):
     self._members = list(members)
     self.members = [_member_dict(m) for m in self._members]
     self.preprocessing = preprocessing
     self.teacher_flops = int(teacher_flops)
-    self.prefix_accuracy = list(prefix_accuracy)[:len(members)] + \
-        [None] * max(0, len(members) - len(prefix_accuracy))
+    self.prefix_accuracy = list(prefix_accuracy)[: len(members)] + [None] * max(
+        0, len(members) - len(prefix_accuracy)
+    )
     self.batch_size = batch_size
     self.description = description
     self._cache: dict = {}
@@ -632,8 +727,9 @@ class InProcessEnsemble(Ensemble):
       m = self._members[j]
       model = create_model(m.config)
       params = jax.tree.map(jnp.asarray, m.params)
-      apply = jax.jit(lambda p, x, prev=None: model.apply({"params": p}, x, prev,
-                                                          return_features=True))
+      apply = jax.jit(
+          lambda p, x, prev=None: model.apply({"params": p}, x, prev, return_features=True)
+      )
       self._cache[key] = lambda x, prev=None: apply(params, x, prev)
     return self._cache[key]
 
@@ -653,15 +749,20 @@ def _summed(configs: Sequence[ModelConfig], params: Sequence[PyTree], x) -> jax.
   return sum(logits[1:], logits[0])
 
 
-def ensemble_from_run(run: RunModels, members: Sequence[Member] | None = None, *,
-                      batch_size: int = DEFAULT_BATCH_SIZE) -> InProcessEnsemble:
+def ensemble_from_run(
+    run: RunModels, members: Sequence[Member] | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> InProcessEnsemble:
   """An :class:`InProcessEnsemble` of ``members`` (default: all accepted students)."""
   members = select_members(run) if members is None else list(members)
   accuracy = run.prefix_accuracy if members and members[0].name == "student_1" else []
-  return InProcessEnsemble(members, preprocessing=run.preprocessing,
-                           teacher_flops=run.teacher_flops, prefix_accuracy=accuracy,
-                           batch_size=batch_size,
-                           description=f"workdir {run.workdir} (in-process)")
+  return InProcessEnsemble(
+      members,
+      preprocessing=run.preprocessing,
+      teacher_flops=run.teacher_flops,
+      prefix_accuracy=accuracy,
+      batch_size=batch_size,
+      description=f"workdir {run.workdir} (in-process)",
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -671,16 +772,23 @@ def ensemble_from_run(run: RunModels, members: Sequence[Member] | None = None, *
 
 def _check_scan_method(scan_method: str) -> None:
   if scan_method not in EXPORT_SCAN_METHODS:
-    raise ValueError(f"scan_method={scan_method!r} cannot be exported with a symbolic batch; "
-                     f"choose one of {EXPORT_SCAN_METHODS}")
+    raise ValueError(
+        f"scan_method={scan_method!r} cannot be exported with a symbolic batch; "
+        f"choose one of {EXPORT_SCAN_METHODS}"
+    )
 
 
-def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
-                   preprocessing: Preprocessing, teacher_flops: int,
-                   prefix_accuracy: Sequence[float | None] = (),
-                   scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
-                   platforms: Sequence[str] | None = None,
-                   source: Mapping[str, Any] | None = None) -> pathlib.Path:
+def export_members(
+    members: Sequence[Member],
+    out_dir: str | pathlib.Path,
+    *,
+    preprocessing: Preprocessing,
+    teacher_flops: int,
+    prefix_accuracy: Sequence[float | None] = (),
+    scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
+    platforms: Sequence[str] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
   """Serialises ``members`` (a prefix, one student or the teacher) into a bundle.
 
   Args:
@@ -705,15 +813,17 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
   if not members:
     raise ValueError("members is empty: nothing to export")
   if members[0].config.connect_dim:
-    raise ValueError(f"{members[0].name} reads the previous student's features: export a "
-                     "prefix that starts at student 1")
+    raise ValueError(
+        f"{members[0].name} reads the previous student's features: export a "
+        "prefix that starts at student 1"
+    )
   _check_scan_method(scan_method)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   configs = tuple(m.config.replace(scan_method=scan_method) for m in members)
   params = [jax.tree.map(jnp.asarray, m.params) for m in members]
   h, w, c = preprocessing.image_shape
-  batch, = jax.export.symbolic_shape("b")
+  (batch,) = jax.export.symbolic_shape("b")
   image_spec = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32)
   kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
 
@@ -735,13 +845,22 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
     filename = f"member_{j}.stablehlo"
     if cfg.connect_dim:
       prev_spec = jax.ShapeDtypeStruct((batch, cfg.connect_dim), jnp.float32)
-      export_to(lambda x, prev, model=model, p=p: model.apply(
-          {"params": p}, x, prev, return_features=True), (image_spec, prev_spec), filename)
+      export_to(
+          lambda x, prev, model=model, p=p: model.apply(
+              {"params": p}, x, prev, return_features=True
+          ),
+          (image_spec, prev_spec),
+          filename,
+      )
     else:
-      export_to(lambda x, model=model, p=p: model.apply({"params": p}, x, return_features=True),
-                (image_spec,), filename)
-    config_dict = {k: (list(v) if isinstance(v, tuple) else v)
-                   for k, v in dataclasses.asdict(cfg).items()}
+      export_to(
+          lambda x, model=model, p=p: model.apply({"params": p}, x, return_features=True),
+          (image_spec,),
+          filename,
+      )
+    config_dict = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
+    }
     member_entries.append({**_member_dict(m), "file": filename, "config": config_dict})
 
   def prefix_fn(x):
@@ -750,15 +869,18 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
 
   exported = export_to(prefix_fn, (image_spec,), PREFIX_FILE)
   total = sum(m.flops for m in members)
-  accuracy = list(prefix_accuracy)[:len(members)]
+  accuracy = list(prefix_accuracy)[: len(members)]
   accuracy += [None] * (len(members) - len(accuracy))
   sidecar = {
-      "format": FORMAT, "version": FORMAT_VERSION,
+      "format": FORMAT,
+      "version": FORMAT_VERSION,
       "preprocessing": preprocessing.to_json(),
       "members": member_entries,
       "prefix_file": PREFIX_FILE,
-      "prefix_output": ("float32 [b, k, K]: cumulative logits F_1..F_k (F_j = f_1 + ... + f_j; "
-                        "each member's ensemble weight is folded into its head)"),
+      "prefix_output": (
+          "float32 [b, k, K]: cumulative logits F_1..F_k (F_j = f_1 + ... + f_j; "
+          "each member's ensemble weight is folded into its head)"
+      ),
       "member_output": "(logits float32 [b, K], features float32 [b, d_model])",
       "input": "float32 [b, H, W, C] = (uint8 / 255 - mean) / std; b symbolic",
       "teacher_flops": int(teacher_flops),
@@ -775,11 +897,18 @@ def export_members(members: Sequence[Member], out_dir: str | pathlib.Path, *,
   return path
 
 
-def export_run(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
-               prefix: int | None = None, student: int | None = None, teacher: bool = False,
-               max_flops: float | None = None, max_flops_pct: float | None = None,
-               scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
-               platforms: Sequence[str] | None = None) -> tuple[pathlib.Path, list[Member]]:
+def export_run(
+    workdir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    *,
+    prefix: int | None = None,
+    student: int | None = None,
+    teacher: bool = False,
+    max_flops: float | None = None,
+    max_flops_pct: float | None = None,
+    scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
+    platforms: Sequence[str] | None = None,
+) -> tuple[pathlib.Path, list[Member]]:
   """Exports a selection of a run's models; with a FLOPs budget, the largest prefix that fits.
 
   Returns:
@@ -792,22 +921,33 @@ def export_run(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
   _check_scan_method(scan_method)
   budget = max_flops is not None or max_flops_pct is not None
   if budget and (prefix is not None or student is not None or teacher):
-    raise ValueError("a FLOPs budget picks the prefix itself: do not combine max_flops/"
-                     "max_flops_pct with prefix, student or teacher")
+    raise ValueError(
+        "a FLOPs budget picks the prefix itself: do not combine max_flops/"
+        "max_flops_pct with prefix, student or teacher"
+    )
   run = load_run(workdir, with_teacher=teacher)
   if budget:
     everything = select_members(run)
     k, _ = largest_prefix_within(
-        prefix_costs([m.flops for m in everything], [m.size for m in everything],
-                     run.teacher_flops), max_flops=max_flops, max_flops_pct=max_flops_pct)
+        prefix_costs(
+            [m.flops for m in everything], [m.size for m in everything], run.teacher_flops
+        ),
+        max_flops=max_flops,
+        max_flops_pct=max_flops_pct,
+    )
     prefix = k
   members = select_members(run, prefix=prefix, student=student, teacher=teacher)
   accuracy = run.prefix_accuracy if members[0].name == "student_1" else []
-  path = export_members(members, out_dir, preprocessing=run.preprocessing,
-                        teacher_flops=run.teacher_flops, prefix_accuracy=accuracy,
-                        scan_method=scan_method, platforms=platforms,
-                        source={"workdir": str(run.workdir), "dataset": run.dataset,
-                                "mode": run.mode})
+  path = export_members(
+      members,
+      out_dir,
+      preprocessing=run.preprocessing,
+      teacher_flops=run.teacher_flops,
+      prefix_accuracy=accuracy,
+      scan_method=scan_method,
+      platforms=platforms,
+      source={"workdir": str(run.workdir), "dataset": run.dataset, "mode": run.mode},
+  )
   return path, members
 
 
@@ -827,19 +967,25 @@ class ExportedEnsemble(Ensemble):
   def __init__(self, path: str | pathlib.Path, *, batch_size: int = DEFAULT_BATCH_SIZE):
     path = pathlib.Path(path)
     directory = path.parent if path.name == SIDECAR else path
-    meta = _read_json(directory / SIDECAR,
-                      "pass a directory written by mamba_pkd.export (it holds export.json)")
+    meta = _read_json(
+        directory / SIDECAR, "pass a directory written by mamba_pkd.export (it holds export.json)"
+    )
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-      raise ValueError(f"{directory / SIDECAR} is not a {FORMAT} v{FORMAT_VERSION} sidecar "
-                       f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+      raise ValueError(
+          f"{directory / SIDECAR} is not a {FORMAT} v{FORMAT_VERSION} sidecar "
+          f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
+      )
     self.meta = meta
     self.directory = directory
     pre = meta["preprocessing"]
-    self.preprocessing = Preprocessing(pre["image_shape"], pre["num_classes"], pre["mean"],
-                                       pre["std"])
+    self.preprocessing = Preprocessing(
+        pre["image_shape"], pre["num_classes"], pre["mean"], pre["std"]
+    )
     keys = ("name", "stage", "size", "flops", "params", "d_model", "connect_dim")
-    self.members = [dict({k: m[k] for k in keys}, prefix_scale=float(m.get("prefix_scale", 1.0)))
-                    for m in meta["members"]]  # bundles written before prefix_scale: 1
+    self.members = [
+        dict({k: m[k] for k in keys}, prefix_scale=float(m.get("prefix_scale", 1.0)))
+        for m in meta["members"]
+    ]  # bundles written before prefix_scale: 1
     self.teacher_flops = int(meta["teacher_flops"])
     self.prefix_accuracy = list(meta.get("prefix_accuracy") or [None] * len(self.members))
     self.batch_size = batch_size
@@ -854,8 +1000,9 @@ class ExportedEnsemble(Ensemble):
   def _deserialize(self, filename: str):
     file = self.directory / filename
     if not file.is_file():
-      raise ValueError(f"{file} is missing; the bundle in {self.directory} is incomplete "
-                       "(export it again)")
+      raise ValueError(
+          f"{file} is missing; the bundle in {self.directory} is incomplete " "(export it again)"
+      )
     return jax.export.deserialize(bytearray(file.read_bytes()))
 
   def _member_fn(self, j):
@@ -894,8 +1041,9 @@ class ExportedEnsemble(Ensemble):
     return self._run_padded(self._fused, [x])[0]
 
 
-def load_export(path: str | pathlib.Path, *, batch_size: int = DEFAULT_BATCH_SIZE
-                ) -> ExportedEnsemble:
+def load_export(
+    path: str | pathlib.Path, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> ExportedEnsemble:
   """Loads a bundle: ``load_export(dir)(images) -> logits [N, K]`` (float32).
 
   ``images``: uint8 [N, H, W, C] pixels, or float pixels in [0, 1]; pass
@@ -916,22 +1064,35 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m mamba_pkd.export",
       description="Export a student, an ensemble prefix or the teacher of a finished run "
-                  "(jax.export, StableHLO, symbolic batch) with its preprocessing constants.")
+      "(jax.export, StableHLO, symbolic batch) with its preprocessing constants.",
+  )
   parser.add_argument("--workdir", required=True, help="the run's --workdir")
   parser.add_argument("--out", required=True, help="bundle directory to write")
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--prefix", type=int, help="export students 1..K (ensemble prefix)")
   which.add_argument("--student", type=int, help="export student J alone")
   which.add_argument("--teacher", action="store_true", help="export the teacher")
-  which.add_argument("--max_flops", help="largest prefix within this many FLOPs per image "
-                                         "(e.g. 2e6, 150k, or 25%% of the teacher)")
-  which.add_argument("--max_flops_pct", type=float,
-                     help="largest prefix within this percentage of the teacher's FLOPs")
-  parser.add_argument("--scan_method", default=DEFAULT_EXPORT_SCAN_METHOD,
-                      choices=EXPORT_SCAN_METHODS, help="scan inside the exported functions")
-  parser.add_argument("--platforms", default="",
-                      help="comma-separated lowering platforms, e.g. cpu,cuda (default: this "
-                           "machine's)")
+  which.add_argument(
+      "--max_flops",
+      help="largest prefix within this many FLOPs per image "
+      "(e.g. 2e6, 150k, or 25%% of the teacher)",
+  )
+  which.add_argument(
+      "--max_flops_pct",
+      type=float,
+      help="largest prefix within this percentage of the teacher's FLOPs",
+  )
+  parser.add_argument(
+      "--scan_method",
+      default=DEFAULT_EXPORT_SCAN_METHOD,
+      choices=EXPORT_SCAN_METHODS,
+      help="scan inside the exported functions",
+  )
+  parser.add_argument(
+      "--platforms",
+      default="",
+      help="comma-separated lowering platforms, e.g. cpu,cuda (default: this " "machine's)",
+  )
   return parser
 
 
@@ -942,10 +1103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_flops is not None:
       max_flops, max_flops_pct = parse_flops(args.max_flops)
     platforms = [p for p in args.platforms.split(",") if p] or None
-    path, members = export_run(args.workdir, args.out, prefix=args.prefix, student=args.student,
-                               teacher=args.teacher, max_flops=max_flops,
-                               max_flops_pct=max_flops_pct, scan_method=args.scan_method,
-                               platforms=platforms)
+    path, members = export_run(
+        args.workdir,
+        args.out,
+        prefix=args.prefix,
+        student=args.student,
+        teacher=args.teacher,
+        max_flops=max_flops,
+        max_flops_pct=max_flops_pct,
+        scan_method=args.scan_method,
+        platforms=platforms,
+    )
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -953,11 +1121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   acc = meta["prefix_accuracy"][-1] if meta["prefix_accuracy"] else None
   names = "+".join(m.size for m in members)
   print(f"exported {len(members)} member(s) ({names}) to {path.parent}")
-  print(f"  {meta['flops']:,} FLOPs/image = {meta['pct_teacher_flops']:.2f}% of the teacher's "
-        f"{meta['teacher_flops']:,}" + (f"; test accuracy in the run {100 * acc:.2f}%"
-                                        if acc is not None else ""))
-  print(f"  files: {SIDECAR}, {PREFIX_FILE}, "
-        + ", ".join(m["file"] for m in meta["members"]) + f" (platforms {meta['platforms']})")
+  print(
+      f"  {meta['flops']:,} FLOPs/image = {meta['pct_teacher_flops']:.2f}% of the teacher's "
+      f"{meta['teacher_flops']:,}"
+      + (f"; test accuracy in the run {100 * acc:.2f}%" if acc is not None else "")
+  )
+  print(
+      f"  files: {SIDECAR}, {PREFIX_FILE}, "
+      + ", ".join(m["file"] for m in meta["members"])
+      + f" (platforms {meta['platforms']})"
+  )
   return 0
 
 

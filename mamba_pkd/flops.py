@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from mamba_pkd.models import ModelConfig, create_model, init_params
 
 # Elementwise op counts, per element.
-_SILU = 5          # XLA: logistic as exp (1 transcendental) + 4 arithmetic ops
-_SOFTPLUS = 8      # XLA: max(x, 0) + log1p(exp(-|x|)) with NaN guard: 6 ops + 2 transcendentals
-_RMSNORM = 4       # square, (mean: add), rsqrt, multiply, scale (+1 per row, ignored)
+_SILU = 5  # XLA: logistic as exp (1 transcendental) + 4 arithmetic ops
+_SOFTPLUS = 8  # XLA: max(x, 0) + log1p(exp(-|x|)) with NaN guard: 6 ops + 2 transcendentals
+_RMSNORM = 4  # square, (mean: add), rsqrt, multiply, scale (+1 per row, ignored)
 
 
 def mixer_flops(config: ModelConfig) -> dict[str, int]:
@@ -36,10 +36,10 @@ def mixer_flops(config: ModelConfig) -> dict[str, int]:
   n, r, k = config.d_state, config.resolved_dt_rank, config.d_conv
   branches = 2 if config.bidirectional else 1
   per_branch = {
-      "conv1d": tokens * e * (2 * k + 1),                       # depthwise MACs + bias
+      "conv1d": tokens * e * (2 * k + 1),  # depthwise MACs + bias
       "silu_x": tokens * e * _SILU,
       "x_proj": 2 * tokens * e * (r + 2 * n),
-      "dt_proj": tokens * e * (2 * r + 1),                      # matmul + bias
+      "dt_proj": tokens * e * (2 * r + 1),  # matmul + bias
       "softplus": tokens * e * _SOFTPLUS,
       # per step and (channel, state): dt*A, exp, *B, dA*h + dBu (2), C.h (2) -> 7;
       # per step and channel: dt*u, D*u + y (2) -> 3.
@@ -89,12 +89,16 @@ def count_params(config: ModelConfig) -> int:
   mixer = d * 2 * e + (2 if config.bidirectional else 1) * branch + e * d
   block = mixer + d  # + RMSNorm weight
   patch = config.patch_size**2 * config.image_shape[2]
-  return (patch * d + d                       # patch embedding conv + bias
-          + config.num_tokens * d             # position embedding
-          + config.n_layers * block
-          + d                                 # final norm
-          + (config.connect_dim * d + d if config.connect_dim else 0)
-          + d * config.num_classes + config.num_classes)
+  return (
+      patch * d
+      + d  # patch embedding conv + bias
+      + config.num_tokens * d  # position embedding
+      + config.n_layers * block
+      + d  # final norm
+      + (config.connect_dim * d + d if config.connect_dim else 0)
+      + d * config.num_classes
+      + config.num_classes
+  )
 
 
 def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, float]:
@@ -110,8 +114,11 @@ def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, flo
   images = jnp.zeros((batch_size, *cfg.image_shape), jnp.float32)
   prev = jnp.zeros((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None
   model = create_model(cfg)
-  compiled = jax.jit(lambda p, x, f: model.apply({"params": p}, x, f)).lower(
-      params, images, prev).compile()
+  compiled = (
+      jax.jit(lambda p, x, f: model.apply({"params": p}, x, f))
+      .lower(params, images, prev)
+      .compile()
+  )
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0]

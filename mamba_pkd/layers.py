@@ -102,7 +102,7 @@ class CausalDepthwiseConv1d(nn.Module):
     padded = jnp.pad(x, ((0, 0), (taps - 1, 0), (0, 0)))
     y = bias.astype(x.dtype)
     for k in range(taps):  # tap k reads x_{t - (taps - 1 - k)}
-      y = y + padded[:, k:k + length] * kernel[k, 0].astype(x.dtype)
+      y = y + padded[:, k : k + length] * kernel[k, 0].astype(x.dtype)
     return y
 
 
@@ -171,15 +171,26 @@ class MambaMixer(nn.Module):
     # softplus(dt_proj(dt)) is the step size. The reference adds dt_proj's bias
     # inside the scan kernel; adding it here is the same arithmetic.
     delta = nn.Dense(
-        d_inner, use_bias=True, name="dt_proj" + suffix,
+        d_inner,
+        use_bias=True,
+        name="dt_proj" + suffix,
         kernel_init=_uniform_symmetric(dt_rank**-0.5 * self.dt_scale),
-        bias_init=dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor))(dt)
+        bias_init=dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+    )(dt)
     a_name = "A_b_log" if suffix else "A_log"
     a_log = self.param(a_name, a_log_init, (d_inner, self.d_state))
     d_skip = self.param("D" + suffix, nn.initializers.ones, (d_inner,))
     y = selective_scan(
-        x, delta, -jnp.exp(a_log.astype(jnp.float32)), b_mat, c_mat, d_skip,
-        delta_softplus=True, method=self.scan_method, unroll=self.scan_unroll)
+        x,
+        delta,
+        -jnp.exp(a_log.astype(jnp.float32)),
+        b_mat,
+        c_mat,
+        d_skip,
+        delta_softplus=True,
+        method=self.scan_method,
+        unroll=self.scan_unroll,
+    )
     return jnp.flip(y, axis=1) if reverse else y
 
 
@@ -204,9 +215,16 @@ class ResidualBlock(nn.Module):
     """hidden: [batch, L, d_model] -> same shape."""
     normed = RMSNorm(self.norm_eps, name="norm")(hidden)
     mixer = MambaMixer(
-        d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-        dt_rank=self.dt_rank, bidirectional=self.bidirectional,
-        scan_method=self.scan_method, scan_unroll=self.scan_unroll, name="mixer")
+        d_model=self.d_model,
+        d_state=self.d_state,
+        d_conv=self.d_conv,
+        expand=self.expand,
+        dt_rank=self.dt_rank,
+        bidirectional=self.bidirectional,
+        scan_method=self.scan_method,
+        scan_unroll=self.scan_unroll,
+        name="mixer",
+    )
     return hidden + mixer(normed)
 
 
@@ -226,7 +244,8 @@ class PatchEmbed(nn.Module):
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(
           f"patch_size={p} must divide the image height and width, got image "
-          f"shape {tuple(images.shape[1:])}")
+          f"shape {tuple(images.shape[1:])}"
+      )
     tokens = nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="proj")(images)
     return tokens.reshape(tokens.shape[0], -1, self.d_model)
 

@@ -77,30 +77,28 @@ def _check_temperature(temperature) -> None:
   """
   if isinstance(temperature, bool):
     raise ValueError(f"temperature must be a float > 0, got {temperature!r}.")
-  if _is_python_number(temperature) and not (
-      temperature > 0 and math.isfinite(temperature)):
-    raise ValueError(
-        f"temperature must be a finite float > 0, got {temperature!r}.")
+  if _is_python_number(temperature) and not (temperature > 0 and math.isfinite(temperature)):
+    raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}.")
 
 
 def _check_logits(name: str, logits: Array) -> None:
   if jnp.ndim(logits) != 2:
-    raise ValueError(
-        f"{name} must have shape [B, K], got shape {jnp.shape(logits)}.")
+    raise ValueError(f"{name} must have shape [B, K], got shape {jnp.shape(logits)}.")
 
 
 def _check_same_shape(name_a: str, a: Array, name_b: str, b: Array) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(
         f"{name_a} and {name_b} must have the same shape [B, K], got "
-        f"{jnp.shape(a)} and {jnp.shape(b)}.")
+        f"{jnp.shape(a)} and {jnp.shape(b)}."
+    )
 
 
 def _check_weights(weights: Array | None, batch: int) -> None:
   if weights is not None and jnp.shape(weights) != (batch,):
     raise ValueError(
-        f"weights must have shape [B]=({batch},) or be None, got shape "
-        f"{jnp.shape(weights)}.")
+        f"weights must have shape [B]=({batch},) or be None, got shape " f"{jnp.shape(weights)}."
+    )
 
 
 def _weighted_mean(values: Array, weights: Array | None) -> Array:
@@ -125,8 +123,7 @@ def _weighted_mean(values: Array, weights: Array | None) -> Array:
 # ----------------------------------------------------------------------------
 
 
-def cross_entropy(
-    logits: Array, labels: Array, weights: Array | None = None) -> Array:
+def cross_entropy(logits: Array, labels: Array, weights: Array | None = None) -> Array:
   """Weighted mean softmax cross-entropy, ``-log softmax(logits)[label]``.
 
   Args:
@@ -142,20 +139,17 @@ def cross_entropy(
   _check_logits("logits", logits)
   if jnp.shape(labels) != jnp.shape(logits)[:1]:
     raise ValueError(
-        f"labels must have shape [B]={jnp.shape(logits)[:1]}, got "
-        f"{jnp.shape(labels)}.")
+        f"labels must have shape [B]={jnp.shape(logits)[:1]}, got " f"{jnp.shape(labels)}."
+    )
   _check_weights(weights, jnp.shape(logits)[0])
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, K]
-  nll = -jnp.take_along_axis(
-      log_probs, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]  # [B]
+  nll = -jnp.take_along_axis(log_probs, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]  # [B]
   return _weighted_mean(nll, weights)
 
 
 def soft_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    temperature: float,
-    weights: Array | None = None) -> Array:
+    student_logits: Array, teacher_logits: Array, temperature: float, weights: Array | None = None
+) -> Array:
   """Distillation term ``T**2 * mean_b KL(softmax(g/T) || softmax(f/T))``.
 
   The ``T**2`` factor keeps the gradient scale comparable to the hard loss
@@ -173,8 +167,7 @@ def soft_kl(
   """
   _check_temperature(temperature)
   _check_logits("student_logits", student_logits)
-  _check_same_shape("student_logits", student_logits,
-                    "teacher_logits", teacher_logits)
+  _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   _check_weights(weights, jnp.shape(student_logits)[0])
   teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
   student = student_logits.astype(jnp.float32)
@@ -191,7 +184,8 @@ def kd_loss(
     *,
     alpha: float,
     temperature: float,
-    weights: Array | None = None) -> Array:
+    weights: Array | None = None,
+) -> Array:
   """Knowledge-distillation loss ``alpha * L_hard + (1 - alpha) * L_soft``.
 
   ``L_hard`` is :func:`cross_entropy` on the labels, ``L_soft`` is
@@ -225,7 +219,8 @@ def adversary_weights(
     ensemble_logits: Array,
     *,
     scale: float = 1.0,
-    weights: Array | None = None) -> tuple[Array, Array]:
+    weights: Array | None = None,
+) -> tuple[Array, Array]:
   """B-DISTIL adversary weights ``K+ ~ exp(s(g - F))``, ``K- ~ exp(s(F - g))``.
 
   Per example ``i`` and class ``j``, ``K+[i, j]`` is large where the ensemble
@@ -248,13 +243,13 @@ def adversary_weights(
     ``(k_plus, k_minus)``, each [B, K] float32, non-negative.
   """
   _check_logits("teacher_logits", teacher_logits)
-  _check_same_shape("teacher_logits", teacher_logits,
-                    "ensemble_logits", ensemble_logits)
+  _check_same_shape("teacher_logits", teacher_logits, "ensemble_logits", ensemble_logits)
   _check_weights(weights, jnp.shape(teacher_logits)[0])
   if _is_python_number(scale) and not (scale > 0 and math.isfinite(scale)):
     raise ValueError(f"scale must be a finite float > 0, got {scale!r}.")
-  diff = scale * (teacher_logits.astype(jnp.float32)
-                  - ensemble_logits.astype(jnp.float32))  # [B, K]
+  diff = scale * (
+      teacher_logits.astype(jnp.float32) - ensemble_logits.astype(jnp.float32)
+  )  # [B, K]
   diff = jax.lax.stop_gradient(diff)
   shift = jnp.max(jnp.abs(diff))  # exp(+-diff - shift) <= 1
   k_plus = jnp.exp(diff - shift)  # [B, K]
@@ -297,8 +292,7 @@ def bdistil_loss(head_logits: Array, k_plus: Array, k_minus: Array) -> Array:
   return -jnp.sum(k_plus * log_one_plus_f + k_minus * log_one_minus_f)
 
 
-def weak_learner_edge(
-    student_logits: Array, k_plus: Array, k_minus: Array) -> Array:
+def weak_learner_edge(student_logits: Array, k_plus: Array, k_minus: Array) -> Array:
   """Weak-learner edge ``gamma = sum (K+ - K-) * tanh(f)``.
 
   ``tanh`` maps the student's logits into [-1, 1]; with ``K±`` jointly
@@ -320,8 +314,7 @@ def weak_learner_edge(
   _check_same_shape("student_logits", student_logits, "k_plus", k_plus)
   _check_same_shape("student_logits", student_logits, "k_minus", k_minus)
   f = jnp.tanh(student_logits.astype(jnp.float32))  # [B, K] in [-1, 1]
-  return jnp.sum((k_plus.astype(jnp.float32)
-                  - k_minus.astype(jnp.float32)) * f)
+  return jnp.sum((k_plus.astype(jnp.float32) - k_minus.astype(jnp.float32)) * f)
 
 
 # ----------------------------------------------------------------------------
@@ -338,8 +331,8 @@ def _select(logits: Logits, view: View) -> Array:
   if isinstance(view, str):
     if view not in logits:
       raise ValueError(
-          f"stage loss needs logits[{view!r}], but only "
-          f"{sorted(logits)} were given.")
+          f"stage loss needs logits[{view!r}], but only " f"{sorted(logits)} were given."
+      )
     return logits[view]
   return view(logits)
 
@@ -352,7 +345,8 @@ def _merge_metrics(*parts: Metrics) -> Metrics:
       if key in merged:
         raise ValueError(
             f"metric {key!r} is produced by two terms of the stage loss; give "
-            "one of them another name with name=...")
+            "one of them another name with name=..."
+        )
       merged[key] = value
   return merged
 
@@ -364,6 +358,7 @@ class Residual:
   When ``base`` is None or missing from the logits (the first student), the
   view is just ``logits[on]``.
   """
+
   on: str = "student"
   base: str | None = "prefix"
 
@@ -372,8 +367,7 @@ class Residual:
     if self.base is None or self.base not in logits:
       return out
     base = logits[self.base]
-    _check_same_shape(f"logits[{self.on!r}]", out,
-                      f"logits[{self.base!r}]", base)
+    _check_same_shape(f"logits[{self.on!r}]", out, f"logits[{self.base!r}]", base)
     return jax.lax.stop_gradient(base) + out
 
 
@@ -385,11 +379,13 @@ def residual(on: str = "student", base: str | None = "prefix") -> Residual:
 @dataclasses.dataclass(frozen=True)
 class Hard:
   """Cross-entropy of ``view`` against the labels; metric ``loss/hard``."""
+
   view: View = "student"
   name: str = "loss/hard"
 
-  def __call__(self, logits: Logits, labels: Array,
-               weights: Array | None = None) -> tuple[Array, Metrics]:
+  def __call__(
+      self, logits: Logits, labels: Array, weights: Array | None = None
+  ) -> tuple[Array, Metrics]:
     loss = cross_entropy(_select(logits, self.view), labels, weights)
     return loss, {self.name: loss}
 
@@ -402,6 +398,7 @@ def hard(view: View = "student", *, name: str = "loss/hard") -> Hard:
 @dataclasses.dataclass(frozen=True)
 class Soft:
   """``T**2 * KL(softmax(target/T) || softmax(view/T))``; metric ``loss/soft``."""
+
   view: View = "student"
   target: View = "teacher"
   temperature: float = 1.0
@@ -410,16 +407,23 @@ class Soft:
   def __post_init__(self):
     _check_temperature(self.temperature)
 
-  def __call__(self, logits: Logits, labels: Array,
-               weights: Array | None = None) -> tuple[Array, Metrics]:
+  def __call__(
+      self, logits: Logits, labels: Array, weights: Array | None = None
+  ) -> tuple[Array, Metrics]:
     del labels  # The soft term only looks at the target's distribution.
-    loss = soft_kl(_select(logits, self.view), _select(logits, self.target),
-                   self.temperature, weights)
+    loss = soft_kl(
+        _select(logits, self.view), _select(logits, self.target), self.temperature, weights
+    )
     return loss, {self.name: loss}
 
 
-def soft(view: View = "student", target: View = "teacher",
-         temperature: float = 1.0, *, name: str = "loss/soft") -> Soft:
+def soft(
+    view: View = "student",
+    target: View = "teacher",
+    temperature: float = 1.0,
+    *,
+    name: str = "loss/soft",
+) -> Soft:
   """Stage term :func:`soft_kl` of ``view`` towards ``target``."""
   return Soft(view=view, target=target, temperature=temperature, name=name)
 
@@ -430,6 +434,7 @@ StageLoss = Callable[[Logits, Array, Union[Array, None]], tuple[Array, Metrics]]
 @dataclasses.dataclass(frozen=True)
 class WeightedSum:
   """``sum_i w_i * term_i``; metrics of all terms, merged."""
+
   terms: tuple[tuple[float, StageLoss], ...]
 
   def __post_init__(self):
@@ -437,17 +442,16 @@ class WeightedSum:
       raise ValueError("weighted_sum needs at least one (weight, term) pair.")
     for i, pair in enumerate(self.terms):
       if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[1])):
-        raise ValueError(
-            f"weighted_sum term {i} must be a (weight, term) pair, got "
-            f"{pair!r}.")
+        raise ValueError(f"weighted_sum term {i} must be a (weight, term) pair, got " f"{pair!r}.")
       weight = pair[0]
       if not _is_python_number(weight) or not math.isfinite(weight):
         raise ValueError(
-            f"weighted_sum weight {i} must be a finite Python float, got "
-            f"{weight!r}.")
+            f"weighted_sum weight {i} must be a finite Python float, got " f"{weight!r}."
+        )
 
-  def __call__(self, logits: Logits, labels: Array,
-               weights: Array | None = None) -> tuple[Array, Metrics]:
+  def __call__(
+      self, logits: Logits, labels: Array, weights: Array | None = None
+  ) -> tuple[Array, Metrics]:
     total = jnp.zeros((), jnp.float32)
     all_metrics = []
     for weight, term in self.terms:
@@ -468,8 +472,9 @@ def mix(alpha: float, a_term: StageLoss, b_term: StageLoss) -> WeightedSum:
   return WeightedSum(terms=((float(alpha), a_term), (1.0 - alpha, b_term)))
 
 
-def kd(alpha: float, temperature: float, view: View = "student",
-       target: View = "teacher") -> WeightedSum:
+def kd(
+    alpha: float, temperature: float, view: View = "student", target: View = "teacher"
+) -> WeightedSum:
   """Stage loss of :func:`kd_loss`: ``alpha * hard + (1 - alpha) * soft``.
 
   Args:
@@ -495,6 +500,7 @@ class BDistil:
   ``base`` (``F_{k-1}``; zeros when None or absent). Metrics: ``loss/bdistil``
   and ``bdistil/edge`` (:func:`weak_learner_edge` of the view).
   """
+
   view: View = "student"
   target: View = "teacher"
   base: str | None = "prefix"
@@ -502,12 +508,12 @@ class BDistil:
   name: str = "loss/bdistil"
 
   def __post_init__(self):
-    if not _is_python_number(self.scale) or not (
-        self.scale > 0 and math.isfinite(self.scale)):
+    if not _is_python_number(self.scale) or not (self.scale > 0 and math.isfinite(self.scale)):
       raise ValueError(f"scale must be a finite float > 0, got {self.scale!r}.")
 
-  def __call__(self, logits: Logits, labels: Array,
-               weights: Array | None = None) -> tuple[Array, Metrics]:
+  def __call__(
+      self, logits: Logits, labels: Array, weights: Array | None = None
+  ) -> tuple[Array, Metrics]:
     del labels  # B-DISTIL fits the teacher, not the labels.
     head = _select(logits, self.view)
     teacher = _select(logits, self.target)
@@ -515,15 +521,19 @@ class BDistil:
       ensemble = jnp.zeros_like(teacher)
     else:
       ensemble = logits[self.base]
-    k_plus, k_minus = adversary_weights(
-        teacher, ensemble, scale=self.scale, weights=weights)
+    k_plus, k_minus = adversary_weights(teacher, ensemble, scale=self.scale, weights=weights)
     loss = bdistil_loss(head, k_plus, k_minus)
     edge = weak_learner_edge(jax.lax.stop_gradient(head), k_plus, k_minus)
     return loss, {self.name: loss, "bdistil/edge": edge}
 
 
-def bdistil(view: View = "student", target: View = "teacher",
-            base: str | None = "prefix", scale: float = 1.0, *,
-            name: str = "loss/bdistil") -> BDistil:
+def bdistil(
+    view: View = "student",
+    target: View = "teacher",
+    base: str | None = "prefix",
+    scale: float = 1.0,
+    *,
+    name: str = "loss/bdistil",
+) -> BDistil:
   """Stage term :func:`bdistil_loss` with weights from ``target - base``."""
   return BDistil(view=view, target=target, base=base, scale=scale, name=name)

@@ -96,13 +96,15 @@ def validate_model_config(config: ModelConfig) -> None:
     raise ValueError(
         f"patch_size={config.patch_size} must divide the image height and width "
         f"(image_shape={config.image_shape}); valid patch sizes: "
-        f"{[p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]}")
+        f"{[p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]}"
+    )
   layers.resolve_dt_rank(config.d_model, config.dt_rank)
   if config.pool not in POOLINGS:
     raise ValueError(f"pool must be one of {POOLINGS}, got {config.pool!r}")
   if not isinstance(config.connect_dim, int) or config.connect_dim < 0:
     raise ValueError(f"connect_dim must be an int >= 0, got {config.connect_dim!r}")
   from mamba_pkd.ssm.scan import SCAN_METHODS  # pylint: disable=g-import-not-at-top
+
   if config.scan_method not in SCAN_METHODS:
     raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {config.scan_method!r}")
 
@@ -120,20 +122,30 @@ class MambaClassifier(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, images: Array, prev_features: Array | None = None,
-               return_features: bool = False):
+  def __call__(
+      self, images: Array, prev_features: Array | None = None, return_features: bool = False
+  ):
     cfg = self.config
     if images.shape[1:] != cfg.image_shape:
-      raise ValueError(f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}], "
-                       f"got {tuple(images.shape)}")
+      raise ValueError(
+          f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}], "
+          f"got {tuple(images.shape)}"
+      )
     tokens = layers.PatchEmbed(cfg.patch_size, cfg.d_model, name="patch_embed")(images)
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.d_model))
     hidden = tokens + pos  # [B, L, d_model]
     for i in range(cfg.n_layers):
       hidden = layers.ResidualBlock(
-          d_model=cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-          dt_rank=cfg.dt_rank, bidirectional=cfg.bidirectional, scan_method=cfg.scan_method,
-          scan_unroll=cfg.scan_unroll, name=f"layers_{i}")(hidden)
+          d_model=cfg.d_model,
+          d_state=cfg.d_state,
+          d_conv=cfg.d_conv,
+          expand=cfg.expand,
+          dt_rank=cfg.dt_rank,
+          bidirectional=cfg.bidirectional,
+          scan_method=cfg.scan_method,
+          scan_unroll=cfg.scan_unroll,
+          name=f"layers_{i}",
+      )(hidden)
     hidden = layers.RMSNorm(name="norm_f")(hidden)
     features = hidden.mean(axis=1) if cfg.pool == "mean" else hidden[:, -1]  # [B, d_model]
     if cfg.connect_dim:
@@ -141,9 +153,11 @@ class MambaClassifier(nn.Module):
         raise ValueError(
             f"this model has connect_dim={cfg.connect_dim}: pass prev_features of shape "
             f"[batch, {cfg.connect_dim}], got "
-            f"{None if prev_features is None else tuple(prev_features.shape)}")
+            f"{None if prev_features is None else tuple(prev_features.shape)}"
+        )
       features = features + nn.Dense(cfg.d_model, name="connect")(
-          jax.lax.stop_gradient(prev_features))
+          jax.lax.stop_gradient(prev_features)
+      )
     logits = nn.Dense(cfg.num_classes, name="head")(features).astype(jnp.float32)
     return (logits, features) if return_features else logits
 
@@ -197,9 +211,14 @@ LADDERS: dict[str, dict] = {
         "patch_size": 4,
         "sizes": {
             "teacher": (64, 4, 16),
-            "s1": (20, 1, 4, 7), "s2": (28, 1, 8, 7), "s3": (40, 1, 8, 7),
-            "s4": (40, 2, 8, 7), "s5": (48, 2, 16, 7), "s6": (56, 3, 16, 7),
-            "s7": (80, 3, 16, 7), "s8": (96, 4, 16, 7),
+            "s1": (20, 1, 4, 7),
+            "s2": (28, 1, 8, 7),
+            "s3": (40, 1, 8, 7),
+            "s4": (40, 2, 8, 7),
+            "s5": (48, 2, 16, 7),
+            "s6": (56, 3, 16, 7),
+            "s7": (80, 3, 16, 7),
+            "s8": (96, 4, 16, 7),
         },
     },
     # 32x32 inputs (CIFAR-10/100, SVHN), 4x4 patches -> 64 tokens.
@@ -207,8 +226,14 @@ LADDERS: dict[str, dict] = {
         "patch_size": 4,
         "sizes": {
             "teacher": (96, 6, 16),
-            "s1": (18, 1, 8), "s2": (24, 1, 8), "s3": (32, 1, 16), "s4": (32, 2, 16),
-            "s5": (44, 2, 16), "s6": (60, 2, 16), "s7": (84, 2, 16), "s8": (96, 3, 16),
+            "s1": (18, 1, 8),
+            "s2": (24, 1, 8),
+            "s3": (32, 1, 16),
+            "s4": (32, 2, 16),
+            "s5": (44, 2, 16),
+            "s6": (60, 2, 16),
+            "s7": (84, 2, 16),
+            "s8": (96, 3, 16),
         },
     },
     # Small inputs for smoke runs and tests (any H, W divisible by 4).
@@ -216,14 +241,18 @@ LADDERS: dict[str, dict] = {
         "patch_size": 4,
         "sizes": {
             "teacher": (16, 2, 4),
-            "s1": (4, 1, 2), "s2": (6, 1, 2), "s3": (8, 1, 4), "s4": (12, 1, 4),
+            "s1": (4, 1, 2),
+            "s2": (6, 1, 2),
+            "s3": (8, 1, 4),
+            "s4": (12, 1, 4),
         },
     },
 }
 
 
-def ladder_configs(family: str, *, image_shape: tuple[int, int, int], num_classes: int,
-                   **overrides) -> dict[str, ModelConfig]:
+def ladder_configs(
+    family: str, *, image_shape: tuple[int, int, int], num_classes: int, **overrides
+) -> dict[str, ModelConfig]:
   """The named sizes of a ladder family as ModelConfigs, teacher first.
 
   Args:
@@ -244,7 +273,13 @@ def ladder_configs(family: str, *, image_shape: tuple[int, int, int], num_classe
   for name, size in spec["sizes"].items():
     d_model, n_layers, d_state, *own_patch = size
     patch_size = own_patch[0] if own_patch else spec["patch_size"]
-    configs[name] = ModelConfig(image_shape=tuple(image_shape), num_classes=num_classes,
-                                patch_size=patch_size, d_model=d_model, n_layers=n_layers,
-                                d_state=d_state, **overrides)
+    configs[name] = ModelConfig(
+        image_shape=tuple(image_shape),
+        num_classes=num_classes,
+        patch_size=patch_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        d_state=d_state,
+        **overrides,
+    )
   return configs

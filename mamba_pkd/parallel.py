@@ -75,8 +75,13 @@ def set_host_device_count(requested: int, *, batch_sizes: tuple[int, ...] = ()) 
   return count
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, *, auto: bool = False) -> None:
+def initialize_distributed(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    *,
+    auto: bool = False,
+) -> None:
   """Starts JAX's multi-controller runtime (one call per process, before any jax op).
 
   Args:
@@ -102,11 +107,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     # Not conditional on jax.default_backend(): that would start the backend, which
     # jax.distributed.initialize must precede.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+  logging.info(
+      "jax.distributed: process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 def data_parallel(step: Callable, *, donate_first: bool = False) -> Callable:
@@ -155,7 +165,7 @@ def device_rngs(rng: jax.Array, step: int) -> jax.Array:
   """Per-device keys for ``step``, distinct across all devices of all processes."""
   keys = jax.random.split(jax.random.fold_in(rng, step), jax.device_count())
   start = jax.process_index() * jax.local_device_count()
-  return keys[start:start + jax.local_device_count()]
+  return keys[start : start + jax.local_device_count()]
 
 
 def gather_from_processes(array: np.ndarray) -> np.ndarray:
@@ -163,6 +173,7 @@ def gather_from_processes(array: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return array
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   gathered = multihost_utils.process_allgather(array, tiled=False)  # [processes, ...]
   return np.concatenate(list(np.asarray(gathered)), axis=0)
 
@@ -184,11 +195,16 @@ def _coordination_client():
   except ImportError:
     return None
   client = getattr(getattr(distributed, "global_state", None), "client", None)
-  if client is None or not all(hasattr(client, m) for m in
-                               ("wait_at_barrier", "key_value_set", "blocking_key_value_get")):
-    logging.log_first_n(logging.WARNING, "jax.distributed client API not found in JAX %s; "
-                        "barriers fall back to multihost_utils (an XLA collective)", 1,
-                        jax.__version__)
+  if client is None or not all(
+      hasattr(client, m) for m in ("wait_at_barrier", "key_value_set", "blocking_key_value_get")
+  ):
+    logging.log_first_n(
+        logging.WARNING,
+        "jax.distributed client API not found in JAX %s; "
+        "barriers fall back to multihost_utils (an XLA collective)",
+        1,
+        jax.__version__,
+    )
     return None
   return client
 
@@ -204,10 +220,12 @@ def sync(name: str) -> None:
   client = _coordination_client()
   if client is None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
     return
-  client.wait_at_barrier(f"mamba_pkd/{next(_barrier_ids)}/{name}",
-                         timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+  client.wait_at_barrier(
+      f"mamba_pkd/{next(_barrier_ids)}/{name}", timeout_in_ms=BARRIER_TIMEOUT_S * 1000
+  )
 
 
 def agree(value: int | bool | str, what: str) -> int | bool | str:
@@ -225,6 +243,7 @@ def agree(value: int | bool | str, what: str) -> int | bool | str:
   client = _coordination_client()
   if client is None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     encoded = np.frombuffer(repr(value).encode().ljust(256)[:256], np.uint8)  # [256]
     gathered = np.asarray(multihost_utils.process_allgather(encoded, tiled=False))  # [P, 256]
     values = [bytes(row).decode(errors="replace").rstrip() for row in gathered]
@@ -232,13 +251,16 @@ def agree(value: int | bool | str, what: str) -> int | bool | str:
     key = f"mamba_pkd/{next(_barrier_ids)}/{what}"
     client.key_value_set(f"{key}/{jax.process_index()}", repr(value))
     client.wait_at_barrier(key, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
-    values = [client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000)
-              for i in range(jax.process_count())]
+    values = [
+        client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000)
+        for i in range(jax.process_count())
+    ]
   if len(set(values)) > 1:
     raise RuntimeError(
-        f"processes disagree on {what}: " + ", ".join(
-            f"process {i}: {v}" for i, v in enumerate(values)) +
-        ". Every process must see the same --workdir (a shared file system) and config.")
+        f"processes disagree on {what}: "
+        + ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
+        + ". Every process must see the same --workdir (a shared file system) and config."
+    )
   return value
 
 
@@ -249,8 +271,10 @@ def to_host(tree: Any) -> Any:
 @functools.lru_cache(maxsize=None)
 def describe_devices() -> str:
   devs = jax.local_devices()
-  return (f"{len(devs)} local {devs[0].platform} device(s), process {jax.process_index()} of "
-          f"{jax.process_count()}, {jax.device_count()} global")
+  return (
+      f"{len(devs)} local {devs[0].platform} device(s), process {jax.process_index()} of "
+      f"{jax.process_count()}, {jax.device_count()} global"
+  )
 
 
 def check_batch_divisible(batch_size: int, name: str = "batch_size") -> None:
@@ -260,5 +284,5 @@ def check_batch_divisible(batch_size: int, name: str = "batch_size") -> None:
     raise ValueError(
         f"{name}={batch_size} is not divisible by the number of devices ({devices} = "
         f"{jax.process_count()} process(es) x {jax.local_device_count()} local device(s)); "
-        f"use a multiple of {devices}")
-
+        f"use a multiple of {devices}"
+    )

@@ -49,8 +49,9 @@ LATENCY_REPEATS = 10
 # ----------------------------------------------------------------------------
 
 
-def read_image_file(path: str | pathlib.Path, image_shape: tuple[int, int, int],
-                    *, notes: list[str] | None = None) -> np.ndarray:
+def read_image_file(
+    path: str | pathlib.Path, image_shape: tuple[int, int, int], *, notes: list[str] | None = None
+) -> np.ndarray:
   """One image file as uint8 [H, W, C] of the model's shape.
 
   Grayscale/RGB/palette/alpha images are converted to the model's channel count
@@ -62,10 +63,13 @@ def read_image_file(path: str | pathlib.Path, image_shape: tuple[int, int, int],
       other than 1 or 3.
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
   h, w, c = image_shape
   if c not in (1, 3):
-    raise ValueError(f"the model takes {c}-channel images; only 1 (grayscale) and 3 (RGB) "
-                     "can be read from image files: pass an .npz instead")
+    raise ValueError(
+        f"the model takes {c}-channel images; only 1 (grayscale) and 3 (RGB) "
+        "can be read from image files: pass an .npz instead"
+    )
   path = pathlib.Path(path)
   try:
     with Image.open(path) as img:
@@ -76,15 +80,19 @@ def read_image_file(path: str | pathlib.Path, image_shape: tuple[int, int, int],
       img = img.convert("L" if c == 1 else "RGB")
       if img.size != (w, h):
         if notes is not None:
-          notes.append(f"{path}: resized from {img.size[0]}x{img.size[1]} to {w}x{h} "
-                       "(the model's input size)")
+          notes.append(
+              f"{path}: resized from {img.size[0]}x{img.size[1]} to {w}x{h} "
+              "(the model's input size)"
+          )
         img = img.resize((w, h), Image.Resampling.BILINEAR)
       arr = np.asarray(img, np.uint8)
   except FileNotFoundError:
     raise ValueError(f"image file {str(path)!r} does not exist") from None
   except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"cannot read image {str(path)!r} ({type(e).__name__}: {e}); give PNG "
-                     f"files or an .npz with key 'x' or 'images'") from None
+    raise ValueError(
+        f"cannot read image {str(path)!r} ({type(e).__name__}: {e}); give PNG "
+        f"files or an .npz with key 'x' or 'images'"
+    ) from None
   return arr.reshape(h, w, c)
 
 
@@ -103,8 +111,10 @@ def read_npz(path: str | pathlib.Path, image_shape: tuple[int, int, int]) -> np.
     with np.load(path, allow_pickle=False) as data:
       key = next((k for k in NPZ_KEYS if k in data.files), None)
       if key is None:
-        raise ValueError(f"{path} has no array named {' or '.join(map(repr, NPZ_KEYS))} "
-                         f"(it has {data.files})")
+        raise ValueError(
+            f"{path} has no array named {' or '.join(map(repr, NPZ_KEYS))} "
+            f"(it has {data.files})"
+        )
       images = data[key]
   except FileNotFoundError:
     raise ValueError(f"npz file {str(path)!r} does not exist") from None
@@ -114,14 +124,20 @@ def read_npz(path: str | pathlib.Path, image_shape: tuple[int, int, int]) -> np.
   if images.ndim == 3 and c == 1:
     images = images[..., None]
   if images.ndim != 4 or images.shape[1:] != (h, w, c):
-    raise ValueError(f"{path}[{key!r}] has shape {images.shape}; the model takes "
-                     f"[N, {h}, {w}, {c}]" + (f" (or [N, {h}, {w}])" if c == 1 else ""))
+    raise ValueError(
+        f"{path}[{key!r}] has shape {images.shape}; the model takes "
+        f"[N, {h}, {w}, {c}]" + (f" (or [N, {h}, {w}])" if c == 1 else "")
+    )
   return images
 
 
-def read_inputs(paths: Sequence[str | pathlib.Path], preprocessing: Preprocessing, *,
-                invert: bool = False, notes: list[str] | None = None
-                ) -> tuple[list[str], np.ndarray]:
+def read_inputs(
+    paths: Sequence[str | pathlib.Path],
+    preprocessing: Preprocessing,
+    *,
+    invert: bool = False,
+    notes: list[str] | None = None,
+) -> tuple[list[str], np.ndarray]:
   """Image files and .npz files -> (names, model inputs float32 [N, H, W, C]).
 
   Every file is read and checked before anything is classified. ``invert``
@@ -174,14 +190,20 @@ class AnytimeResult:
     margins: float32 [N], :func:`softmax_margin` of ``prefix_scale * logits``.
     members_used: int [N], in 1..num_members.
   """
+
   logits: np.ndarray
   classes: np.ndarray
   margins: np.ndarray
   members_used: np.ndarray
 
 
-def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | None = None,
-                    confidence: float | None = None) -> AnytimeResult:
+def anytime_predict(
+    ensemble: Ensemble,
+    x: np.ndarray,
+    *,
+    num_members: int | None = None,
+    confidence: float | None = None,
+) -> AnytimeResult:
   """Runs members 1..k, each only on the images whose prefix is still unsure.
 
   Args:
@@ -208,8 +230,9 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
   for j in range(k):
     if len(active) == 0:
       break
-    prev = prev_all[active] if (prev_all is not None and ensemble.members[j]["connect_dim"]) \
-        else None
+    prev = (
+        prev_all[active] if (prev_all is not None and ensemble.members[j]["connect_dim"]) else None
+    )
     member_logits, feats = ensemble.member_forward(j, x[active], prev)
     logits[active] += member_logits
     used[active] = j + 1
@@ -217,16 +240,21 @@ def anytime_predict(ensemble: Ensemble, x: np.ndarray, *, num_members: int | Non
     prev_all[active] = feats
     if confidence is not None and j < k - 1:
       active = active[softmax_margin(scales[j] * logits[active]) < confidence]
-  return AnytimeResult(logits=logits, classes=logits.argmax(-1).astype(np.int32),
-                       margins=softmax_margin(scales[used - 1, None] * logits),
-                       members_used=used)
+  return AnytimeResult(
+      logits=logits,
+      classes=logits.argmax(-1).astype(np.int32),
+      margins=softmax_margin(scales[used - 1, None] * logits),
+      members_used=used,
+  )
 
 
-def measure_latency_ms(ensemble: Ensemble, k: int, *, batch: int = 1,
-                       repeats: int = LATENCY_REPEATS) -> float:
+def measure_latency_ms(
+    ensemble: Ensemble, k: int, *, batch: int = 1, repeats: int = LATENCY_REPEATS
+) -> float:
   """Median ms of one forward of prefix 1..k on a batch of ``batch`` images, here."""
   from mamba_pkd import report  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   x = jnp.zeros((batch, *ensemble.preprocessing.image_shape), jnp.float32)
   return report.compute_latency_ms(ensemble.prefix_forward(k), x, repeats=repeats, warmup=2)
 
@@ -234,16 +262,22 @@ def measure_latency_ms(ensemble: Ensemble, k: int, *, batch: int = 1,
 @dataclasses.dataclass
 class Choice:
   """The prefix picked under a budget and why."""
+
   k: int
   cost: export_lib.PrefixCost
   latencies_ms: dict[int, float]
   reason: str
 
 
-def choose_prefix(ensemble: Ensemble, *, max_flops: float | None = None,
-                  max_flops_pct: float | None = None, max_latency_ms: float | None = None,
-                  latency_batch: int = 1,
-                  latency_ms: Callable[[int], float] | None = None) -> Choice:
+def choose_prefix(
+    ensemble: Ensemble,
+    *,
+    max_flops: float | None = None,
+    max_flops_pct: float | None = None,
+    max_latency_ms: float | None = None,
+    latency_batch: int = 1,
+    latency_ms: Callable[[int], float] | None = None,
+) -> Choice:
   """The largest prefix of ``ensemble`` within every given budget (all None: all members).
 
   ``latency_ms(k)`` defaults to :func:`measure_latency_ms` on this machine.
@@ -255,20 +289,31 @@ def choose_prefix(ensemble: Ensemble, *, max_flops: float | None = None,
   if latency_ms is None:
     latency_ms = lambda k: measure_latency_ms(ensemble, k, batch=latency_batch)  # noqa: E731
   k, measured = export_lib.largest_prefix_within(
-      costs, max_flops=max_flops, max_flops_pct=max_flops_pct, max_latency_ms=max_latency_ms,
-      latency_ms=latency_ms if max_latency_ms is not None else None)
-  budgets = [s for s in (
-      f"--max_flops={max_flops:,.0f}" if max_flops is not None else "",
-      f"--max_flops_pct={max_flops_pct:g}" if max_flops_pct is not None else "",
-      f"--max_latency_ms={max_latency_ms:g} (batch {latency_batch})"
-      if max_latency_ms is not None else "") if s]
+      costs,
+      max_flops=max_flops,
+      max_flops_pct=max_flops_pct,
+      max_latency_ms=max_latency_ms,
+      latency_ms=latency_ms if max_latency_ms is not None else None,
+  )
+  budgets = [
+      s
+      for s in (
+          f"--max_flops={max_flops:,.0f}" if max_flops is not None else "",
+          f"--max_flops_pct={max_flops_pct:g}" if max_flops_pct is not None else "",
+          f"--max_latency_ms={max_latency_ms:g} (batch {latency_batch})"
+          if max_latency_ms is not None
+          else "",
+      )
+      if s
+  ]
   if budgets:
     reason = f"largest prefix within {' and '.join(budgets)}"
     if k < len(costs):
       nxt = costs[k]
-      reason += f"; the next, prefix 1..{nxt.k}, needs {nxt.pct_teacher_flops:.2f}% of the " \
-                f"teacher's FLOPs" + (f" and {measured[nxt.k]:.3g} ms" if nxt.k in measured
-                                      else "")
+      reason += (
+          f"; the next, prefix 1..{nxt.k}, needs {nxt.pct_teacher_flops:.2f}% of the "
+          f"teacher's FLOPs" + (f" and {measured[nxt.k]:.3g} ms" if nxt.k in measured else "")
+      )
   else:
     reason = "no budget given: all members"
   return Choice(k=k, cost=costs[k - 1], latencies_ms=measured, reason=reason)
@@ -279,8 +324,9 @@ def choose_prefix(ensemble: Ensemble, *, max_flops: float | None = None,
 # ----------------------------------------------------------------------------
 
 
-def load_model(path: str | pathlib.Path, *, batch_size: int = export_lib.DEFAULT_BATCH_SIZE
-               ) -> Ensemble:
+def load_model(
+    path: str | pathlib.Path, *, batch_size: int = export_lib.DEFAULT_BATCH_SIZE
+) -> Ensemble:
   """An export bundle (``export.json`` inside) or a finished run's workdir.
 
   Raises:
@@ -292,9 +338,11 @@ def load_model(path: str | pathlib.Path, *, batch_size: int = export_lib.DEFAULT
   if (path / "results.json").is_file() or (path / "config.json").is_file():
     run = export_lib.load_run(path, with_teacher=False)
     return export_lib.ensemble_from_run(run, batch_size=batch_size)
-  raise ValueError(f"--model={str(path)!r} is neither an export bundle (a directory with "
-                   f"{export_lib.SIDECAR}, from `python -m mamba_pkd.export`) nor a finished "
-                   "run's workdir (with results.json)")
+  raise ValueError(
+      f"--model={str(path)!r} is neither an export bundle (a directory with "
+      f"{export_lib.SIDECAR}, from `python -m mamba_pkd.export`) nor a finished "
+      "run's workdir (with results.json)"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -306,26 +354,47 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m mamba_pkd.predict",
       description="Classify images with an exported PKD ensemble (or a run's workdir) under "
-                  "a FLOPs or latency budget, with optional per-image early exit.")
-  parser.add_argument("images", nargs="*", help="PNG/JPEG files and/or .npz files "
-                                                "(key 'x' or 'images')")
-  parser.add_argument("--model", required=True,
-                      help="export bundle directory or a finished run's workdir")
-  parser.add_argument("--max_flops", help="FLOPs per image (2e6, 150k, 3M) or a percentage "
-                                          "of the teacher's (25%%)")
-  parser.add_argument("--max_flops_pct", type=float,
-                      help="percent of the teacher's FLOPs per image")
-  parser.add_argument("--max_latency_ms", type=float,
-                      help="ms per forward of --latency_batch images, measured here")
-  parser.add_argument("--latency_batch", type=int, default=1,
-                      help="batch size of the latency measurement (default 1)")
-  parser.add_argument("--confidence", type=float,
-                      help="early exit: stop for an image once its softmax margin "
-                           "(top1 - top2) reaches this value, in (0, 1]")
-  parser.add_argument("--invert", action="store_true",
-                      help="invert uint8 pixels (255 - x), e.g. dark digits on white paper")
-  parser.add_argument("--batch_size", type=int, default=export_lib.DEFAULT_BATCH_SIZE,
-                      help="largest batch of one compiled call")
+      "a FLOPs or latency budget, with optional per-image early exit.",
+  )
+  parser.add_argument(
+      "images", nargs="*", help="PNG/JPEG files and/or .npz files " "(key 'x' or 'images')"
+  )
+  parser.add_argument(
+      "--model", required=True, help="export bundle directory or a finished run's workdir"
+  )
+  parser.add_argument(
+      "--max_flops",
+      help="FLOPs per image (2e6, 150k, 3M) or a percentage " "of the teacher's (25%%)",
+  )
+  parser.add_argument(
+      "--max_flops_pct", type=float, help="percent of the teacher's FLOPs per image"
+  )
+  parser.add_argument(
+      "--max_latency_ms", type=float, help="ms per forward of --latency_batch images, measured here"
+  )
+  parser.add_argument(
+      "--latency_batch",
+      type=int,
+      default=1,
+      help="batch size of the latency measurement (default 1)",
+  )
+  parser.add_argument(
+      "--confidence",
+      type=float,
+      help="early exit: stop for an image once its softmax margin "
+      "(top1 - top2) reaches this value, in (0, 1]",
+  )
+  parser.add_argument(
+      "--invert",
+      action="store_true",
+      help="invert uint8 pixels (255 - x), e.g. dark digits on white paper",
+  )
+  parser.add_argument(
+      "--batch_size",
+      type=int,
+      default=export_lib.DEFAULT_BATCH_SIZE,
+      help="largest batch of one compiled call",
+  )
   parser.add_argument("--output_json", help="also write the predictions to this JSON file")
   return parser
 
@@ -346,24 +415,31 @@ def _validate_args(args) -> tuple[float | None, float | None]:
   if args.latency_batch < 1:
     raise ValueError(f"--latency_batch={args.latency_batch} must be >= 1")
   if args.confidence is not None and not 0 < args.confidence <= 1:
-    raise ValueError(f"--confidence={args.confidence} must be in (0, 1] (a softmax margin: "
-                     "top-1 minus top-2 probability)")
+    raise ValueError(
+        f"--confidence={args.confidence} must be in (0, 1] (a softmax margin: "
+        "top-1 minus top-2 probability)"
+    )
   if args.batch_size < 1:
     raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
   if not args.images:
-    raise ValueError("no images given: pass PNG files or an .npz (key 'x' or 'images') "
-                     "after the flags")
+    raise ValueError(
+        "no images given: pass PNG files or an .npz (key 'x' or 'images') " "after the flags"
+    )
   return max_flops, max_flops_pct
 
 
 def _quiet_library_logs() -> None:
   """Orbax's INFO/WARNING lines (e.g. 'directory is read only') are noise here."""
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.ERROR or "orbax" not in r.pathname)
+      lambda r: r.levelno >= logging.ERROR or "orbax" not in r.pathname
+  )
   import logging as std_logging  # pylint: disable=g-import-not-at-top
+
   std_logging.getLogger("absl").addFilter(
-      lambda r: r.levelno >= std_logging.ERROR or "orbax" not in r.pathname)
+      lambda r: r.levelno >= std_logging.ERROR or "orbax" not in r.pathname
+  )
 
 
 def run(args) -> dict:
@@ -371,21 +447,31 @@ def run(args) -> dict:
   max_flops, max_flops_pct = _validate_args(args)
   ensemble = load_model(args.model, batch_size=args.batch_size)
   # The static FLOPs budget first: a budget nothing meets fails before any file is read.
-  export_lib.largest_prefix_within(ensemble.costs(), max_flops=max_flops,
-                                   max_flops_pct=max_flops_pct)
+  export_lib.largest_prefix_within(
+      ensemble.costs(), max_flops=max_flops, max_flops_pct=max_flops_pct
+  )
   notes: list[str] = []
   names, x = read_inputs(args.images, ensemble.preprocessing, invert=args.invert, notes=notes)
   for note in notes:
     print(f"note: {note}", file=sys.stderr, flush=True)
-  choice = choose_prefix(ensemble, max_flops=max_flops, max_flops_pct=max_flops_pct,
-                         max_latency_ms=args.max_latency_ms, latency_batch=args.latency_batch)
+  choice = choose_prefix(
+      ensemble,
+      max_flops=max_flops,
+      max_flops_pct=max_flops_pct,
+      max_latency_ms=args.max_latency_ms,
+      latency_batch=args.latency_batch,
+  )
   result = anytime_predict(ensemble, x, num_members=choice.k, confidence=args.confidence)
   sizes = [m["size"] for m in ensemble.members]
   acc = ensemble.prefix_accuracy[choice.k - 1] if ensemble.prefix_accuracy else None
-  print(f"model: {ensemble.description}; {ensemble.num_members} member(s) "
-        f"({'+'.join(sizes)}); teacher {ensemble.teacher_flops:,} FLOPs/image")
-  print(f"using {choice.cost.describe()}"
-        + (f"; test accuracy in the run {100 * acc:.2f}%" if acc is not None else ""))
+  print(
+      f"model: {ensemble.description}; {ensemble.num_members} member(s) "
+      f"({'+'.join(sizes)}); teacher {ensemble.teacher_flops:,} FLOPs/image"
+  )
+  print(
+      f"using {choice.cost.describe()}"
+      + (f"; test accuracy in the run {100 * acc:.2f}%" if acc is not None else "")
+  )
   print(f"  ({choice.reason})")
   for k, ms in sorted(choice.latencies_ms.items()):
     print(f"  measured latency, prefix 1..{k}: {ms:.3g} ms per batch of {args.latency_batch}")
@@ -393,25 +479,32 @@ def run(args) -> dict:
     print(f"early exit at softmax margin >= {args.confidence:g}")
   width = max(len("image"), *(len(n) for n in names))
   print(f"{'image':<{width}}  class  margin  members")
-  for name, cls, margin, used in zip(names, result.classes, result.margins,
-                                     result.members_used):
+  for name, cls, margin, used in zip(names, result.classes, result.margins, result.members_used):
     print(f"{name:<{width}}  {int(cls):>5}  {float(margin):6.3f}  {int(used):>7}")
   spent = np.array([ensemble.costs()[int(u) - 1].flops for u in result.members_used])
   counts = np.bincount(result.members_used, minlength=choice.k + 1)[1:]
-  print(f"members used per image: mean {result.members_used.mean():.2f} of {choice.k} ("
-        + ", ".join(f"{j}: {c}" for j, c in enumerate(counts, start=1)) + "); "
-        f"mean {spent.mean():,.0f} FLOPs/image = "
-        f"{100 * spent.mean() / ensemble.teacher_flops:.2f}% of the teacher")
-  out = {"model": str(args.model), "prefix": choice.k, "prefix_flops": choice.cost.flops,
-         "pct_teacher_flops": choice.cost.pct_teacher_flops, "reason": choice.reason,
-         "latencies_ms": {str(k): v for k, v in choice.latencies_ms.items()},
-         "confidence": args.confidence,
-         "predictions": [{"image": n, "class": int(c), "margin": float(m), "members": int(u)}
-                         for n, c, m, u in zip(names, result.classes, result.margins,
-                                               result.members_used)]}
+  print(
+      f"members used per image: mean {result.members_used.mean():.2f} of {choice.k} ("
+      + ", ".join(f"{j}: {c}" for j, c in enumerate(counts, start=1))
+      + "); "
+      f"mean {spent.mean():,.0f} FLOPs/image = "
+      f"{100 * spent.mean() / ensemble.teacher_flops:.2f}% of the teacher"
+  )
+  out = {
+      "model": str(args.model),
+      "prefix": choice.k,
+      "prefix_flops": choice.cost.flops,
+      "pct_teacher_flops": choice.cost.pct_teacher_flops,
+      "reason": choice.reason,
+      "latencies_ms": {str(k): v for k, v in choice.latencies_ms.items()},
+      "confidence": args.confidence,
+      "predictions": [
+          {"image": n, "class": int(c), "margin": float(m), "members": int(u)}
+          for n, c, m, u in zip(names, result.classes, result.margins, result.members_used)
+      ],
+  }
   if args.output_json:
-    pathlib.Path(args.output_json).write_text(json.dumps(out, indent=2) + "\n",
-                                              encoding="utf-8")
+    pathlib.Path(args.output_json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
   return out
 
 

@@ -46,8 +46,8 @@ PLOT_PNG = "accuracy_vs_flops.png"
 
 
 def compute_latency_ms(
-    predict_fn: Callable[[Any], Any], images: Any, *, repeats: int = 20,
-    warmup: int = 3) -> float:
+    predict_fn: Callable[[Any], Any], images: Any, *, repeats: int = 20, warmup: int = 3
+) -> float:
   """Median wall-clock milliseconds of one call ``predict_fn(images)``.
 
   The warm-up calls absorb compilation; every call is followed by
@@ -100,6 +100,7 @@ class Row:
     latency_ms_b1: per-image latency (ms) at batch 1, or None if not measured.
     latency_ms_b256: per-image latency (ms) at batch 256, or None.
   """
+
   name: str
   kind: str
   size: str
@@ -116,34 +117,36 @@ class Row:
       raise ValueError(f"Row.name must be a non-empty str, got {self.name!r}.")
     if self.kind not in KINDS:
       raise ValueError(
-          f"Row.kind must be one of {KINDS}, got {self.kind!r} "
-          f"(row {self.name!r}).")
+          f"Row.kind must be one of {KINDS}, got {self.kind!r} " f"(row {self.name!r})."
+      )
     # Accept NumPy/JAX scalars; store plain Python numbers.
     object.__setattr__(self, "size", str(self.size))
     for field in ("params", "flops"):
       value = int(getattr(self, field))
       if value < 0:
-        raise ValueError(f"Row.{field} must be >= 0, got {value} "
-                         f"(row {self.name!r}).")
+        raise ValueError(f"Row.{field} must be >= 0, got {value} " f"(row {self.name!r}).")
       object.__setattr__(self, field, value)
     for field in ("pct_teacher_flops", "accuracy", "agreement"):
       value = float(getattr(self, field))
       if not math.isfinite(value) or value < 0:
-        raise ValueError(f"Row.{field} must be finite and >= 0, got {value} "
-                         f"(row {self.name!r}).")
+        raise ValueError(
+            f"Row.{field} must be finite and >= 0, got {value} " f"(row {self.name!r})."
+        )
       object.__setattr__(self, field, value)
     for field in ("accuracy", "agreement"):
       if getattr(self, field) > 1.0:
         raise ValueError(
             f"Row.{field} must be a fraction in [0, 1], got "
-            f"{getattr(self, field)} (row {self.name!r}).")
+            f"{getattr(self, field)} (row {self.name!r})."
+        )
     for field in _TIMING_FIELDS:
       value = getattr(self, field)
       if value is not None:
         value = float(value)
         if not math.isfinite(value) or value < 0:
-          raise ValueError(f"Row.{field} must be finite and >= 0 or None, "
-                           f"got {value} (row {self.name!r}).")
+          raise ValueError(
+              f"Row.{field} must be finite and >= 0 or None, " f"got {value} (row {self.name!r})."
+          )
         object.__setattr__(self, field, value)
 
 
@@ -179,7 +182,8 @@ def _to_json(value: Any, where: str) -> Any:
   if isinstance(value, (int, np.integer)):
     return int(value)
   if isinstance(value, (float, np.floating)) or (
-      isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0):
+      isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+  ):
     value = np.asarray(value).item()
     if isinstance(value, (bool, int)):
       return value
@@ -192,7 +196,8 @@ def _to_json(value: Any, where: str) -> Any:
     return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(list(value))]
   raise ValueError(
       f"{where} has type {type(value).__name__}, which cannot be written to "
-      "results.json (use numbers, strings, lists or dicts).")
+      "results.json (use numbers, strings, lists or dicts)."
+  )
 
 
 def results_dict(rows: Sequence[Row], meta: Mapping[str, Any]) -> dict:
@@ -201,14 +206,15 @@ def results_dict(rows: Sequence[Row], meta: Mapping[str, Any]) -> dict:
   out = {
       "meta": _to_json(dict(meta), "meta"),
       "rows": [
-          _to_json({k: v for k, v in dataclasses.asdict(row).items()
-                    if k not in _TIMING_FIELDS}, f"rows[{i}]")
+          _to_json(
+              {k: v for k, v in dataclasses.asdict(row).items() if k not in _TIMING_FIELDS},
+              f"rows[{i}]",
+          )
           for i, row in enumerate(rows)
       ],
   }
   timing = {
-      row.name: _to_json({f: getattr(row, f) for f in _TIMING_FIELDS},
-                         f"timing.{row.name}")
+      row.name: _to_json({f: getattr(row, f) for f in _TIMING_FIELDS}, f"timing.{row.name}")
       for row in rows
       if any(getattr(row, f) is not None for f in _TIMING_FIELDS)
   }
@@ -243,8 +249,17 @@ def _format_latency(ms: float | None) -> str:
   return "-" if ms is None else f"{ms:.4g}"
 
 
-_COLUMNS = ("name", "size", "params", "FLOPs", "% teacher FLOPs",
-            "accuracy %", "agreement %", "latency b1 (ms)", "latency b256 (ms)")
+_COLUMNS = (
+    "name",
+    "size",
+    "params",
+    "FLOPs",
+    "% teacher FLOPs",
+    "accuracy %",
+    "agreement %",
+    "latency b1 (ms)",
+    "latency b256 (ms)",
+)
 
 
 def format_table(rows: Iterable[Row]) -> str:
@@ -255,13 +270,22 @@ def format_table(rows: Iterable[Row]) -> str:
   with 4 significant digits (``'-'`` when not measured).
   """
   rows = _check_rows(list(rows))
-  lines = ["| " + " | ".join(_COLUMNS) + " |",
-           "|" + "|".join(["---"] * 2 + ["---:"] * (len(_COLUMNS) - 2)) + "|"]
+  lines = [
+      "| " + " | ".join(_COLUMNS) + " |",
+      "|" + "|".join(["---"] * 2 + ["---:"] * (len(_COLUMNS) - 2)) + "|",
+  ]
   for row in rows:
-    cells = (row.name, row.size, f"{row.params:,}", _format_count(row.flops),
-             f"{row.pct_teacher_flops:.2f}", f"{100 * row.accuracy:.2f}",
-             f"{100 * row.agreement:.2f}", _format_latency(row.latency_ms_b1),
-             _format_latency(row.latency_ms_b256))
+    cells = (
+        row.name,
+        row.size,
+        f"{row.params:,}",
+        _format_count(row.flops),
+        f"{row.pct_teacher_flops:.2f}",
+        f"{100 * row.accuracy:.2f}",
+        f"{100 * row.agreement:.2f}",
+        _format_latency(row.latency_ms_b1),
+        _format_latency(row.latency_ms_b256),
+    )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -269,8 +293,9 @@ def format_table(rows: Iterable[Row]) -> str:
 def _format_markdown(rows: Sequence[Row], meta: Mapping[str, Any]) -> str:
   parts = ["# Results\n"]
   if meta:
-    parts.append("\n".join(f"- {k}: {json.dumps(_to_json(v, k))}"
-                           for k, v in sorted(meta.items())) + "\n")
+    parts.append(
+        "\n".join(f"- {k}: {json.dumps(_to_json(v, k))}" for k, v in sorted(meta.items())) + "\n"
+    )
   parts.append(format_table(rows))
   return "\n".join(parts)
 
@@ -297,22 +322,22 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
   styles = {
-      "prefix": dict(marker="o", linestyle="-", color="tab:blue",
-                     label="ensemble prefix"),
-      "student": dict(marker="o", linestyle="none", color="tab:orange",
-                      label="student alone"),
-      "baseline": dict(marker="s", linestyle="none", color="tab:green",
-                       label="baseline (single model)"),
-      "teacher": dict(marker="*", markersize=14, linestyle="none",
-                      color="tab:red", label="teacher"),
+      "prefix": dict(marker="o", linestyle="-", color="tab:blue", label="ensemble prefix"),
+      "student": dict(marker="o", linestyle="none", color="tab:orange", label="student alone"),
+      "baseline": dict(
+          marker="s", linestyle="none", color="tab:green", label="baseline (single model)"
+      ),
+      "teacher": dict(
+          marker="*", markersize=14, linestyle="none", color="tab:red", label="teacher"
+      ),
   }
   for kind, style in styles.items():
-    selected = sorted((r for r in rows if r.kind == kind),
-                      key=lambda r: (r.pct_teacher_flops, r.name))
+    selected = sorted(
+        (r for r in rows if r.kind == kind), key=lambda r: (r.pct_teacher_flops, r.name)
+    )
     if not selected:
       continue
-    ax.plot([r.pct_teacher_flops for r in selected],
-            [100 * r.accuracy for r in selected], **style)
+    ax.plot([r.pct_teacher_flops for r in selected], [100 * r.accuracy for r in selected], **style)
   ax.set_xscale("log")
   ax.set_xlabel("inference FLOPs per image (% of teacher, log scale)")
   ax.set_ylabel("test accuracy (%)")
@@ -320,8 +345,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=FIGURE_DPI, format="png",
-              metadata={"Software": None})
+  fig.savefig(path, dpi=FIGURE_DPI, format="png", metadata={"Software": None})
 
 
 # ----------------------------------------------------------------------------
@@ -330,8 +354,8 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
 
 
 def write_report(
-    workdir: str | pathlib.Path, rows: Sequence[Row], *,
-    meta: Mapping[str, Any]) -> dict[str, pathlib.Path]:
+    workdir: str | pathlib.Path, rows: Sequence[Row], *, meta: Mapping[str, Any]
+) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``results.md`` and ``accuracy_vs_flops.png``.
 
   Args:
@@ -347,12 +371,14 @@ def write_report(
   content = results_dict(rows, meta)  # Validates before writing anything.
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  paths = {"results_json": workdir / RESULTS_JSON,
-           "results_md": workdir / RESULTS_MD,
-           "plot": workdir / PLOT_PNG}
+  paths = {
+      "results_json": workdir / RESULTS_JSON,
+      "results_md": workdir / RESULTS_MD,
+      "plot": workdir / PLOT_PNG,
+  }
   paths["results_json"].write_text(
-      json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n",
-      encoding="utf-8")
+      json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+  )
   paths["results_md"].write_text(_format_markdown(rows, meta), encoding="utf-8")
   plot_accuracy_vs_flops(rows, paths["plot"])
   return paths

@@ -59,6 +59,7 @@ class TrainState:
     params: the trained model's parameters.
     opt_state: optax state of ``params``.
   """
+
   step: Array
   params: PyTree
   opt_state: PyTree
@@ -67,6 +68,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Static optimisation settings of a stage (plain values, validated)."""
+
   learning_rate: float = 2e-3
   weight_decay: float = 0.05
   warmup_fraction: float = 0.05
@@ -93,7 +95,8 @@ def create_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTran
   """AdamW with linear warm-up and cosine decay to 0 (plus global-norm clipping)."""
   warmup = max(1, int(optim.warmup_fraction * total_steps))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, optim.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1))
+      0.0, optim.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1)
+  )
   adamw = optax.adamw(schedule, weight_decay=optim.weight_decay)
   if optim.grad_clip:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
@@ -119,6 +122,7 @@ class Frozen:
     students: parameters of the earlier students whose summed logits are
       ``"prefix"`` (ensemble mode), in order; may be empty.
   """
+
   teacher: PyTree = None
   students: tuple = ()
 
@@ -126,12 +130,14 @@ class Frozen:
 @dataclasses.dataclass(frozen=True)
 class FrozenSpec:
   """Static side of :class:`Frozen`: the model configs, in the same order."""
+
   teacher: ModelConfig | None = None
   students: tuple[ModelConfig, ...] = ()
 
 
-def apply_students(configs: Sequence[ModelConfig], params: Sequence[PyTree],
-                   images: Array) -> tuple[list[Array], list[Array]]:
+def apply_students(
+    configs: Sequence[ModelConfig], params: Sequence[PyTree], images: Array
+) -> tuple[list[Array], list[Array]]:
   """Runs a chain of students; student j reads student j-1's features if connected.
 
   Returns:
@@ -140,7 +146,8 @@ def apply_students(configs: Sequence[ModelConfig], params: Sequence[PyTree],
   all_logits, all_features, prev = [], [], None
   for cfg, p in zip(configs, params):
     logits, features = create_model(cfg).apply(
-        {"params": p}, images, prev if cfg.connect_dim else None, return_features=True)
+        {"params": p}, images, prev if cfg.connect_dim else None, return_features=True
+    )
     all_logits.append(logits)
     all_features.append(features)
     prev = features
@@ -174,8 +181,12 @@ def frozen_outputs(spec: FrozenSpec, frozen: Frozen, batch: Mapping[str, Array])
 # ----------------------------------------------------------------------------
 
 
-def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
-                    stage_loss: losses.StageLoss, spec: FrozenSpec) -> Callable:
+def make_train_step(
+    model_config: ModelConfig,
+    tx: optax.GradientTransformation,
+    stage_loss: losses.StageLoss,
+    spec: FrozenSpec,
+) -> Callable:
   """Returns the per-device ``train_step(state, batch, frozen, rng)``.
 
   ``batch`` holds ``image`` [b, H, W, C], ``label`` [b] and optionally the
@@ -203,9 +214,12 @@ def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
     grads = jax.lax.pmean(grads, parallel.AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss,
-                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                   grad_norm=_global_norm(grads))
+    metrics = dict(
+        metrics,
+        loss=loss,
+        accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        grad_norm=_global_norm(grads),
+    )
     metrics = jax.lax.pmean(metrics, parallel.AXIS)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -222,9 +236,12 @@ def make_predict_step(model_config: ModelConfig) -> Callable:
   model = create_model(model_config)
 
   def predict_step(params, images, prev_features):
-    return model.apply({"params": params}, images,
-                       prev_features if model_config.connect_dim else None,
-                       return_features=True)
+    return model.apply(
+        {"params": params},
+        images,
+        prev_features if model_config.connect_dim else None,
+        return_features=True,
+    )
 
   return predict_step
 
@@ -240,10 +257,17 @@ def _pmapped_predict(model_config: ModelConfig) -> Callable:
   return parallel.data_parallel(make_predict_step(model_config))
 
 
-def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.ndarray, *,
-                    mean: np.ndarray, std: np.ndarray, batch_size: int,
-                    prev_features: np.ndarray | None = None,
-                    replicated_params: PyTree | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_dataset(
+    model_config: ModelConfig,
+    params: PyTree,
+    images_uint8: np.ndarray,
+    *,
+    mean: np.ndarray,
+    std: np.ndarray,
+    batch_size: int,
+    prev_features: np.ndarray | None = None,
+    replicated_params: PyTree | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Logits and pooled features of every example (padding and mask, no drop).
 
   Each process evaluates its slice of every batch; the slices are gathered, so
@@ -259,9 +283,15 @@ def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.
   feats_out = np.zeros((num, model_config.d_model), np.float32)
   width = prev_features.shape[1] if prev_features is not None else 1
   for batch in input_pipeline.eval_batches(
-      images_uint8, np.zeros(num, np.int32), mean=mean, std=std, batch_size=batch_size,
-      num_devices=parallel.local_device_count(), process_index=parallel.process_index(),
-      process_count=parallel.process_count()):
+      images_uint8,
+      np.zeros(num, np.int32),
+      mean=mean,
+      std=std,
+      batch_size=batch_size,
+      num_devices=parallel.local_device_count(),
+      process_index=parallel.process_index(),
+      process_count=parallel.process_count(),
+  ):
     index = batch["index"]
     if prev_features is not None:
       prev = np.where(index[..., None] >= 0, prev_features[np.maximum(index, 0)], 0.0)
@@ -269,7 +299,9 @@ def predict_dataset(model_config: ModelConfig, params: PyTree, images_uint8: np.
       prev = np.zeros(index.shape + (width,), np.float32)
     logits, feats = predict(rep, batch["image"], prev.astype(np.float32))
     index = parallel.gather_from_processes(np.asarray(index).reshape(-1))
-    logits = parallel.gather_from_processes(np.asarray(logits).reshape(-1, model_config.num_classes))
+    logits = parallel.gather_from_processes(
+        np.asarray(logits).reshape(-1, model_config.num_classes)
+    )
     feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, model_config.d_model))
     real = index >= 0
     logits_out[index[real]] = logits[real]
@@ -289,10 +321,13 @@ class MetricsWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
     except ImportError:
-      logging.info("tensorboardX is not installed: TensorBoard summaries are off "
-                   "(metrics.jsonl is still written)")
+      logging.info(
+          "tensorboardX is not installed: TensorBoard summaries are off "
+          "(metrics.jsonl is still written)"
+      )
 
   def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -334,6 +369,7 @@ class StageData:
       every row, drawn by :func:`input_pipeline.epoch_views`; ``augment`` is
       then not applied again.
   """
+
   dataset: input_pipeline.Dataset
   train_index: np.ndarray
   augment: str = "none"
@@ -342,13 +378,16 @@ class StageData:
 
   def __post_init__(self):
     if self.views is not None and self.views.shape[1:2] != (len(self.train_index),):
-      raise ValueError(f"views must be [V, {len(self.train_index)}, H, W, C] (one copy of each "
-                       f"training row per view), got shape {self.views.shape}")
+      raise ValueError(
+          f"views must be [V, {len(self.train_index)}, H, W, C] (one copy of each "
+          f"training row per view), got shape {self.views.shape}"
+      )
 
   def describe(self) -> str:
     if self.views is not None:
-      return (f"{self.views.shape[0]} fixed {self.augment} views per image"
-              + (", frozen outputs cached" if self.cached else ""))
+      return f"{self.views.shape[0]} fixed {self.augment} views per image" + (
+          ", frozen outputs cached" if self.cached else ""
+      )
     if self.augment == "none":
       return "no augmentation" + (", frozen outputs cached" if self.cached else "")
     return f"live {self.augment} augmentation"
@@ -370,9 +409,15 @@ def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -
     view, images, augment = None, ds.x_train[data.train_index], data.augment
   sub = dataclasses.replace(ds, x_train=images, y_train=ds.y_train[data.train_index])
   for batch in input_pipeline.train_batches(
-      sub, batch_size=batch_size, seed=seed, epoch=epoch, augment=augment,
-      num_devices=parallel.local_device_count(), process_index=parallel.process_index(),
-      process_count=parallel.process_count()):
+      sub,
+      batch_size=batch_size,
+      seed=seed,
+      epoch=epoch,
+      augment=augment,
+      num_devices=parallel.local_device_count(),
+      process_index=parallel.process_index(),
+      process_count=parallel.process_count(),
+  ):
     out = {"image": batch["image"], "label": batch["label"]}
     if data.uses_cache:
       position = batch["index"]
@@ -390,12 +435,22 @@ def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -
 MAX_STEPS_AHEAD = 4
 
 
-def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.StageLoss,
-                optim: OptimConfig, data: StageData, seed: int,
-                spec: FrozenSpec = FrozenSpec(), frozen: Frozen = Frozen(),
-                checkpointer=None, checkpoint_every: int = 200,
-                metrics_writer: MetricsWriter | None = None, log_every: int = 50,
-                init: PyTree | None = None) -> PyTree:
+def train_stage(
+    *,
+    name: str,
+    model_config: ModelConfig,
+    stage_loss: losses.StageLoss,
+    optim: OptimConfig,
+    data: StageData,
+    seed: int,
+    spec: FrozenSpec = FrozenSpec(),
+    frozen: Frozen = Frozen(),
+    checkpointer=None,
+    checkpoint_every: int = 200,
+    metrics_writer: MetricsWriter | None = None,
+    log_every: int = 50,
+    init: PyTree | None = None,
+) -> PyTree:
   """Trains one stage and returns its parameters (host NumPy).
 
   Resumes from ``checkpointer``'s latest good step if there is one. Raises
@@ -406,8 +461,10 @@ def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.Stag
   num_train = len(data.train_index)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, optim.batch_size)
   if steps_per_epoch < 1:
-    raise ValueError(f"stage {name}: batch_size={optim.batch_size} is larger than the "
-                     f"{num_train} training examples")
+    raise ValueError(
+        f"stage {name}: batch_size={optim.batch_size} is larger than the "
+        f"{num_train} training examples"
+    )
   total_steps = steps_per_epoch * optim.epochs
   tx = create_optimizer(optim, total_steps)
   rng = jax.random.key(seed)
@@ -425,20 +482,29 @@ def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.Stag
     return parallel.to_host(state.params)
 
   step_fn = parallel.data_parallel(
-      make_train_step(model_config, tx, stage_loss, spec), donate_first=True)
+      make_train_step(model_config, tx, stage_loss, spec), donate_first=True
+  )
   state_r = parallel.replicate(state)
   frozen_r = parallel.replicate(frozen)
-  logging.info("stage %s: %d steps (%d epochs x %d), batch %d, %s, on %s; compiling...",
-               name, total_steps, optim.epochs, steps_per_epoch, optim.batch_size,
-               data.describe(), parallel.describe_devices())
+  logging.info(
+      "stage %s: %d steps (%d epochs x %d), batch %d, %s, on %s; compiling...",
+      name,
+      total_steps,
+      optim.epochs,
+      steps_per_epoch,
+      optim.batch_size,
+      data.describe(),
+      parallel.describe_devices(),
+  )
   last_good = start
   t_start, t_window, window_steps = time.time(), None, 0
   pending: list[dict[str, Array]] = []  # per-step metrics since the last log line, on device
   step = start
   for epoch in range(start // steps_per_epoch, optim.epochs):
     skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
-    for i, batch in enumerate(_stage_batches(data, batch_size=optim.batch_size, seed=seed,
-                                             epoch=epoch)):
+    for i, batch in enumerate(
+        _stage_batches(data, batch_size=optim.batch_size, seed=seed, epoch=epoch)
+    ):
       if i < skip:
         continue
       state_r, metrics = step_fn(state_r, batch, frozen_r, parallel.device_rngs(rng, step))
@@ -462,13 +528,22 @@ def train_stage(*, name: str, model_config: ModelConfig, stage_loss: losses.Stag
           raise NonFiniteLossError(
               f"stage {name}: non-finite loss or gradient between steps {last_good} and "
               f"{step} (metrics {host}); the last good checkpoint (step {last_good}) is kept. "
-              "Lower the learning rate or check the input data.")
+              "Lower the learning rate or check the input data."
+          )
         elapsed = time.time() - t_window
         rate = window_steps / elapsed if elapsed > 0 and window_steps else float("nan")
         eta = (total_steps - step) / rate if rate == rate and rate > 0 else float("nan")
-        logging.info("stage %s: step %d/%d (epoch %d) loss %.4f acc %.3f | %.1f steps/s, "
-                     "ETA %.0fs", name, step, total_steps, epoch + 1, host["loss"],
-                     host["accuracy"], rate, eta)
+        logging.info(
+            "stage %s: step %d/%d (epoch %d) loss %.4f acc %.3f | %.1f steps/s, " "ETA %.0fs",
+            name,
+            step,
+            total_steps,
+            epoch + 1,
+            host["loss"],
+            host["accuracy"],
+            rate,
+            eta,
+        )
         if metrics_writer is not None:
           metrics_writer.write(name, step, dict(host, steps_per_sec=rate))
         if checkpointer is not None and (step % checkpoint_every == 0 or at_end):

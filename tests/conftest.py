@@ -6,8 +6,11 @@ import pathlib
 import sys
 import tempfile
 
-_CACHE = pathlib.Path(os.environ.get("MAMBA_PKD_TEST_CACHE",
-                                     pathlib.Path(tempfile.gettempdir()) / "mamba_pkd_jax_cache"))
+_CACHE = pathlib.Path(
+    os.environ.get(
+        "MAMBA_PKD_TEST_CACHE", pathlib.Path(tempfile.gettempdir()) / "mamba_pkd_jax_cache"
+    )
+)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -20,17 +23,27 @@ if str(REPO) not in sys.path:
 def smoke_env(devices: int = 1) -> dict:
   """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices."""
   import os as _os  # pylint: disable=g-import-not-at-top,reimported
+
   env = dict(_os.environ, JAX_PLATFORMS="cpu")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   return env
 
 
 def smoke_cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
   """`python -m mamba_pkd.main` on configs/smoke.py with ``workdir`` and extra flags."""
-  return [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
-          f"--workdir={workdir}", *flags]
+  return [
+      sys.executable,
+      "-m",
+      "mamba_pkd.main",
+      "--config=configs/smoke.py",
+      f"--workdir={workdir}",
+      *flags,
+  ]
 
 
 def shared_reference_run(tmp_path_factory) -> pathlib.Path:
@@ -40,11 +53,13 @@ def shared_reference_run(tmp_path_factory) -> pathlib.Path:
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
   if not (workdir / "results.json").is_file():
     shutil.rmtree(workdir, ignore_errors=True)
-    out = subprocess.run(smoke_cmd(workdir), cwd=REPO, env=smoke_env(1), capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        smoke_cmd(workdir), cwd=REPO, env=smoke_env(1), capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-5000:]
     assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
   return workdir

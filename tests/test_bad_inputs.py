@@ -27,6 +27,7 @@ MAX_SECONDS = 20.0
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One bad run: flag overrides, and what its error message must contain."""
+
   name: str
   flags: tuple[str, ...]
   expect: tuple[str, ...]
@@ -35,11 +36,22 @@ class Case:
 
 
 CASE_NAMES = (
-    "unknown dataset name", "unknown model size in pkd.ladder", "alpha above 1",
-    "temperature 0", "empty ladder", "max_students=0", "workdir not writable",
-    "npz: x_test image size differs", "npz: label count differs", "npz: label out of range",
-    "npz: NaN pixel", "npz: missing key", "TFDS dataset not downloadable (offline)",
-    "batch size not divisible by 4 devices", "eval batch not divisible by 4 devices")
+    "unknown dataset name",
+    "unknown model size in pkd.ladder",
+    "alpha above 1",
+    "temperature 0",
+    "empty ladder",
+    "max_students=0",
+    "workdir not writable",
+    "npz: x_test image size differs",
+    "npz: label count differs",
+    "npz: label out of range",
+    "npz: NaN pixel",
+    "npz: missing key",
+    "TFDS dataset not downloadable (offline)",
+    "batch size not divisible by 4 devices",
+    "eval batch not divisible by 4 devices",
+)
 
 
 def _write_npz_files(root: pathlib.Path) -> dict[str, str]:
@@ -47,10 +59,12 @@ def _write_npz_files(root: pathlib.Path) -> dict[str, str]:
   rng = np.random.default_rng(0)
 
   def arrays():
-    return dict(x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
-                y_train=np.arange(64) % 3,
-                x_test=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
-                y_test=np.arange(16) % 3)
+    return dict(
+        x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+        y_train=np.arange(64) % 3,
+        x_test=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
+        y_test=np.arange(16) % 3,
+    )
 
   broken = {}
   a = arrays()
@@ -88,34 +102,67 @@ def _cases(root: pathlib.Path) -> list[Case]:
   else:
     unwritable = None  # made read-only by _prepare_workdir
   return [
-      Case("unknown dataset name", ("--config.dataset=mnistt",),
-           ("unknown dataset name 'mnistt'", "'mnist5k'", "'npz:/path/file.npz'")),
-      Case("unknown model size in pkd.ladder", ("--config.pkd.ladder=('s1','s9')",),
-           ("unknown size(s) ['s9']", "valid sizes of ladder 'tiny'", "'s4'")),
+      Case(
+          "unknown dataset name",
+          ("--config.dataset=mnistt",),
+          ("unknown dataset name 'mnistt'", "'mnist5k'", "'npz:/path/file.npz'"),
+      ),
+      Case(
+          "unknown model size in pkd.ladder",
+          ("--config.pkd.ladder=('s1','s9')",),
+          ("unknown size(s) ['s9']", "valid sizes of ladder 'tiny'", "'s4'"),
+      ),
       Case("alpha above 1", ("--config.pkd.alpha=1.5",), ("pkd.alpha", "[0, 1]", "1.5")),
       Case("temperature 0", ("--config.pkd.temperature=0",), ("pkd.temperature", "> 0", "0.0")),
       Case("empty ladder", ("--config.pkd.ladder=()",), ("pkd.ladder is empty", "'s1'")),
-      Case("max_students=0", ("--config.pkd.max_students=0",),
-           ("pkd.max_students", ">= 1", "got 0")),
-      Case("workdir not writable", (), ("workdir", "not writable", "--workdir"),
-           workdir=unwritable),
-      Case("npz: x_test image size differs", (f"--config.dataset=npz:{npz['shape']}",),
-           ("x_train images are (8, 8, 1)", "x_test images are (4, 8, 1)")),
-      Case("npz: label count differs", (f"--config.dataset=npz:{npz['count']}",),
-           ("y_train has 50 labels", "x_train has 64 images")),
-      Case("npz: label out of range", (f"--config.dataset=npz:{npz['labels']}",),
-           ("y_test has label 7", "num_classes=3", "[0, num_classes)")),
-      Case("npz: NaN pixel", (f"--config.dataset=npz:{npz['nan']}",),
-           ("x_train has 1 NaN or Inf pixel",)),
-      Case("npz: missing key", (f"--config.dataset=npz:{npz['missing']}",),
-           ("missing key(s) ['y_test']", "['x_train', 'y_train', 'x_test', 'y_test']")),
-      Case("TFDS dataset not downloadable (offline)",
-           ("--config.dataset=mnist", f"--config.data_dir={empty_tfds}"),
-           ("TFDS dataset 'mnist'", f"data_dir='{empty_tfds}'", "'mnist5k'")),
-      Case("batch size not divisible by 4 devices", ("--config.teacher.batch_size=30",),
-           ("teacher.batch_size=30", "number of devices (4", "multiple of 4"), devices=4),
-      Case("eval batch not divisible by 4 devices", ("--config.eval_batch_size=66",),
-           ("eval_batch_size=66", "number of devices (4", "multiple of 4"), devices=4),
+      Case(
+          "max_students=0", ("--config.pkd.max_students=0",), ("pkd.max_students", ">= 1", "got 0")
+      ),
+      Case(
+          "workdir not writable", (), ("workdir", "not writable", "--workdir"), workdir=unwritable
+      ),
+      Case(
+          "npz: x_test image size differs",
+          (f"--config.dataset=npz:{npz['shape']}",),
+          ("x_train images are (8, 8, 1)", "x_test images are (4, 8, 1)"),
+      ),
+      Case(
+          "npz: label count differs",
+          (f"--config.dataset=npz:{npz['count']}",),
+          ("y_train has 50 labels", "x_train has 64 images"),
+      ),
+      Case(
+          "npz: label out of range",
+          (f"--config.dataset=npz:{npz['labels']}",),
+          ("y_test has label 7", "num_classes=3", "[0, num_classes)"),
+      ),
+      Case(
+          "npz: NaN pixel",
+          (f"--config.dataset=npz:{npz['nan']}",),
+          ("x_train has 1 NaN or Inf pixel",),
+      ),
+      Case(
+          "npz: missing key",
+          (f"--config.dataset=npz:{npz['missing']}",),
+          ("missing key(s) ['y_test']", "['x_train', 'y_train', 'x_test', 'y_test']"),
+      ),
+      Case(
+          "TFDS dataset not downloadable (offline)",
+          ("--config.dataset=mnist", f"--config.data_dir={empty_tfds}"),
+          ("TFDS dataset 'mnist'", f"data_dir='{empty_tfds}'", "'mnist5k'"),
+      ),
+      Case(
+          "batch size not divisible by 4 devices",
+          ("--config.teacher.batch_size=30",),
+          ("teacher.batch_size=30", "number of devices (4", "multiple of 4"),
+          devices=4,
+      ),
+      Case(
+          "eval batch not divisible by 4 devices",
+          ("--config.eval_batch_size=66",),
+          ("eval_batch_size=66", "number of devices (4", "multiple of 4"),
+          devices=4,
+      ),
   ]
 
 
@@ -140,8 +187,14 @@ def _snapshot(workdir: pathlib.Path) -> dict[str, bytes]:
 def _run_case(case: Case, workdir: pathlib.Path) -> tuple[subprocess.CompletedProcess, float]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={case.devices}"
-  cmd = [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", *case.flags]
+  cmd = [
+      sys.executable,
+      "-m",
+      "mamba_pkd.main",
+      "--config=configs/smoke.py",
+      f"--workdir={workdir}",
+      *case.flags,
+  ]
   start = time.monotonic()
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   return out, time.monotonic() - start
@@ -159,16 +212,19 @@ def outcomes(tmp_path_factory):
     results = list(pool.map(lambda cw: _run_case(*cw), prepared))
   table = {}
   for (case, workdir), (out, seconds) in zip(prepared, results):
-    table[case.name] = dict(case=case, out=out, seconds=seconds, before=before[case.name],
-                            after=_snapshot(workdir))
+    table[case.name] = dict(
+        case=case, out=out, seconds=seconds, before=before[case.name], after=_snapshot(workdir)
+    )
   # The table of docs/scale_and_faults.md (shown with `pytest -s`).
   print("\n| case | flags | exit | s | message on stderr |\n|---|---|---:|---:|---|")
   for name, r in table.items():
     lines = [l for l in r["out"].stderr.splitlines() if l.startswith("error:")]
     line = lines[0] if lines else r["out"].stderr[-300:]
     flags = " ".join(r["case"].flags) or f"--workdir={r['case'].workdir}"
-    print(f"| {name} | `{flags}` | {r['out'].returncode} | {r['seconds']:.1f} | "
-          f"`{line}` |".replace(str(root), "<tmp>"))
+    print(
+        f"| {name} | `{flags}` | {r['out'].returncode} | {r['seconds']:.1f} | "
+        f"`{line}` |".replace(str(root), "<tmp>")
+    )
   return table
 
 
@@ -182,7 +238,7 @@ def test_bad_input_fails_fast_with_one_clear_line(outcomes, name):
   error_lines = [i for i, line in enumerate(stderr.splitlines()) if line.startswith("error:")]
   assert len(error_lines) == 1, stderr[-3000:]
   # The message: the error line and (TFDS only) the remedy lines printed after it.
-  message = "\n".join(stderr.splitlines()[error_lines[0]:])
+  message = "\n".join(stderr.splitlines()[error_lines[0] :])
   for part in case.expect:
     assert part in message, (part, message)
   assert "Compiling " not in stderr, "XLA compiled something before the error:\n" + stderr[-3000:]

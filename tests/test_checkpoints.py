@@ -22,8 +22,7 @@ from mamba_pkd import checkpoints
 # A failed Orbax restore (the corruption tests) leaves TensorStore reads whose
 # callbacks fire after Orbax's asyncio loop closed ("Event loop is closed"),
 # reported by pytest as unraisable, possibly during a later test; harmless.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _train_state(seed: int) -> dict:
@@ -35,8 +34,10 @@ def _train_state(seed: int) -> dict:
   """
   rng = np.random.default_rng(seed)
   params = {
-      "dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
-                "bias": rng.normal(size=(4,)).astype(np.float32)},
+      "dense": {
+          "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+          "bias": rng.normal(size=(4,)).astype(np.float32),
+      },
       "emb": rng.normal(size=(5, 2)).astype(jnp.bfloat16),
       "norm": {"scale": rng.normal(size=(4,)).astype(np.float16)},
   }
@@ -145,8 +146,9 @@ def test_mark_complete_is_complete_load_final(tmp_path):
     with pytest.raises(ValueError, match="JSON-serializable"):
       ckpt.mark_complete(params, {"model": object()})
     assert not ckpt.is_complete()
-    ckpt.mark_complete(params, {"accuracy": np.float32(0.75), "flops": 1234,
-                                "size": "tiny", "seed": 3})
+    ckpt.mark_complete(
+        params, {"accuracy": np.float32(0.75), "flops": 1234, "size": "tiny", "seed": 3}
+    )
     with pytest.raises(ValueError, match="already complete"):
       ckpt.mark_complete(params, {})
   with checkpoints.StageCheckpointer(stage) as ckpt:
@@ -209,8 +211,9 @@ def test_half_written_tmp_dir_is_ignored_and_reported(tmp_path, caplog):
       step, restored = reader.restore_latest(state)
   assert step == 1
   _assert_bit_identical(restored, state)
-  assert any("half-written" in r.getMessage() and tmp.name in r.getMessage()
-             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert any(
+      "half-written" in r.getMessage() and tmp.name in r.getMessage() for r in caplog.records
+  ), [r.getMessage() for r in caplog.records]
   assert tmp.exists()  # readers never delete
   with checkpoints.StageCheckpointer(stage) as writer:
     assert writer.latest_step() == 1
@@ -242,8 +245,9 @@ def _worker(process_id: int, port: int, stage: str) -> None:
   """One process of the two-process test; asserts, exits non-zero on failure."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
-                             num_processes=2, process_id=process_id)
+  jax.distributed.initialize(
+      coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
+  )
   state = _train_state(3)
   ckpt = checkpoints.StageCheckpointer(stage, is_writer=process_id == 0)
   assert ckpt.restore_latest(state) is None
@@ -267,10 +271,13 @@ def test_two_processes_only_process_0_writes_and_no_deadlock(tmp_path):
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [
-      subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port),
-                        str(tmp_path / "s")],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
+      subprocess.Popen(
+          [sys.executable, __file__, "worker", str(i), str(port), str(tmp_path / "s")],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
       for i in range(2)
   ]
   outputs = []

@@ -30,13 +30,14 @@ ATOL, RTOL = 2e-5, 1e-5
 def _write_run(workdir: pathlib.Path) -> dict:
   """A finished ensemble-mode run with connected students s1, s2, s3 (random weights)."""
   config = {
-      "dataset": DATASET, "data_dir": "", "seed": 0,
+      "dataset": DATASET,
+      "data_dir": "",
+      "seed": 0,
       "model": {"ladder": "tiny", "scan_method": "sequential", "bidirectional": False},
       "pkd": {"mode": "ensemble", "connect": True},
   }
   (workdir / "config.json").write_text(json.dumps(config))
-  sizes = ladder_configs("tiny", image_shape=(H, W, C), num_classes=K,
-                         scan_method="sequential")
+  sizes = ladder_configs("tiny", image_shape=(H, W, C), num_classes=K, scan_method="sequential")
   decisions, members = [], []
   stages = [("teacher", "teacher", None)]
   prev = None
@@ -47,16 +48,24 @@ def _write_run(workdir: pathlib.Path) -> dict:
     name = f"student_{k}_{size}_try1"
     # Student 2 enters the ensemble with weight 2.5 (pkd's line search): the
     # run's stage holds f_2, the ensemble 2.5 * f_2.
-    decisions.append({"candidate": name, "size": size, "accepted": True,
-                      "weight": 2.5 if k == 2 else 1.0, "scale": 0.4 if k == 2 else 1.0})
+    decisions.append(
+        {
+            "candidate": name,
+            "size": size,
+            "accepted": True,
+            "weight": 2.5 if k == 2 else 1.0,
+            "scale": 0.4 if k == 2 else 1.0,
+        }
+    )
     stages.append((name, size, cfg))
     prev = cfg
   decisions.append({"stop": "ladder exhausted"})
   params_by_stage = {}
   for seed, (stage, size, cfg) in enumerate(stages):
     cfg = sizes["teacher"] if cfg is None else cfg
-    params = jax.tree.map(np.asarray, jax.jit(init_params, static_argnums=0)(
-        cfg, jax.random.key(seed)))
+    params = jax.tree.map(
+        np.asarray, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))
+    )
     ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(workdir, stage))
     ckpt.mark_complete(params, {"size": size, "seed": seed})
     ckpt.close()
@@ -65,11 +74,19 @@ def _write_run(workdir: pathlib.Path) -> dict:
       weight = next(d["weight"] for d in decisions if d.get("candidate") == stage)
       members.append((cfg, models.scale_head(params, weight)))
   rows = [{"name": f"prefix_1..{k}", "accuracy": 0.5 + 0.1 * k} for k in range(1, 4)]
-  (workdir / "results.json").write_text(json.dumps(
-      {"meta": {"dataset": "synthetic", "mode": "ensemble", "decisions": decisions},
-       "rows": rows}))
-  return {"configs": [m[0] for m in members], "params": [m[1] for m in members],
-          "teacher": sizes["teacher"]}
+  (workdir / "results.json").write_text(
+      json.dumps(
+          {
+              "meta": {"dataset": "synthetic", "mode": "ensemble", "decisions": decisions},
+              "rows": rows,
+          }
+      )
+  )
+  return {
+      "configs": [m[0] for m in members],
+      "params": [m[1] for m in members],
+      "teacher": sizes["teacher"],
+  }
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +130,17 @@ def test_load_run_rebuilds_accepted_members(run_dir):
   workdir, reference = run_dir
   run = export.load_run(workdir)
   assert [m.size for m in run.students] == list(ACCEPTED)
-  assert [m.stage for m in run.students] == [f"student_{k}_{s}_try1"
-                                             for k, s in enumerate(ACCEPTED, start=1)]
+  assert [m.stage for m in run.students] == [
+      f"student_{k}_{s}_try1" for k, s in enumerate(ACCEPTED, start=1)
+  ]
   assert [m.config for m in run.students] == reference["configs"]
   assert [m.config.connect_dim for m in run.students] == [0, 4, 6]  # d_model of s1, s2
-  np.testing.assert_array_equal(run.students[1].params["head"]["kernel"],
-                                reference["params"][1]["head"]["kernel"])  # weight 2.5 applied
-  np.testing.assert_array_equal(run.students[0].params["head"]["kernel"],
-                                reference["params"][0]["head"]["kernel"])
+  np.testing.assert_array_equal(
+      run.students[1].params["head"]["kernel"], reference["params"][1]["head"]["kernel"]
+  )  # weight 2.5 applied
+  np.testing.assert_array_equal(
+      run.students[0].params["head"]["kernel"], reference["params"][0]["head"]["kernel"]
+  )
   assert run.prefix_accuracy == pytest.approx([0.6, 0.7, 0.8])
   # Preprocessing is recomputed from the run's dataset: x_train / 255 statistics.
   ds = input_pipeline.load_dataset(DATASET, seed=0)
@@ -143,8 +163,9 @@ def test_exported_prefix_matches_in_process_model(bundle, images, reference_logi
   for k in range(3):
     np.testing.assert_allclose(cumulative[:, k], prefixes[k], atol=ATOL, rtol=RTOL)
   # Float pixels in [0, 1] are the same picture as uint8 pixels.
-  np.testing.assert_allclose(loaded(images.astype(np.float32) / 255.0), prefixes[2],
-                             atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(
+      loaded(images.astype(np.float32) / 255.0), prefixes[2], atol=ATOL, rtol=RTOL
+  )
   np.testing.assert_allclose(loaded(x, normalized=True), prefixes[2], atol=ATOL, rtol=RTOL)
 
 
@@ -189,10 +210,11 @@ def test_budget_picks_largest_fitting_prefix(bundle):
   assert pick(max_flops_pct=between(pct[1], pct[2])) == 2
   assert pick(max_flops_pct=between(pct[0], pct[1])) == 1
   assert pick(max_flops_pct=200.0) == 3
-  assert pick(max_flops=sum(flops_each[:2])) == 2          # the limit is inclusive
+  assert pick(max_flops=sum(flops_each[:2])) == 2  # the limit is inclusive
   assert pick(max_flops=sum(flops_each[:2]) - 1) == 1
-  with pytest.raises(export.BudgetError, match=rf"cheapest, prefix 1..1 \(s1\): "
-                                               rf"{flops_each[0]:,} FLOPs/image"):
+  with pytest.raises(
+      export.BudgetError, match=rf"cheapest, prefix 1..1 \(s1\): " rf"{flops_each[0]:,} FLOPs/image"
+  ):
     pick(max_flops_pct=pct[0] / 2)
   # Latency: measured from k = 1 up, stopping at the first prefix over budget.
   fake = {1: 1.0, 2: 2.0, 3: 5.0}
@@ -201,8 +223,9 @@ def test_budget_picks_largest_fitting_prefix(bundle):
   k, measured = export.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer)
   assert (k, calls, measured) == (2, [1, 2, 3], fake)
   calls.clear()
-  k, _ = export.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer,
-                                      max_flops_pct=between(pct[0], pct[1]))
+  k, _ = export.largest_prefix_within(
+      costs, max_latency_ms=3.0, latency_ms=timer, max_flops_pct=between(pct[0], pct[1])
+  )
   assert (k, calls) == (1, [1])  # FLOPs limit first: prefixes 2, 3 are never timed
   with pytest.raises(export.BudgetError, match=r"takes 1 ms per call"):
     export.largest_prefix_within(costs, max_latency_ms=0.5, latency_ms=timer)
@@ -221,8 +244,7 @@ def test_prefix_scale_is_kept_and_calibrates_the_margins(bundle, run_dir, refere
   loaded = export.load_export(bundle)
   assert [m["prefix_scale"] for m in loaded.members] == scales
   result = predict.anytime_predict(loaded, x, num_members=2)
-  np.testing.assert_allclose(result.margins, predict.softmax_margin(0.4 * prefixes[1]),
-                             atol=1e-5)
+  np.testing.assert_allclose(result.margins, predict.softmax_margin(0.4 * prefixes[1]), atol=1e-5)
 
 
 def test_softmax_margin_hand_values():
@@ -251,8 +273,9 @@ def test_early_exit_uses_fewer_members_on_confident_images(bundle, reference_log
   np.testing.assert_array_equal(capped.members_used, np.minimum(expected_used, 2))
 
 
-def test_predict_cli_budget_early_exit_and_workdir(bundle, run_dir, images, tmp_path, capsys,
-                                                   reference_logits):
+def test_predict_cli_budget_early_exit_and_workdir(
+    bundle, run_dir, images, tmp_path, capsys, reference_logits
+):
   workdir, _ = run_dir
   _, prefixes = reference_logits
   np.savez(tmp_path / "batch.npz", images=images)
@@ -260,25 +283,40 @@ def test_predict_cli_budget_early_exit_and_workdir(bundle, run_dir, images, tmp_
   pct = [c.pct_teacher_flops for c in loaded.costs()]
   budget = f"--max_flops_pct={(pct[1] + pct[2]) / 2:.4f}"
   out_json = tmp_path / "pred.json"
-  assert predict.main([f"--model={bundle}", budget, "--confidence=1.0",
-                       f"--output_json={out_json}", str(tmp_path / "batch.npz")]) == 0
+  assert (
+      predict.main(
+          [
+              f"--model={bundle}",
+              budget,
+              "--confidence=1.0",
+              f"--output_json={out_json}",
+              str(tmp_path / "batch.npz"),
+          ]
+      )
+      == 0
+  )
   printed = capsys.readouterr().out
   assert "using prefix 1..2 (s1+s2)" in printed
   assert "the next, prefix 1..3" in printed
   result = json.loads(out_json.read_text())
   assert result["prefix"] == 2
   assert [p["members"] for p in result["predictions"]] == [2] * len(images)  # margin < 1
-  np.testing.assert_array_equal([p["class"] for p in result["predictions"]],
-                                prefixes[1].argmax(-1))
+  np.testing.assert_array_equal([p["class"] for p in result["predictions"]], prefixes[1].argmax(-1))
   # The workdir runs the same students in-process and gives the same answer.
   out_wd = tmp_path / "pred_wd.json"
-  assert predict.main([f"--model={workdir}", budget, f"--output_json={out_wd}",
-                       str(tmp_path / "batch.npz")]) == 0
+  assert (
+      predict.main(
+          [f"--model={workdir}", budget, f"--output_json={out_wd}", str(tmp_path / "batch.npz")]
+      )
+      == 0
+  )
   in_process = json.loads(out_wd.read_text())["predictions"]
-  assert [(p["class"], p["members"]) for p in in_process] == \
-      [(p["class"], p["members"]) for p in result["predictions"]]
-  np.testing.assert_allclose([p["margin"] for p in in_process],
-                             [p["margin"] for p in result["predictions"]], atol=1e-5)
+  assert [(p["class"], p["members"]) for p in in_process] == [
+      (p["class"], p["members"]) for p in result["predictions"]
+  ]
+  np.testing.assert_allclose(
+      [p["margin"] for p in in_process], [p["margin"] for p in result["predictions"]], atol=1e-5
+  )
 
 
 def test_predict_cli_errors(bundle, tmp_path, capsys):
@@ -288,8 +326,10 @@ def test_predict_cli_errors(bundle, tmp_path, capsys):
   np.savez(tmp_path / "bad_key.npz", pixels=np.zeros((2, H, W, C), np.uint8))
   (tmp_path / "junk.png").write_text("not an image")
   cases = [
-      ([f"--max_flops_pct={cheapest.pct_teacher_flops / 2}", "a.png"],
-       f"the cheapest, prefix 1..1 (s1): {cheapest.flops:,} FLOPs/image"),
+      (
+          [f"--max_flops_pct={cheapest.pct_teacher_flops / 2}", "a.png"],
+          f"the cheapest, prefix 1..1 (s1): {cheapest.flops:,} FLOPs/image",
+      ),
       ([str(tmp_path / "bad_shape.npz")], "has shape (2, 8, 8, 1); the model takes [N, 16, 16, 1]"),
       ([str(tmp_path / "bad_key.npz")], "has no array named 'x' or 'images'"),
       ([str(tmp_path / "junk.png")], "cannot read image"),
@@ -305,6 +345,7 @@ def test_predict_cli_errors(bundle, tmp_path, capsys):
 
 def test_png_reading_converts_channels_and_resizes(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rgb = np.zeros((32, 32, 3), np.uint8)
   rgb[...] = (200, 100, 50)
   Image.fromarray(rgb).save(tmp_path / "rgb.png")

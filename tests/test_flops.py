@@ -6,12 +6,15 @@ import pytest
 from mamba_pkd import flops, models
 
 
-@pytest.mark.parametrize("kw", [
-    dict(d_model=16, n_layers=1, d_state=4),
-    dict(d_model=64, n_layers=2, d_state=16, bidirectional=True),
-    dict(d_model=24, n_layers=1, d_state=8, connect_dim=8),
-    dict(d_model=32, n_layers=3, d_state=16, expand=1, d_conv=2),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(d_model=16, n_layers=1, d_state=4),
+        dict(d_model=64, n_layers=2, d_state=16, bidirectional=True),
+        dict(d_model=24, n_layers=1, d_state=8, connect_dim=8),
+        dict(d_model=32, n_layers=3, d_state=16, expand=1, d_conv=2),
+    ],
+)
 def test_analytic_flops_agree_with_xla_cost_analysis(kw):
   """Within 8% of XLA's ``flops + transcendentals`` of the sequential-method forward.
 
@@ -33,12 +36,12 @@ def test_matmul_parts_are_exact_for_a_hand_computed_mixer():
   # L = 49 tokens, d = 16, E = 32, N = 4, R = 1, K = 4.
   config = models.ModelConfig(d_model=16, n_layers=1, d_state=4, patch_size=4)
   parts = flops.mixer_flops(config)
-  assert parts["in_proj"] == 2 * 49 * 16 * 64        # 100,352
-  assert parts["x_proj"] == 2 * 49 * 32 * (1 + 8)    # 28,224
-  assert parts["dt_proj"] == 49 * 32 * (2 * 1 + 1)   # 4,704 (matmul + bias)
-  assert parts["out_proj"] == 2 * 49 * 32 * 16       # 50,176
-  assert parts["conv1d"] == 49 * 32 * (2 * 4 + 1)    # 14,112
-  assert parts["scan"] == 49 * 32 * (7 * 4 + 3)      # 48,608
+  assert parts["in_proj"] == 2 * 49 * 16 * 64  # 100,352
+  assert parts["x_proj"] == 2 * 49 * 32 * (1 + 8)  # 28,224
+  assert parts["dt_proj"] == 49 * 32 * (2 * 1 + 1)  # 4,704 (matmul + bias)
+  assert parts["out_proj"] == 2 * 49 * 32 * 16  # 50,176
+  assert parts["conv1d"] == 49 * 32 * (2 * 4 + 1)  # 14,112
+  assert parts["scan"] == 49 * 32 * (7 * 4 + 3)  # 48,608
   bidir = flops.mixer_flops(config.replace(bidirectional=True))
   assert bidir["scan"] == 2 * parts["scan"] and bidir["in_proj"] == parts["in_proj"]
 
@@ -52,8 +55,9 @@ def test_flops_grow_linearly_with_tokens():
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])
 def test_ladder_param_counts_match_initialised_models(family, shape):
-  for name, config in models.ladder_configs(family, image_shape=shape, num_classes=10,
-                                            bidirectional=True).items():
+  for name, config in models.ladder_configs(
+      family, image_shape=shape, num_classes=10, bidirectional=True
+  ).items():
     params = jax.eval_shape(lambda c=config: models.init_params(c, jax.random.key(0)))
     assert models.count_params(params) == flops.count_params(config), name
 

@@ -37,13 +37,20 @@ def _mixer_reference(p, hidden, *, d_state, dt_rank, d_conv, bidirectional):
       xc[:, t] = acc
     xc = _silu(xc)
     dbl = xc @ p["x_proj" + sfx]["kernel"]
-    dt_low, b_mat, c_mat = dbl[..., :dt_rank], dbl[..., dt_rank:dt_rank + d_state], dbl[..., dt_rank + d_state:]
+    dt_low, b_mat, c_mat = (
+        dbl[..., :dt_rank],
+        dbl[..., dt_rank : dt_rank + d_state],
+        dbl[..., dt_rank + d_state :],
+    )
     dt = _softplus(dt_low @ p["dt_proj" + sfx]["kernel"] + p["dt_proj" + sfx]["bias"])
     a = -np.exp(p[a_name])  # [E, N]
     h = np.zeros((batch, d_inner, d_state))
     y = np.zeros_like(xc)
     for t in range(length):
-      h = np.exp(dt[:, t, :, None] * a) * h + dt[:, t, :, None] * b_mat[:, t, None, :] * xc[:, t, :, None]
+      h = (
+          np.exp(dt[:, t, :, None] * a) * h
+          + dt[:, t, :, None] * b_mat[:, t, None, :] * xc[:, t, :, None]
+      )
       y[:, t] = np.einsum("ben,bn->be", h, c_mat[:, t]) + p["D" + sfx] * xc[:, t]
     return y
 
@@ -56,14 +63,22 @@ def _mixer_reference(p, hidden, *, d_state, dt_rank, d_conv, bidirectional):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mixer_matches_step_by_step_recurrence(bidirectional):
-  mixer = layers.MambaMixer(d_model=8, d_state=3, d_conv=3, expand=2, bidirectional=bidirectional,
-                            scan_method="sequential")
+  mixer = layers.MambaMixer(
+      d_model=8,
+      d_state=3,
+      d_conv=3,
+      expand=2,
+      bidirectional=bidirectional,
+      scan_method="sequential",
+  )
   hidden = jax.random.normal(jax.random.key(1), (2, 7, 8))
   params = mixer.init(jax.random.key(0), hidden)["params"]
   # Perturb D and A_log so that neither sits at its special initial value.
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
   out = mixer.apply({"params": params}, hidden)
-  ref = _mixer_reference(params, hidden, d_state=3, dt_rank=1, d_conv=3, bidirectional=bidirectional)
+  ref = _mixer_reference(
+      params, hidden, d_state=3, dt_rank=1, d_conv=3, bidirectional=bidirectional
+  )
   np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
 
 
@@ -74,7 +89,7 @@ def test_mixer_parameter_names_and_shapes_follow_reference_mamba():
   assert shapes == {
       "in_proj": {"kernel": (32, 128)},
       "conv1d": {"kernel": (4, 1, 64), "bias": (64,)},
-      "x_proj": {"kernel": (64, 2 + 32)},          # dt_rank = ceil(32 / 16) = 2
+      "x_proj": {"kernel": (64, 2 + 32)},  # dt_rank = ceil(32 / 16) = 2
       "dt_proj": {"kernel": (2, 64), "bias": (64,)},
       "A_log": (64, 16),
       "D": (64,),
@@ -86,7 +101,9 @@ def test_mixer_initialisation_follows_reference():
   mixer = layers.MambaMixer(d_model=32, d_state=4, dt_min=0.001, dt_max=0.1)
   params = mixer.init(jax.random.key(0), jnp.zeros((1, 5, 32)))["params"]
   # S4D-real: A = -exp(A_log) = -(1, 2, ..., N) for every channel; D = 1.
-  np.testing.assert_allclose(-np.exp(params["A_log"]), -np.tile(np.arange(1.0, 5.0), (64, 1)), rtol=1e-6)
+  np.testing.assert_allclose(
+      -np.exp(params["A_log"]), -np.tile(np.arange(1.0, 5.0), (64, 1)), rtol=1e-6
+  )
   np.testing.assert_array_equal(params["D"], np.ones(64))
   # softplus(dt bias) lies in [dt_min, dt_max].
   dt = _softplus(np.asarray(params["dt_proj"]["bias"], np.float64))
@@ -113,7 +130,9 @@ def test_patch_embed_tokens_and_bad_patch_size():
   # Token 1 is the patch at row 0, column 1: a plain matmul of its pixels.
   patch = np.asarray(images[:, 0:4, 4:8, :]).reshape(2, -1)
   kernel = np.asarray(params["proj"]["kernel"]).reshape(-1, 6)
-  np.testing.assert_allclose(tokens[:, 1], patch @ kernel + params["proj"]["bias"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      tokens[:, 1], patch @ kernel + params["proj"]["bias"], rtol=1e-5, atol=1e-5
+  )
   with pytest.raises(ValueError, match="patch_size=5"):
     layers.PatchEmbed(patch_size=5, d_model=6).init(jax.random.key(0), images)
 

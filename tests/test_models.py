@@ -8,16 +8,25 @@ import pytest
 from mamba_pkd import flops, models
 
 # Hand-computed parameter counts (see the comments; dt_rank = ceil(d_model / 16)).
-MNIST_TEACHER = models.ModelConfig(image_shape=(28, 28, 1), patch_size=4, d_model=64, n_layers=4,
-                                   d_state=16, expand=2, d_conv=4)
+MNIST_TEACHER = models.ModelConfig(
+    image_shape=(28, 28, 1), patch_size=4, d_model=64, n_layers=4, d_state=16, expand=2, d_conv=4
+)
 # patch conv 16*64 + 64 = 1,088; position 49*64 = 3,136;
 # block: in_proj 64*256 = 16,384; conv 4*128 + 128 = 640; x_proj 128*(4 + 32) = 4,608;
 #        dt_proj 4*128 + 128 = 640; A_log 128*16 = 2,048; D 128; out_proj 128*64 = 8,192;
 #        norm 64 -> 32,704; four blocks 130,816; final norm 64; head 64*10 + 10 = 650.
 MNIST_TEACHER_PARAMS = 1_088 + 3_136 + 130_816 + 64 + 650  # 135,754
 
-CIFAR_TINY_BIDIR = models.ModelConfig(image_shape=(32, 32, 3), patch_size=8, d_model=16, n_layers=1,
-                                      d_state=4, expand=2, d_conv=4, bidirectional=True)
+CIFAR_TINY_BIDIR = models.ModelConfig(
+    image_shape=(32, 32, 3),
+    patch_size=8,
+    d_model=16,
+    n_layers=1,
+    d_state=4,
+    expand=2,
+    d_conv=4,
+    bidirectional=True,
+)
 # patch conv 8*8*3*16 + 16 = 3,088; position 16*16 = 256;
 # block: in_proj 16*64 = 1,024; per branch conv 4*32 + 32 = 160, x_proj 32*(1 + 8) = 288,
 #        dt_proj 1*32 + 32 = 64, A 32*4 = 128, D 32 -> 672, two branches 1,344;
@@ -25,8 +34,10 @@ CIFAR_TINY_BIDIR = models.ModelConfig(image_shape=(32, 32, 3), patch_size=8, d_m
 CIFAR_TINY_PARAMS = 3_088 + 256 + 2_896 + 16 + 170  # 6,426
 
 
-@pytest.mark.parametrize("config, expected", [(MNIST_TEACHER, MNIST_TEACHER_PARAMS),
-                                              (CIFAR_TINY_BIDIR, CIFAR_TINY_PARAMS)])
+@pytest.mark.parametrize(
+    "config, expected",
+    [(MNIST_TEACHER, MNIST_TEACHER_PARAMS), (CIFAR_TINY_BIDIR, CIFAR_TINY_PARAMS)],
+)
 def test_exact_parameter_counts(config, expected):
   assert flops.count_params(config) == expected
   params = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
@@ -34,11 +45,19 @@ def test_exact_parameter_counts(config, expected):
 
 
 def test_classifier_forward_shapes_and_features():
-  config = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=2, d_state=2,
-                              scan_method="sequential")
+  config = models.ModelConfig(
+      image_shape=(8, 8, 1),
+      patch_size=4,
+      d_model=8,
+      n_layers=2,
+      d_state=2,
+      scan_method="sequential",
+  )
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-  logits, features = models.create_model(config).apply({"params": params}, images, return_features=True)
+  logits, features = models.create_model(config).apply(
+      {"params": params}, images, return_features=True
+  )
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   assert features.shape == (3, 8)
   # The head is linear in the pooled features.
@@ -47,8 +66,14 @@ def test_classifier_forward_shapes_and_features():
 
 
 def test_scale_head_scales_logits_not_features():
-  config = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=1, d_state=2,
-                              scan_method="sequential")
+  config = models.ModelConfig(
+      image_shape=(8, 8, 1),
+      patch_size=4,
+      d_model=8,
+      n_layers=1,
+      d_state=2,
+      scan_method="sequential",
+  )
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   model = models.create_model(config)
@@ -57,15 +82,23 @@ def test_scale_head_scales_logits_not_features():
   logits2, features2 = model.apply({"params": scaled}, images, return_features=True)
   np.testing.assert_allclose(logits2, 2.5 * logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(features2, features)
-  np.testing.assert_array_equal(params["head"]["kernel"],
-                                models.init_params(config, jax.random.key(0))["head"]["kernel"])
+  np.testing.assert_array_equal(
+      params["head"]["kernel"], models.init_params(config, jax.random.key(0))["head"]["kernel"]
+  )
   with pytest.raises(ValueError, match="no 'head'"):
     models.scale_head({"layers_0": {}}, 2.0)
 
 
 def test_connection_reads_previous_features_and_is_frozen():
-  config = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=1, d_state=2,
-                              connect_dim=5, scan_method="sequential")
+  config = models.ModelConfig(
+      image_shape=(8, 8, 1),
+      patch_size=4,
+      d_model=8,
+      n_layers=1,
+      d_state=2,
+      connect_dim=5,
+      scan_method="sequential",
+  )
   params = models.init_params(config, jax.random.key(0))
   model = models.create_model(config)
   images = jnp.ones((2, 8, 8, 1))
@@ -79,17 +112,20 @@ def test_connection_reads_previous_features_and_is_frozen():
     model.apply({"params": params}, images)
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("d_state", 0, "d_state"),
-    ("d_model", -4, "d_model"),
-    ("n_layers", 0, "n_layers"),
-    ("patch_size", 5, "patch_size=5"),
-    ("pool", "max", "pool"),
-    ("num_classes", 1, "num_classes"),
-    ("dt_rank", 0, "dt_rank"),
-    ("scan_method", "magic", "scan_method"),
-    ("connect_dim", -1, "connect_dim"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("d_state", 0, "d_state"),
+        ("d_model", -4, "d_model"),
+        ("n_layers", 0, "n_layers"),
+        ("patch_size", 5, "patch_size=5"),
+        ("pool", "max", "pool"),
+        ("num_classes", 1, "num_classes"),
+        ("dt_rank", 0, "dt_rank"),
+        ("scan_method", "magic", "scan_method"),
+        ("connect_dim", -1, "connect_dim"),
+    ],
+)
 def test_bad_configs_raise_naming_the_field(field, value, match):
   with pytest.raises(ValueError, match=match):
     models.ModelConfig(**{field: value})

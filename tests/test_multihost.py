@@ -37,8 +37,14 @@ _NUMBER = re.compile(r"-?\d+\.\d+")
 
 
 def _single_process_run(workdir: pathlib.Path, devices: int) -> str:
-  out = subprocess.run(smoke_cmd(workdir), cwd=REPO, env=smoke_env(devices), capture_output=True,
-                       text=True, timeout=TIMEOUT_S)
+  out = subprocess.run(
+      smoke_cmd(workdir),
+      cwd=REPO,
+      env=smoke_env(devices),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT_S,
+  )
   assert out.returncode == 0, out.stderr[-5000:]
   assert f"{devices} local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
   return out.stderr
@@ -57,10 +63,20 @@ def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path) -> list[str]:
   try:
     for i in range(2):
       files.append(open(logs / f"process_{i}.log", "w"))
-      procs.append(subprocess.Popen(
-          smoke_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"),
-          cwd=REPO, env=smoke_env(1), stdout=files[-1], stderr=subprocess.STDOUT))
+      procs.append(
+          subprocess.Popen(
+              smoke_cmd(
+                  workdir,
+                  f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2",
+                  f"--process_id={i}",
+              ),
+              cwd=REPO,
+              env=smoke_env(1),
+              stdout=files[-1],
+              stderr=subprocess.STDOUT,
+          )
+      )
     for p in procs:
       p.wait(timeout=TIMEOUT_S)
   finally:
@@ -110,7 +126,6 @@ def _stage_names(workdir: pathlib.Path) -> list[str]:
 # -- the runs, each made once per module ------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
   return shared_reference_run(tmp_path_factory)
@@ -136,16 +151,17 @@ def two_processes(tmp_path_factory):
 def test_assert_results_close_can_fail():
   want = {"a": [0.5, {"b": 1}], "s": "fit 0.0160 -> 0.0096", "ok": True}
   assert_results_close(json.loads(json.dumps(want)), want)
-  for bad in ({"a": [0.5001, {"b": 1}], "s": want["s"], "ok": True},
-              {"a": [0.5, {"b": 2}], "s": want["s"], "ok": True},
-              {"a": [0.5, {"b": 1}], "s": "fit 0.0160 -> 0.0098", "ok": True},
-              {"a": [0.5, {"b": 1}], "s": want["s"], "ok": False}):
+  for bad in (
+      {"a": [0.5001, {"b": 1}], "s": want["s"], "ok": True},
+      {"a": [0.5, {"b": 2}], "s": want["s"], "ok": True},
+      {"a": [0.5, {"b": 1}], "s": "fit 0.0160 -> 0.0098", "ok": True},
+      {"a": [0.5, {"b": 1}], "s": want["s"], "ok": False},
+  ):
     with pytest.raises(AssertionError):
       assert_results_close(bad, want)
 
 
-def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices,
-                                                        tmp_path_factory):
+def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices, tmp_path_factory):
   four_devices = tmp_path_factory.mktemp("four_devices")
   _single_process_run(four_devices, 4)
   want = _results(one_device)
@@ -156,8 +172,9 @@ def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices,
 
 
 @pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
-def test_two_processes_equal_one_process_and_only_process_0_writes(two_processes, one_device,
-                                                                   two_devices):
+def test_two_processes_equal_one_process_and_only_process_0_writes(
+    two_processes, one_device, two_devices
+):
   workdir, logs = two_processes
   for i, log in enumerate(logs):
     assert f"process {i} of 2, 2 global" in log, log[-3000:]
@@ -176,16 +193,16 @@ def test_two_processes_equal_one_process_and_only_process_0_writes(two_processes
 
 
 @pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
-def test_two_processes_restore_everything_and_resume_the_last_stage(two_processes,
-                                                                    tmp_path_factory):
+def test_two_processes_restore_everything_and_resume_the_last_stage(
+    two_processes, tmp_path_factory
+):
   first, _ = two_processes
   workdir = tmp_path_factory.mktemp("two_processes_resumed") / "run"
   shutil.copytree(first, workdir)
   records = (workdir / "metrics.jsonl").read_text().splitlines()
   last_name = json.loads(records[-1])["stage"]  # the stage trained last
   last = workdir / "ckpt" / last_name
-  *_, previous, total = sorted(int(p.name) for p in (last / "steps").iterdir()
-                              if p.name.isdigit())
+  *_, previous, total = sorted(int(p.name) for p in (last / "steps").iterdir() if p.name.isdigit())
   shutil.rmtree(last / "final")  # as if both processes were killed after step `previous`
   shutil.rmtree(last / "steps" / str(total))
   (workdir / "results.json").unlink()

@@ -32,13 +32,23 @@ def notebook_env(tmp_path_factory):
   root = tmp_path_factory.mktemp("jupyter")
   spec_dir = root / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "mamba-pkd test", "language": "python"}))
+  (spec_dir / "kernel.json").write_text(
+      json.dumps(
+          {
+              "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+              "display_name": "mamba-pkd test",
+              "language": "python",
+          }
+      )
+  )
   workdir = tmp_path_factory.mktemp("quickstart") / "run"
-  values = {"JUPYTER_PATH": os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]),
-            "MAMBA_PKD_NOTEBOOK_TEST": "1", "MAMBA_PKD_REPO": str(REPO),
-            "MAMBA_PKD_NOTEBOOK_WORKDIR": str(workdir), "PYTHONWARNINGS": "ignore"}
+  values = {
+      "JUPYTER_PATH": os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]),
+      "MAMBA_PKD_NOTEBOOK_TEST": "1",
+      "MAMBA_PKD_REPO": str(REPO),
+      "MAMBA_PKD_NOTEBOOK_WORKDIR": str(workdir),
+      "PYTHONWARNINGS": "ignore",
+  }
   saved = {k: os.environ.get(k) for k in values}
   os.environ.update(values)
   yield workdir
@@ -54,10 +64,15 @@ def _execute(name: str) -> "nbformat.NotebookNode":
   nb = nbformat.read(path, as_version=4)
   for cell in nb.cells:
     if cell.cell_type == "code":
-      assert not cell.outputs and cell.execution_count is None, \
-          f"{path.name}: commit notebooks with their outputs cleared"
-  client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
-                                   resources={"metadata": {"path": str(path.parent)}})
+      assert (
+          not cell.outputs and cell.execution_count is None
+      ), f"{path.name}: commit notebooks with their outputs cleared"
+  client = nbclient.NotebookClient(
+      nb,
+      kernel_name=KERNEL,
+      timeout=CELL_TIMEOUT_S,
+      resources={"metadata": {"path": str(path.parent)}},
+  )
   client.execute()
   return nb
 
@@ -92,8 +107,12 @@ def test_quickstart_trains_prints_table_and_plot(quickstart):
   assert "| name | size | params | FLOPs | % teacher FLOPs |" in text
   assert re.search(r"\| teacher \| teacher \| [\d,]+ \|", text)
   assert re.search(r"\| prefix_1\.\.1 \|", text)
-  images = [out for cell in nb.cells for out in cell.get("outputs", [])
-            if "data" in out and "image/png" in out.data]
+  images = [
+      out
+      for cell in nb.cells
+      for out in cell.get("outputs", [])
+      if "data" in out and "image/png" in out.data
+  ]
   assert len(images) == 1  # the accuracy-vs-FLOPs plot, displayed inline
   assert (workdir / "results.json").is_file()
   results = json.loads((workdir / "results.json").read_text())
@@ -142,6 +161,7 @@ def test_pure_functions_notebook(notebook_env):
   assert "stage loss matches: True" in text
   assert "gradient reaches the student: True | the prefix: False" in text
   from mamba_pkd import flops, ladder_configs  # pylint: disable=g-import-not-at-top
+
   sizes = ladder_configs("mnist", image_shape=(28, 28, 1), num_classes=10)
   s1, teacher = flops.count_flops(sizes["s1"]), flops.count_flops(sizes["teacher"])
   assert f"s1: {s1:>12,} FLOPs/image  {100 * s1 / teacher:6.2f}% of the teacher" in text

@@ -14,7 +14,7 @@ import pytest
 from mamba_pkd.ssm import pallas_scan
 from mamba_pkd.ssm.pallas_scan import selective_scan_pallas
 
-F32_RTOL = 1e-5   # max |kernel - reference| / max |reference|, float32
+F32_RTOL = 1e-5  # max |kernel - reference| / max |reference|, float32
 BF16_RTOL = 2e-2  # same, bfloat16 inputs/outputs (8-bit mantissa)
 
 
@@ -26,8 +26,7 @@ def _flip_time(*xs):
   return tuple(None if x is None else x[:, ::-1] for x in xs)
 
 
-def numpy_scan(u, delta, A, B, C, D, bias, softplus=True, reverse=False,
-               gy=None):
+def numpy_scan(u, delta, A, B, C, D, bias, softplus=True, reverse=False, gy=None):
   """float64 forward (and, given gy, backward) of the selective scan.
 
   Args:
@@ -60,8 +59,7 @@ def numpy_scan(u, delta, A, B, C, D, bias, softplus=True, reverse=False,
   if gy is None:
     return y[:, ::-1] if reverse else y
   gy = np.asarray(gy, np.float64)
-  g = {k: np.zeros_like(v) for k, v in
-       (("u", u), ("x", x), ("A", A), ("B", B), ("C", C), ("D", D))}
+  g = {k: np.zeros_like(v) for k, v in (("u", u), ("x", x), ("A", A), ("B", B), ("C", C), ("D", D))}
   g_h = np.zeros_like(h)
   for t in reversed(range(seq_len)):
     d_a = np.exp(dt[:, t, :, None] * A)
@@ -76,8 +74,15 @@ def numpy_scan(u, delta, A, B, C, D, bias, softplus=True, reverse=False,
     g["A"] += np.sum(g_da * d_a * dt[:, t, :, None], axis=0)
     g["x"][:, t] = g_dt * ddt_dx[:, t]
     g_h = g_h * d_a
-  grads = {"u": g["u"], "delta": g["x"], "A": g["A"], "B": g["B"],
-           "C": g["C"], "D": g["D"], "bias": g["x"].sum(axis=(0, 1))}
+  grads = {
+      "u": g["u"],
+      "delta": g["x"],
+      "A": g["A"],
+      "B": g["B"],
+      "C": g["C"],
+      "D": g["D"],
+      "bias": g["x"].sum(axis=(0, 1)),
+  }
   if reverse:
     y = y[:, ::-1]
     for k in ("u", "delta", "B", "C"):
@@ -106,8 +111,7 @@ def make_inputs(batch, seq_len, d_inner, n, seed=0, softplus=True):
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "bias")
 
 
-def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32,
-                           **kwargs):
+def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32, **kwargs):
   """y and the VJP of `selective_scan_pallas` for cotangent gy, one jit."""
   args = [jnp.asarray(inputs[k]) for k in ARG_NAMES]
   for i in (0, 1, 3, 4):  # u, delta, B, C in the tested dtype
@@ -115,8 +119,8 @@ def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32,
 
   def f(u, delta, A, B, C, D, bias):
     return selective_scan_pallas(
-        u, delta, A, B, C, D if use_d else None,
-        delta_bias=bias if use_bias else None, **kwargs)
+        u, delta, A, B, C, D if use_d else None, delta_bias=bias if use_bias else None, **kwargs
+    )
 
   @jax.jit
   def run(*args):
@@ -131,8 +135,7 @@ def rel_err(actual, expected):
   actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
   expected = np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  return float(np.max(np.abs(actual - expected)) /
-               max(np.max(np.abs(expected)), 1e-30))
+  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
 # ----------------------------------------------------------------------------
@@ -140,8 +143,7 @@ def rel_err(actual, expected):
 
 
 def test_numpy_reference_gradients_match_finite_differences():
-  inputs = {k: v.astype(np.float64) for k, v in
-            make_inputs(2, 5, 3, 2, seed=1).items()}
+  inputs = {k: v.astype(np.float64) for k, v in make_inputs(2, 5, 3, 2, seed=1).items()}
   gy = np.random.default_rng(2).standard_normal((2, 5, 3))
   for reverse in (False, True):
     _, grads = numpy_scan(**inputs, reverse=reverse, gy=gy)
@@ -151,11 +153,13 @@ def test_numpy_reference_gradients_match_finite_differences():
       eps = 1e-6
       plus = dict(inputs, **{name: inputs[name] + eps * direction})
       minus = dict(inputs, **{name: inputs[name] - eps * direction})
-      fd = np.sum(gy * (numpy_scan(**plus, reverse=reverse) -
-                        numpy_scan(**minus, reverse=reverse))) / (2 * eps)
+      fd = np.sum(
+          gy * (numpy_scan(**plus, reverse=reverse) - numpy_scan(**minus, reverse=reverse))
+      ) / (2 * eps)
       analytic = np.sum(grads[name] * direction)
-      np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8,
-                                 err_msg=f"{name} reverse={reverse}")
+      np.testing.assert_allclose(
+          analytic, fd, rtol=1e-6, atol=1e-8, err_msg=f"{name} reverse={reverse}"
+      )
 
 
 def test_numpy_reference_hand_computed_single_step():
@@ -164,8 +168,15 @@ def test_numpy_reference_hand_computed_single_step():
   dt = np.log1p(np.exp(delta + bias))
   expected = c * dt * b * u + d * u
   arr = lambda v, *s: np.full(s, v)
-  y = numpy_scan(arr(u, 1, 1, 1), arr(delta, 1, 1, 1), arr(a, 1, 1),
-                 arr(b, 1, 1, 1), arr(c, 1, 1, 1), arr(d, 1), arr(bias, 1))
+  y = numpy_scan(
+      arr(u, 1, 1, 1),
+      arr(delta, 1, 1, 1),
+      arr(a, 1, 1),
+      arr(b, 1, 1, 1),
+      arr(c, 1, 1, 1),
+      arr(d, 1),
+      arr(bias, 1),
+  )
   np.testing.assert_allclose(y[0, 0, 0], expected, rtol=1e-12)
 
 
@@ -175,36 +186,59 @@ def test_numpy_reference_hand_computed_single_step():
 CASES = [
     # (batch, L, d_inner, N, kwargs, use_d, use_bias)
     # d_inner 24 padded to 32 with block_d 16, N 5 padded to 8, L = 3 + 2*4.
-    pytest.param(2, 11, 24, 5, dict(block_d=16, chunk_size=4), True, True,
-                 id="pad_d_pad_n_partial_chunk"),
-    pytest.param(2, 11, 24, 5,
-                 dict(block_d=16, chunk_size=4, reverse=True,
-                      delta_softplus=False, prefetch=3, prefetch_bwd=1),
-                 False, False,
-                 id="reverse_no_softplus_no_D_no_bias"),
+    pytest.param(
+        2, 11, 24, 5, dict(block_d=16, chunk_size=4), True, True, id="pad_d_pad_n_partial_chunk"
+    ),
+    pytest.param(
+        2,
+        11,
+        24,
+        5,
+        dict(
+            block_d=16, chunk_size=4, reverse=True, delta_softplus=False, prefetch=3, prefetch_bwd=1
+        ),
+        False,
+        False,
+        id="reverse_no_softplus_no_D_no_bias",
+    ),
     pytest.param(1, 1, 16, 16, dict(), True, True, id="L1_batch1_defaults"),
-    pytest.param(2, 9, 32, 16,
-                 dict(block_d=8, chunk_size=3, reverse=True, prefetch=0),
-                 True, True, id="reverse_full_chunks_no_prefetch"),
-    pytest.param(1, 6, 16, 4, dict(block_d=32, chunk_size=64, prefetch=3),
-                 True, False, id="block_wider_than_d_chunk_longer_than_L"),
+    pytest.param(
+        2,
+        9,
+        32,
+        16,
+        dict(block_d=8, chunk_size=3, reverse=True, prefetch=0),
+        True,
+        True,
+        id="reverse_full_chunks_no_prefetch",
+    ),
+    pytest.param(
+        1,
+        6,
+        16,
+        4,
+        dict(block_d=32, chunk_size=64, prefetch=3),
+        True,
+        False,
+        id="block_wider_than_d_chunk_longer_than_L",
+    ),
 ]
 
 
-@pytest.mark.parametrize("batch,seq_len,d_inner,n,kwargs,use_d,use_bias",
-                         CASES)
+@pytest.mark.parametrize("batch,seq_len,d_inner,n,kwargs,use_d,use_bias", CASES)
 def test_values_and_gradients_match_float64_reference(
-    batch, seq_len, d_inner, n, kwargs, use_d, use_bias):
+    batch, seq_len, d_inner, n, kwargs, use_d, use_bias
+):
   softplus = kwargs.get("delta_softplus", True)
   inputs = make_inputs(batch, seq_len, d_inner, n, softplus=softplus)
-  gy = np.random.default_rng(7).standard_normal(
-      (batch, seq_len, d_inner)).astype(np.float32)
-  y, grads = kernel_value_and_grads(inputs, gy, use_d, use_bias,
-                                    interpret=True, **kwargs)
-  ref_inputs = dict(inputs, D=inputs["D"] if use_d else None,
-                    bias=inputs["bias"] if use_bias else None)
-  y_ref, grads_ref = numpy_scan(**ref_inputs, softplus=softplus,
-                                reverse=kwargs.get("reverse", False), gy=gy)
+  gy = np.random.default_rng(7).standard_normal((batch, seq_len, d_inner)).astype(np.float32)
+  y, grads = kernel_value_and_grads(inputs, gy, use_d, use_bias, interpret=True, **kwargs)
+  ref_inputs = dict(
+      inputs, D=inputs["D"] if use_d else None, bias=inputs["bias"] if use_bias else None
+  )
+  y_ref, grads_ref = numpy_scan(
+      **ref_inputs, softplus=softplus, reverse=kwargs.get("reverse", False), gy=gy
+  )
   assert y.dtype == jnp.float32 and y.shape == (batch, seq_len, d_inner)
   assert rel_err(y, y_ref) <= F32_RTOL
   for name in ARG_NAMES:
@@ -221,18 +255,25 @@ def test_bfloat16_inputs_within_tolerance():
   # Round the low-precision inputs once so the reference sees the same values.
   for k in ("u", "delta", "B", "C"):
     inputs[k] = np.asarray(jnp.asarray(inputs[k], jnp.bfloat16), np.float32)
-  gy = np.asarray(jnp.asarray(
-      np.random.default_rng(5).standard_normal((2, 7, 24)), jnp.bfloat16),
-                  np.float32)
-  y, grads = kernel_value_and_grads(inputs, gy, True, True,
-                                    dtype=jnp.bfloat16, block_d=16,
-                                    chunk_size=4, prefetch=1, interpret=True)
+  gy = np.asarray(
+      jnp.asarray(np.random.default_rng(5).standard_normal((2, 7, 24)), jnp.bfloat16), np.float32
+  )
+  y, grads = kernel_value_and_grads(
+      inputs,
+      gy,
+      True,
+      True,
+      dtype=jnp.bfloat16,
+      block_d=16,
+      chunk_size=4,
+      prefetch=1,
+      interpret=True,
+  )
   y_ref, grads_ref = numpy_scan(**inputs, gy=gy)
   assert y.dtype == jnp.bfloat16
   assert rel_err(y, y_ref) <= BF16_RTOL
   for name in ARG_NAMES:
-    expected_dtype = jnp.bfloat16 if name in ("u", "delta", "B", "C") else (
-        jnp.float32)
+    expected_dtype = jnp.bfloat16 if name in ("u", "delta", "B", "C") else (jnp.float32)
     assert grads[name].dtype == expected_dtype, name
     err = rel_err(grads[name], grads_ref[name])
     assert err <= BF16_RTOL, f"grad {name}: relative error {err:.2e}"
@@ -240,28 +281,24 @@ def test_bfloat16_inputs_within_tolerance():
 
 def test_matches_sequential_method_values_and_autodiff_gradients():
   scan = pytest.importorskip("mamba_pkd.ssm.scan")
-  inputs = {k: jnp.asarray(v) for k, v in
-            make_inputs(2, 13, 40, 16, seed=6).items()}
-  w = jnp.asarray(np.random.default_rng(8).standard_normal((2, 13, 40)),
-                  jnp.float32)
+  inputs = {k: jnp.asarray(v) for k, v in make_inputs(2, 13, 40, 16, seed=6).items()}
+  w = jnp.asarray(np.random.default_rng(8).standard_normal((2, 13, 40)), jnp.float32)
 
   def loss(fn, reverse):
     def f(u, delta, A, B, C, D, bias):
-      return jnp.sum(w * fn(u, delta, A, B, C, D, delta_bias=bias,
-                            reverse=reverse))
+      return jnp.sum(w * fn(u, delta, A, B, C, D, delta_bias=bias, reverse=reverse))
+
     return jax.jit(jax.value_and_grad(f, argnums=tuple(range(7))))
 
-  kernel = lambda *a, **k: selective_scan_pallas(*a, block_d=16, chunk_size=5,
-                                                 prefetch=1, interpret=True,
-                                                 **k)
-  sequential = lambda *a, **k: scan.selective_scan(*a, method="sequential",
-                                                   **k)
+  kernel = lambda *a, **k: selective_scan_pallas(
+      *a, block_d=16, chunk_size=5, prefetch=1, interpret=True, **k
+  )
+  sequential = lambda *a, **k: scan.selective_scan(*a, method="sequential", **k)
   args = [inputs[k] for k in ARG_NAMES]
   for reverse in (False, True):
     value, grads = loss(kernel, reverse)(*args)
     value_ref, grads_ref = loss(sequential, reverse)(*args)
-    assert abs(float(value) - float(value_ref)) <= F32_RTOL * max(
-        1.0, abs(float(value_ref)))
+    assert abs(float(value) - float(value_ref)) <= F32_RTOL * max(1.0, abs(float(value_ref)))
     for name, g, g_ref in zip(ARG_NAMES, grads, grads_ref):
       err = rel_err(g, np.asarray(g_ref))
       assert err <= F32_RTOL, f"grad {name} reverse={reverse}: {err:.2e}"
@@ -284,8 +321,9 @@ def test_bad_block_d_raises_value_error_naming_it(block_d):
 
 def test_bad_shapes_and_chunk_size_raise_value_error():
   u, delta, A, B, C, D = _small_args()
-  with pytest.raises(ValueError, match=r"B has shape \(1, 3, 5\); expected "
-                     r"\(batch, L, N\) = \(1, 3, 4\)"):
+  with pytest.raises(
+      ValueError, match=r"B has shape \(1, 3, 5\); expected " r"\(batch, L, N\) = \(1, 3, 4\)"
+  ):
     selective_scan_pallas(u, delta, A, jnp.zeros((1, 3, 5)), C, D)
   with pytest.raises(ValueError, match=r"delta has shape"):
     selective_scan_pallas(u, delta[:, :2], A, B, C, D)
@@ -316,16 +354,20 @@ def test_triton_lowering_succeeds_for_forward_and_backward():
     pytest.skip(reason)
   sds = jax.ShapeDtypeStruct
   batch, seq_len, d_inner, n = 2, 49, 48, 16  # L not a power of two
-  args = (sds((batch, seq_len, d_inner), jnp.bfloat16),
-          sds((batch, seq_len, d_inner), jnp.bfloat16),
-          sds((d_inner, n), jnp.float32),
-          sds((batch, seq_len, n), jnp.bfloat16),
-          sds((batch, seq_len, n), jnp.bfloat16),
-          sds((d_inner,), jnp.float32), sds((d_inner,), jnp.float32))
+  args = (
+      sds((batch, seq_len, d_inner), jnp.bfloat16),
+      sds((batch, seq_len, d_inner), jnp.bfloat16),
+      sds((d_inner, n), jnp.float32),
+      sds((batch, seq_len, n), jnp.bfloat16),
+      sds((batch, seq_len, n), jnp.bfloat16),
+      sds((d_inner,), jnp.float32),
+      sds((d_inner,), jnp.float32),
+  )
 
   def loss(u, delta, A, B, C, D, bias):
-    y = selective_scan_pallas(u, delta, A, B, C, D, delta_bias=bias,
-                              reverse=True, interpret=False, block_d=32)
+    y = selective_scan_pallas(
+        u, delta, A, B, C, D, delta_bias=bias, reverse=True, interpret=False, block_d=32
+    )
     return jnp.sum(y.astype(jnp.float32))
 
   grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(7))))

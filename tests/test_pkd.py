@@ -36,12 +36,21 @@ def test_weak_learner_accepts_a_student_that_moves_towards_the_teacher():
   teacher, labels = _teacher_and_labels()
   prefix = 0.3 * teacher  # an under-confident ensemble
   candidate = 0.5 * teacher  # the residual points towards the teacher
-  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings(target="residual"))
+  d = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=candidate,
+      labels=labels,
+      settings=_settings(target="residual"),
+  )
   assert d.accepted and d.fit_after < d.fit_before and d.edge > 0 and d.weight == 1.0
-  d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                     labels=labels,
-                                     settings=_settings(target="residual", accept="edge", gamma=0.0))
+  d_edge = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=candidate,
+      labels=labels,
+      settings=_settings(target="residual", accept="edge", gamma=0.0),
+  )
   assert d_edge.accepted
 
 
@@ -49,12 +58,21 @@ def test_weak_learner_rejects_a_student_that_moves_away():
   teacher, labels = _teacher_and_labels()
   prefix = 0.8 * teacher
   candidate = -0.5 * teacher
-  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings(target="residual"))
+  d = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=candidate,
+      labels=labels,
+      settings=_settings(target="residual"),
+  )
   assert not d.accepted and d.fit_after > d.fit_before and d.edge < 0
-  d_edge = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                     labels=labels,
-                                     settings=_settings(target="residual", accept="edge"))
+  d_edge = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=candidate,
+      labels=labels,
+      settings=_settings(target="residual", accept="edge"),
+  )
   assert not d_edge.accepted
 
 
@@ -65,23 +83,31 @@ def test_weak_learner_rejects_improved_fit_that_costs_accuracy():
   candidate = np.zeros_like(teacher)
   rows = np.arange(0, len(labels), 4)
   candidate[rows] = -2 * teacher[rows]
-  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=candidate,
-                                labels=labels, settings=_settings(target="residual", margin=-1e9))
+  d = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=candidate,
+      labels=labels,
+      settings=_settings(target="residual", margin=-1e9),
+  )
   assert not d.accepted and "accuracy" in d.reason
 
 
 def test_first_student_is_compared_with_the_empty_ensemble():
   teacher, labels = _teacher_and_labels()
-  d = pkd.weak_learner_decision(teacher=teacher, prefix=None, candidate=0.5 * teacher,
-                                labels=labels, settings=_settings())
+  d = pkd.weak_learner_decision(
+      teacher=teacher, prefix=None, candidate=0.5 * teacher, labels=labels, settings=_settings()
+  )
   assert d.accepted and d.accuracy_before == 0.0
 
 
 def _softmax_kl(teacher, logits, t):
   """Hand-written T^2 KL(softmax(g/T) || softmax(F/T)), float64."""
+
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
   lp, lq = log_softmax(teacher / t), log_softmax(logits / t)
   return t * t * np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
 
@@ -105,7 +131,7 @@ def test_line_search_weights_a_useful_student_and_zeroes_a_harmful_one():
   teacher, labels = _teacher_and_labels()
   rng = np.random.default_rng(2)
   prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)  # a weak, noisy first student
-  good = teacher + 0.5 * rng.normal(size=teacher.shape)           # a better, independent student
+  good = teacher + 0.5 * rng.normal(size=teacher.shape)  # a better, independent student
   eta, c, fit = pkd.line_search(teacher, prefix, good, 4.0)
   assert eta > 1.0  # the better student gets more weight than the weak prefix
   assert fit < pkd.calibrated_fit(teacher, prefix, 4.0)[0]
@@ -119,24 +145,47 @@ def test_teacher_target_decision_records_the_weight():
   rng = np.random.default_rng(3)
   prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)
   good = teacher + 0.5 * rng.normal(size=teacher.shape)
-  d = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=good, labels=labels,
-                                settings=_settings(target="teacher"))
+  d = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=good,
+      labels=labels,
+      settings=_settings(target="teacher"),
+  )
   assert d.accepted and d.weight > 1.0 and d.fit_after < d.fit_before
   assert d.accuracy_after == pkd.accuracy(prefix + d.weight * good, labels)
   assert d.accuracy_after > d.accuracy_before
-  d_bad = pkd.weak_learner_decision(teacher=teacher, prefix=prefix, candidate=-teacher,
-                                    labels=labels, settings=_settings(target="teacher"))
+  d_bad = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=prefix,
+      candidate=-teacher,
+      labels=labels,
+      settings=_settings(target="teacher"),
+  )
   assert not d_bad.accepted and d_bad.weight == 0.0 and "weight 0" in d_bad.reason
-  first = pkd.weak_learner_decision(teacher=teacher, prefix=None, candidate=prefix,
-                                    labels=labels, settings=_settings(target="teacher"))
+  first = pkd.weak_learner_decision(
+      teacher=teacher,
+      prefix=None,
+      candidate=prefix,
+      labels=labels,
+      settings=_settings(target="teacher"),
+  )
   assert first.accepted and first.weight == 1.0 and first.accuracy_before == 0.0
 
 
 def test_member_scaled_folds_the_weight_into_head_and_logits():
   from mamba_pkd import models  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  cfg = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=4, n_layers=1, d_state=2,
-                           num_classes=3, scan_method="sequential")
+
+  cfg = models.ModelConfig(
+      image_shape=(8, 8, 1),
+      patch_size=4,
+      d_model=4,
+      n_layers=1,
+      d_state=2,
+      num_classes=3,
+      scan_method="sequential",
+  )
   params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
   ones = np.ones((2, 3), np.float32)
   m = pkd.Member("s", "s1", cfg, params, ones, ones[:, :2], 2 * ones, ones[:, :2])
@@ -151,26 +200,30 @@ def test_member_scaled_folds_the_weight_into_head_and_logits():
 
 def _smoke_config():
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-@pytest.mark.parametrize("path, value, match", [
-    ("pkd.alpha", 1.5, "pkd.alpha"),
-    ("pkd.temperature", 0.0, "pkd.temperature"),
-    ("pkd.mode", "boost", "pkd.mode"),
-    ("pkd.max_students", 0, "pkd.max_students"),
-    ("pkd.ladder", (), "pkd.ladder is empty"),
-    ("pkd.ladder", ("s1", "huge"), "unknown size"),
-    ("model.ladder", "imagenet", "model.ladder"),
-    ("teacher.learning_rate", -1.0, "teacher.learning_rate"),
-    ("student.augment", "mixup", "student.augment"),
-    ("pkd.target", "boost", "pkd.target"),
-    ("pkd.loss", "bdistil", "needs pkd.target='residual'"),
-    ("student.cached_views", -1, "student.cached_views"),
-])
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        ("pkd.alpha", 1.5, "pkd.alpha"),
+        ("pkd.temperature", 0.0, "pkd.temperature"),
+        ("pkd.mode", "boost", "pkd.mode"),
+        ("pkd.max_students", 0, "pkd.max_students"),
+        ("pkd.ladder", (), "pkd.ladder is empty"),
+        ("pkd.ladder", ("s1", "huge"), "unknown size"),
+        ("model.ladder", "imagenet", "model.ladder"),
+        ("teacher.learning_rate", -1.0, "teacher.learning_rate"),
+        ("student.augment", "mixup", "student.augment"),
+        ("pkd.target", "boost", "pkd.target"),
+        ("pkd.loss", "bdistil", "needs pkd.target='residual'"),
+        ("student.cached_views", -1, "student.cached_views"),
+    ],
+)
 def test_bad_config_values_are_named(path, value, match):
   config = _smoke_config()
   section, field = path.split(".")
@@ -183,6 +236,7 @@ def test_bad_config_values_are_named(path, value, match):
 @pytest.mark.parametrize("name", ["default", "smoke", "mnist", "cifar10"])
 def test_shipped_configs_are_valid(name):
   import runpy  # pylint: disable=g-import-not-at-top
+
   config = runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"]()
   parsed = pkd.validate_config(config)
   assert parsed["settings"].target in pkd.TARGETS
@@ -198,8 +252,13 @@ def test_views_without_augmentation_are_rejected():
 
 def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "mamba_pkd.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "mamba_pkd.main",
+      "--config=configs/smoke.py",
+      f"--workdir={workdir}",
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| teacher |" in out.stdout
@@ -236,11 +295,22 @@ def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
   features, with the prefix logits and features computed on the view pool."""
   from conftest import smoke_cmd, smoke_env  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "run"
   out = subprocess.run(
-      smoke_cmd(workdir, "--config.pkd.target=residual", "--config.pkd.connect=True",
-                "--config.baselines=False", "--config.pkd.margin=-1000.0"),
-      cwd=REPO, env=smoke_env(1), capture_output=True, text=True, timeout=600)
+      smoke_cmd(
+          workdir,
+          "--config.pkd.target=residual",
+          "--config.pkd.connect=True",
+          "--config.baselines=False",
+          "--config.pkd.margin=-1000.0",
+      ),
+      cwd=REPO,
+      env=smoke_env(1),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
   assert "student_1: outputs on the 1536 pooled views" in out.stderr
@@ -248,4 +318,6 @@ def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == 2 and all(d["weight"] == 1.0 for d in accepted)
   assert [r["name"] for r in results["rows"] if r["kind"] == "prefix"] == [
-      "prefix_1..1", "prefix_1..2"]
+      "prefix_1..1",
+      "prefix_1..2",
+  ]

@@ -34,8 +34,14 @@ EVERY_STEP = ("--config.checkpoint_every=1",)
 
 
 def _run(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run(smoke_cmd(workdir, *flags), cwd=REPO, env=smoke_env(1), capture_output=True,
-                        text=True, timeout=TIMEOUT_S)
+  return subprocess.run(
+      smoke_cmd(workdir, *flags),
+      cwd=REPO,
+      env=smoke_env(1),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT_S,
+  )
 
 
 def _steps(stage_dir: pathlib.Path) -> list[int]:
@@ -63,7 +69,6 @@ def _metric_records(workdir: pathlib.Path) -> list[dict]:
   return [{k: v for k, v in json.loads(l).items() if k != "steps_per_sec"} for l in lines]
 
 
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted run; every test here compares with it."""
@@ -83,8 +88,13 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   log = tmp_path / "killed.log"
   workdir = tmp_path / "run"
   with open(log, "w") as f:
-    proc = subprocess.Popen(smoke_cmd(workdir, *EVERY_STEP), cwd=REPO, env=smoke_env(1), stdout=f,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        smoke_cmd(workdir, *EVERY_STEP),
+        cwd=REPO,
+        env=smoke_env(1),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+    )
     try:
       deadline = time.monotonic() + TIMEOUT_S
       stage = None
@@ -115,10 +125,12 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   assert out.returncode == 0, out.stderr[-5000:]
   err = out.stderr
   assert "stage teacher: already complete, not retrained" in err
-  assert re.search(rf"W.*Checkpoint step {newest} in \S*{stage.name}/steps is unreadable, "
-                   "falling back to the previous step", err), err[-5000:]
-  assert f"stage {stage.name}: resuming from step {previous} of {STUDENT_STEPS}" in err, \
-      err[-5000:]
+  assert re.search(
+      rf"W.*Checkpoint step {newest} in \S*{stage.name}/steps is unreadable, "
+      "falling back to the previous step",
+      err,
+  ), err[-5000:]
+  assert f"stage {stage.name}: resuming from step {previous} of {STUDENT_STEPS}" in err, err[-5000:]
   assert [p.name.split("-")[0] for p in (stage / "corrupted").iterdir()] == [str(newest)]
   assert (workdir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
 
@@ -126,16 +138,23 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
 def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(tmp_path):
   # lr 1e30 after a 6-step linear warm-up from 0: step 1 makes no change, the update of
   # step 2 blows the parameters up, and the loss of step 3 is NaN.
-  out = _run(tmp_path, "--config.teacher.learning_rate=1e30",
-             "--config.teacher.warmup_fraction=0.5", "--config.checkpoint_every=1",
-             "--config.log_every=1")
+  out = _run(
+      tmp_path,
+      "--config.teacher.learning_rate=1e30",
+      "--config.teacher.warmup_fraction=0.5",
+      "--config.checkpoint_every=1",
+      "--config.log_every=1",
+  )
   assert out.returncode == 3, out.stderr[-5000:]
   assert "Traceback" not in out.stderr
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, out.stderr[-5000:]
-  m = re.fullmatch(r"error: stage teacher: non-finite loss or gradient between steps (\d+) and "
-                   r"(\d+) \(metrics .*\); the last good checkpoint \(step (\d+)\) is kept\. "
-                   r"Lower the learning rate or check the input data\.", errors[0])
+  m = re.fullmatch(
+      r"error: stage teacher: non-finite loss or gradient between steps (\d+) and "
+      r"(\d+) \(metrics .*\); the last good checkpoint \(step (\d+)\) is kept\. "
+      r"Lower the learning rate or check the input data\.",
+      errors[0],
+  )
   assert m, errors[0]
   good, bad, kept = map(int, m.groups())
   assert 0 < good == kept < bad

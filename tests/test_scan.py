@@ -25,8 +25,9 @@ BF16_RTOL = 2e-2  # bfloat16 inputs vs the float32 result
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
 
-def selective_scan_reference_numpy(u, delta, A, B, C, D=None, delta_bias=None,
-                                   delta_softplus=True, reverse=False):
+def selective_scan_reference_numpy(
+    u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, reverse=False
+):
   """Float64 loop over time, written from the Mamba equations (not from scan.py).
 
   Shapes: u, delta [b, L, d]; A [d, n]; B, C [b, L, n]; D, delta_bias [d].
@@ -51,9 +52,15 @@ def make_inputs(batch, length, d_inner, n_state, seed=0, delta_mean=0.0, dtype=n
   """Random (u, delta, A, B, C, D, delta_bias) with A < 0 as in Mamba (-exp(A_log))."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(dtype)
-  return (normal(batch, length, d_inner), normal(batch, length, d_inner) + delta_mean,
-          -np.exp(normal(d_inner, n_state)), normal(batch, length, n_state),
-          normal(batch, length, n_state), normal(d_inner), normal(d_inner))
+  return (
+      normal(batch, length, d_inner),
+      normal(batch, length, d_inner) + delta_mean,
+      -np.exp(normal(d_inner, n_state)),
+      normal(batch, length, n_state),
+      normal(batch, length, n_state),
+      normal(d_inner),
+      normal(d_inner),
+  )
 
 
 def rel_err(x, ref):
@@ -77,9 +84,21 @@ def require(method):
 @functools.lru_cache(maxsize=None)
 def jitted(method, reverse=False, delta_softplus=True):
   """One jitted scan per static configuration, shared by the tests (compiles dominate)."""
-  return jax.jit(lambda u, delta, A, B, C, D, delta_bias: selective_scan(
-      u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
-      reverse=reverse, method=method, chunk_size=CHUNK))
+  return jax.jit(
+      lambda u, delta, A, B, C, D, delta_bias: selective_scan(
+          u,
+          delta,
+          A,
+          B,
+          C,
+          D,
+          delta_bias=delta_bias,
+          delta_softplus=delta_softplus,
+          reverse=reverse,
+          method=method,
+          chunk_size=CHUNK,
+      )
+  )
 
 
 def grads_of(method, args):
@@ -92,13 +111,29 @@ def grads_of(method, args):
 # Shapes: L = 1; L = 37 (not a multiple of CHUNK nor of the fused chunk);
 # L = 784 (pixel-level MNIST) with tiny batch and d_inner.
 # Variants: (reverse, use D, use delta_bias, delta_softplus).
-FWD, REV, NOSOFTPLUS = (False, True, True, True), (True, False, False, True), (True, True, False, False)
-CASES = [((2, 1, 3, 4), FWD), ((2, 1, 3, 4), REV),
-         ((3, 37, 5, 4), FWD), ((3, 37, 5, 4), REV), ((3, 37, 5, 4), NOSOFTPLUS),
-         ((2, 784, 3, 4), FWD), ((2, 784, 3, 4), REV)]
-CASE_IDS = [f"{'x'.join(map(str, s))}-{n}" for s, n in zip(
-    [c[0] for c in CASES], ["fwd-D-bias", "rev-noD-nobias"] * 2 + ["rev-D-nosoftplus"]
-    + ["fwd-D-bias", "rev-noD-nobias"])]
+FWD, REV, NOSOFTPLUS = (
+    (False, True, True, True),
+    (True, False, False, True),
+    (True, True, False, False),
+)
+CASES = [
+    ((2, 1, 3, 4), FWD),
+    ((2, 1, 3, 4), REV),
+    ((3, 37, 5, 4), FWD),
+    ((3, 37, 5, 4), REV),
+    ((3, 37, 5, 4), NOSOFTPLUS),
+    ((2, 784, 3, 4), FWD),
+    ((2, 784, 3, 4), REV),
+]
+CASE_IDS = [
+    f"{'x'.join(map(str, s))}-{n}"
+    for s, n in zip(
+        [c[0] for c in CASES],
+        ["fwd-D-bias", "rev-noD-nobias"] * 2
+        + ["rev-D-nosoftplus"]
+        + ["fwd-D-bias", "rev-noD-nobias"],
+    )
+]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -145,8 +180,9 @@ def test_fused_with_several_batch_tiles_and_padding(monkeypatch):
   y_fwd, y_rev = jax.jit(functools.partial(both_directions, "fused"))(*args)
   assert rel_err(y_fwd, selective_scan_reference_numpy(*args)) <= F32_RTOL
   assert rel_err(y_rev, selective_scan_reference_numpy(*args, reverse=True)) <= F32_RTOL
-  grad = lambda m: jax.jit(jax.grad(
-      lambda *a: jnp.sum(w * sum(both_directions(m, *a))), argnums=tuple(range(7))))(*args)
+  grad = lambda m: jax.jit(
+      jax.grad(lambda *a: jnp.sum(w * sum(both_directions(m, *a))), argnums=tuple(range(7)))
+  )(*args)
   for name, g, g_ref in zip(ARG_NAMES, grad("fused"), grad("sequential")):
     assert rel_err(g, g_ref) <= GRAD_RTOL, name
 
@@ -197,8 +233,7 @@ def test_bfloat16_inputs(method):
   require(method)
   args = make_inputs(3, 37, 5, 4, seed=7)
   y32 = jitted(method)(*args)
-  low = tuple(jnp.asarray(x, jnp.bfloat16) if i in (0, 1, 3, 4) else x
-              for i, x in enumerate(args))
+  low = tuple(jnp.asarray(x, jnp.bfloat16) if i in (0, 1, 3, 4) else x for i, x in enumerate(args))
   y16 = jitted(method)(*low)
   assert y16.dtype == jnp.bfloat16
   assert rel_err(jnp.asarray(y16, jnp.float32), y32) <= BF16_RTOL
@@ -214,8 +249,7 @@ def test_auto_resolves_to_fused_on_cpu_and_logs_once(caplog):
     selective_scan(*args[:6], delta_bias=args[6], method="auto")
   lines = [r.getMessage() for r in caplog.records if "method='auto'" in r.getMessage()]
   assert len(lines) == 1 and "'fused'" in lines[0]
-  np.testing.assert_array_equal(y, selective_scan(*args[:6], delta_bias=args[6],
-                                                  method="fused"))
+  np.testing.assert_array_equal(y, selective_scan(*args[:6], delta_bias=args[6], method="fused"))
 
 
 def test_sequential_unroll_matches():
@@ -229,10 +263,13 @@ def test_sequential_unroll_matches():
 def test_export_with_symbolic_batch(method):
   """jax.export with a polymorphic batch (used to export students) gives the same values."""
   from jax import export  # pylint: disable=g-import-not-at-top
+
   args = make_inputs(3, 37, 5, 4, seed=8)
-  batch, = export.symbolic_shape("b")
-  specs = [jax.ShapeDtypeStruct((batch,) + x.shape[1:] if x.ndim == 3 else x.shape, x.dtype)
-           for x in args]
+  (batch,) = export.symbolic_shape("b")
+  specs = [
+      jax.ShapeDtypeStruct((batch,) + x.shape[1:] if x.ndim == 3 else x.shape, x.dtype)
+      for x in args
+  ]
   exported = export.export(jitted(method))(*specs)
   y = exported.call(*args)
   assert rel_err(y, selective_scan_reference_numpy(*args)) <= F32_RTOL
@@ -250,21 +287,48 @@ def _bad(**changes):
   return kwargs
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (_bad(u=np.zeros((2, 5))), "u has shape"),
-    (_bad(u=np.zeros((2, 0, 3)), delta=np.zeros((2, 0, 3)), B=np.zeros((2, 0, 4)),
-          C=np.zeros((2, 0, 4))), r"u has shape \(2, 0, 3\); batch, L and d_inner must"),
-    (_bad(delta=np.zeros((2, 4, 3))), r"delta has shape \(2, 4, 3\); expected .*\(2, 5, 3\)"),
-    (_bad(A=np.zeros((4, 4))), r"A has shape \(4, 4\)"),
-    (_bad(B=np.zeros((2, 5, 3))), r"B has shape \(2, 5, 3\); expected \(batch, L, N\) = \(2, 5, 4\)"),
-    (_bad(C=np.zeros((1, 5, 4))), r"C has shape \(1, 5, 4\)"),
-    (_bad(D=np.zeros((4,))), r"D has shape \(4,\)"),
-    (_bad(delta_bias=np.zeros((3, 1))), r"delta_bias has shape \(3, 1\)"),
-    (_bad(u=np.zeros((2, 5, 3), np.int32)), "u has dtype int32"),
-    (_bad(method="magic"), r"method='magic'.*'sequential'.*'fused'"),
-    (_bad(chunk_size=0), "chunk_size=0"),
-    (_bad(chunk_size=2.5), "chunk_size=2.5"),
-], ids=["u", "L0", "delta", "A", "B", "C", "D", "delta_bias", "dtype", "method", "chunk0", "chunkfloat"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (_bad(u=np.zeros((2, 5))), "u has shape"),
+        (
+            _bad(
+                u=np.zeros((2, 0, 3)),
+                delta=np.zeros((2, 0, 3)),
+                B=np.zeros((2, 0, 4)),
+                C=np.zeros((2, 0, 4)),
+            ),
+            r"u has shape \(2, 0, 3\); batch, L and d_inner must",
+        ),
+        (_bad(delta=np.zeros((2, 4, 3))), r"delta has shape \(2, 4, 3\); expected .*\(2, 5, 3\)"),
+        (_bad(A=np.zeros((4, 4))), r"A has shape \(4, 4\)"),
+        (
+            _bad(B=np.zeros((2, 5, 3))),
+            r"B has shape \(2, 5, 3\); expected \(batch, L, N\) = \(2, 5, 4\)",
+        ),
+        (_bad(C=np.zeros((1, 5, 4))), r"C has shape \(1, 5, 4\)"),
+        (_bad(D=np.zeros((4,))), r"D has shape \(4,\)"),
+        (_bad(delta_bias=np.zeros((3, 1))), r"delta_bias has shape \(3, 1\)"),
+        (_bad(u=np.zeros((2, 5, 3), np.int32)), "u has dtype int32"),
+        (_bad(method="magic"), r"method='magic'.*'sequential'.*'fused'"),
+        (_bad(chunk_size=0), "chunk_size=0"),
+        (_bad(chunk_size=2.5), "chunk_size=2.5"),
+    ],
+    ids=[
+        "u",
+        "L0",
+        "delta",
+        "A",
+        "B",
+        "C",
+        "D",
+        "delta_bias",
+        "dtype",
+        "method",
+        "chunk0",
+        "chunkfloat",
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     selective_scan(**kwargs)

@@ -13,8 +13,7 @@ import pytest
 
 from mamba_pkd import input_pipeline, losses, models, parallel, train
 
-TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2,
-            scan_method="sequential")
+TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2, scan_method="sequential")
 TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
 STUDENT = models.ModelConfig(d_model=4, n_layers=1, **TINY)
 
@@ -22,7 +21,8 @@ STUDENT = models.ModelConfig(d_model=4, n_layers=1, **TINY)
 @pytest.fixture(scope="module")
 def dataset():
   return input_pipeline.load_dataset(
-      "synthetic:num_train=64,num_test=37,height=8,width=8,num_classes=3", seed=0)
+      "synthetic:num_train=64,num_test=37,height=8,width=8,num_classes=3", seed=0
+  )
 
 
 def _batch(dataset, n=16):
@@ -36,8 +36,15 @@ def test_frozen_teacher_is_untouched_and_not_in_optimizer_state(dataset):
   optim = train.OptimConfig(epochs=1, batch_size=16, learning_rate=1e-2)
   data = train.StageData(dataset, np.arange(dataset.num_train), augment="shift")
   student = train.train_stage(
-      name="s", model_config=STUDENT, stage_loss=losses.kd(0.5, 4.0), optim=optim, data=data,
-      seed=0, spec=train.FrozenSpec(teacher=TEACHER), frozen=train.Frozen(teacher=teacher_params))
+      name="s",
+      model_config=STUDENT,
+      stage_loss=losses.kd(0.5, 4.0),
+      optim=optim,
+      data=data,
+      seed=0,
+      spec=train.FrozenSpec(teacher=TEACHER),
+      frozen=train.Frozen(teacher=teacher_params),
+  )
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_params))
   # The optimizer state only mirrors the student's parameters.
   tx = train.create_optimizer(optim, 4)
@@ -47,7 +54,8 @@ def test_frozen_teacher_is_untouched_and_not_in_optimizer_state(dataset):
   opt_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.opt_state)}
   assert teacher_only and not teacher_only & opt_shapes
   assert models.count_params(student) == models.count_params(
-      models.init_params(STUDENT, jax.random.key(0)))
+      models.init_params(STUDENT, jax.random.key(0))
+  )
 
 
 def test_cached_frozen_outputs_equal_computed_ones(dataset):
@@ -65,9 +73,12 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
   np.testing.assert_allclose(computed["prefix"], f1, rtol=1e-6)
 
   tx = train.create_optimizer(train.OptimConfig(), 10)
-  step = parallel.data_parallel(train.make_train_step(STUDENT, tx, losses.kd(0.3, 2.0,
-                                view=losses.residual()), spec))
-  state = parallel.replicate(train.create_train_state(models.init_params(STUDENT, jax.random.key(3)), tx))
+  step = parallel.data_parallel(
+      train.make_train_step(STUDENT, tx, losses.kd(0.3, 2.0, view=losses.residual()), spec)
+  )
+  state = parallel.replicate(
+      train.create_train_state(models.init_params(STUDENT, jax.random.key(3)), tx)
+  )
   rngs = parallel.device_rngs(jax.random.key(0), 0)
   _, m_computed = step(state, batch, parallel.replicate(frozen), rngs)
   cached = dict(batch, teacher_logits=np.asarray(g)[None], prefix_logits=np.asarray(f1)[None])
@@ -79,14 +90,16 @@ def test_view_pool_batches_carry_the_outputs_of_their_own_view():
   """With a view pool, each example's cached row is the row of the view it is shown in."""
   n, num_views = 48, 3
   ds = input_pipeline.load_dataset(
-      "synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3", seed=0)
+      "synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3", seed=0
+  )
   train_index = np.arange(5, 5 + n)
   # Pixel value v * 64 + position identifies (view, position) in every image.
   codes = np.arange(num_views)[:, None] * 64 + np.arange(n)[None, :]  # [V, n]
   views = np.broadcast_to(codes[:, :, None, None, None], (num_views, n, 8, 8, 1)).astype(np.uint8)
   table = codes.reshape(-1, 1).astype(np.float32)  # row view * n + position holds its code
-  data = train.StageData(ds, train_index, augment="shift", cached={"teacher_logits": table},
-                         views=views)
+  data = train.StageData(
+      ds, train_index, augment="shift", cached={"teacher_logits": table}, views=views
+  )
   assert data.uses_cache
   seen_views = set()
   for epoch in range(2):
@@ -108,15 +121,17 @@ def test_ensemble_prefix_is_sum_of_students():
   cfgs = (STUDENT, STUDENT.replace(d_model=6))
   params = tuple(models.init_params(c, jax.random.key(i)) for i, c in enumerate(cfgs))
   logits, _ = train.apply_students(cfgs, params, images)
-  out = train.frozen_outputs(train.FrozenSpec(students=cfgs), train.Frozen(students=params),
-                             {"image": images})
+  out = train.frozen_outputs(
+      train.FrozenSpec(students=cfgs), train.Frozen(students=params), {"image": images}
+  )
   np.testing.assert_allclose(out["prefix"], logits[0] + logits[1], rtol=1e-6)
 
 
 def test_predict_dataset_covers_every_example(dataset):
   params = models.init_params(STUDENT, jax.random.key(0))
-  logits, feats = train.predict_dataset(STUDENT, params, dataset.x_test, mean=dataset.mean,
-                                        std=dataset.std, batch_size=16)
+  logits, feats = train.predict_dataset(
+      STUDENT, params, dataset.x_test, mean=dataset.mean, std=dataset.std, batch_size=16
+  )
   assert logits.shape == (37, 3) and feats.shape == (37, 4)
   images = input_pipeline.normalize(dataset.x_test, dataset.mean, dataset.std)
   direct = models.create_model(STUDENT).apply({"params": params}, images)
@@ -126,10 +141,19 @@ def test_predict_dataset_covers_every_example(dataset):
 def test_non_finite_loss_stops_with_stage_and_step_range(dataset):
   params = models.init_params(STUDENT, jax.random.key(0))
   params = jax.tree.map(lambda x: x * np.nan, params)
-  with pytest.raises(train.NonFiniteLossError, match=r"stage broken: non-finite .* between steps 0 and"):
-    train.train_stage(name="broken", model_config=STUDENT, stage_loss=losses.hard(),
-                      optim=train.OptimConfig(epochs=1, batch_size=16), seed=0, log_every=2,
-                      data=train.StageData(dataset, np.arange(dataset.num_train)), init=params)
+  with pytest.raises(
+      train.NonFiniteLossError, match=r"stage broken: non-finite .* between steps 0 and"
+  ):
+    train.train_stage(
+        name="broken",
+        model_config=STUDENT,
+        stage_loss=losses.hard(),
+        optim=train.OptimConfig(epochs=1, batch_size=16),
+        seed=0,
+        log_every=2,
+        data=train.StageData(dataset, np.arange(dataset.num_train)),
+        init=params,
+    )
 
 
 def test_bad_optim_values_name_the_field():
@@ -154,11 +178,17 @@ print(json.dumps([float(np.sum(np.abs(x))) for x in jax.tree.leaves(params)]))
 
 
 def _run_on_devices(n):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(n)], env=env,
-                       capture_output=True, text=True, timeout=300,
-                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(n)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
 

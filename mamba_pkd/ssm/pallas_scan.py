@@ -81,6 +81,7 @@ from mamba_pkd.ssm import scan
 
 try:  # Pallas is an experimental, version-dependent API: import it here only.
   from jax.experimental import pallas as pl
+
   _PALLAS_IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as _e:  # pragma: no cover - depends on the installed JAX
   pl = None
@@ -88,6 +89,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installed JAX
 
 try:
   from jax.experimental.pallas import triton as pltriton
+
   _TRITON_IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as _e:  # pragma: no cover - depends on the installed JAX
   pltriton = None
@@ -114,18 +116,21 @@ def pallas_available(interpret: bool) -> tuple[bool, str]:
   if pl is None or not hasattr(pl, "pallas_call"):
     return False, (
         f"jax.experimental.pallas is unavailable in JAX {jax.__version__}: "
-        f"{_PALLAS_IMPORT_ERROR!r}")
+        f"{_PALLAS_IMPORT_ERROR!r}"
+    )
   if not interpret:
     if pltriton is None or not hasattr(pltriton, "CompilerParams"):
       return False, (
           "jax.experimental.pallas.triton.CompilerParams is unavailable in JAX "
           f"{jax.__version__} ({_TRITON_IMPORT_ERROR!r}); the compiled kernel "
           "needs the Pallas Triton backend (use interpret=True or another "
-          "scan method)")
+          "scan method)"
+      )
     if not hasattr(pltriton, "debug_barrier"):
       return False, (
           "jax.experimental.pallas.triton.debug_barrier is unavailable in JAX "
-          f"{jax.__version__}; the compiled backward kernel needs it")
+          f"{jax.__version__}; the compiled backward kernel needs it"
+      )
   return True, ""
 
 
@@ -142,15 +147,16 @@ def _require_pallas(interpret: bool) -> None:
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static (hashable) parameters of one kernel instantiation."""
-  seq_len: int          # L
-  chunk_size: int       # K: steps between saved states (<= L)
-  block_d: int          # channels per program
+
+  seq_len: int  # L
+  chunk_size: int  # K: steps between saved states (<= L)
+  block_d: int  # channels per program
   reverse: bool
   delta_softplus: bool
   interpret: bool
   num_warps: int
-  prefetch: int         # forward: steps per block of loads issued ahead
-  prefetch_bwd: int     # backward: the same (more values per step)
+  prefetch: int  # forward: steps per block of loads issued ahead
+  prefetch_bwd: int  # backward: the same (more values per step)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -223,8 +229,7 @@ def _scan_index(i, cfg: _Config):
   return (cfg.seq_len - 1 - i) if cfg.reverse else i
 
 
-def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, prefetch,
-               cfg):
+def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, prefetch, cfg):
   """Runs `count` (static) scan steps, loading blocks of steps ahead.
 
   With `prefetch` = S > 0 the steps go in blocks of S: while block j is
@@ -250,14 +255,17 @@ def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, prefetch,
   Returns:
     The final carry.
   """
+
   def index(k):
     return first + (count - 1 - k) if backwards else first + k
 
   block = min(prefetch, count)
   if block == 0:
+
     def body(k, c):
       i = index(k)
       return step_fn(k, i, load_fn(i), c)
+
     return lax.fori_loop(0, count, body, carry)
 
   num_blocks, tail = divmod(count, block)
@@ -278,8 +286,7 @@ def _run_steps(first, count, step_fn, load_fn, carry, *, backwards, prefetch,
       c = step_fn(pos, index(pos), current[k], c)
     return c, upcoming
 
-  carry, _ = lax.fori_loop(0, num_blocks, body_blocked,
-                           (carry, load_block(0)))
+  carry, _ = lax.fori_loop(0, num_blocks, body_blocked, (carry, load_block(0)))
   for k in range(tail):
     pos = num_blocks * block + k
     carry = step_fn(pos, index(pos), load_fn(index(pos)), carry)
@@ -298,8 +305,9 @@ def _barrier(cfg: _Config) -> None:
 # a layout conversion in Triton, and per-state rows B_t, C_t are [1, N].
 
 
-def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
-                    y_ref, *hs_refs, cfg: _Config):
+def _forward_kernel(
+    u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, y_ref, *hs_refs, cfg: _Config
+):
   """One (batch row, channel tile) program of the forward scan.
 
   Refs (leading batch dim squeezed by the BlockSpecs):
@@ -309,9 +317,9 @@ def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
     hs_refs: () or ([num_chunks, block_d, N],) the state at each chunk start.
   """
   f32 = jnp.float32
-  a_log2 = a_ref[...].astype(f32) * _LOG2_E          # [bd, N]
-  d_skip = d_ref[...].astype(f32)                    # [bd, 1]
-  bias = bias_ref[...].astype(f32)                   # [bd, 1]
+  a_log2 = a_ref[...].astype(f32) * _LOG2_E  # [bd, N]
+  d_skip = d_ref[...].astype(f32)  # [bd, 1]
+  bias = bias_ref[...].astype(f32)  # [bd, 1]
 
   def load(i):
     t = _scan_index(i, cfg)
@@ -319,16 +327,17 @@ def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 
   def step(k, i, loaded, h):
     del k
-    u, delta, b, c = (x.astype(f32) for x in loaded)   # [bd,1] x2, [N] x2
-    dt, _ = _step_size(delta, bias, cfg.delta_softplus)   # [bd, 1]
-    h = _decay(dt, a_log2) * h + (dt * u) * b[None, :]    # [bd, N]
+    u, delta, b, c = (x.astype(f32) for x in loaded)  # [bd,1] x2, [N] x2
+    dt, _ = _step_size(delta, bias, cfg.delta_softplus)  # [bd, 1]
+    h = _decay(dt, a_log2) * h + (dt * u) * b[None, :]  # [bd, N]
     y = jnp.sum(h * c[None, :], axis=1, keepdims=True) + d_skip * u
-    y_ref[_scan_index(i, cfg)] = y.astype(y_ref.dtype)   # [bd, 1]
+    y_ref[_scan_index(i, cfg)] = y.astype(y_ref.dtype)  # [bd, 1]
     return h
 
   h = jnp.zeros(a_log2.shape, f32)
-  run = functools.partial(_run_steps, step_fn=step, load_fn=load,
-                          backwards=False, prefetch=cfg.prefetch, cfg=cfg)
+  run = functools.partial(
+      _run_steps, step_fn=step, load_fn=load, backwards=False, prefetch=cfg.prefetch, cfg=cfg
+  )
   if not hs_refs:
     run(0, cfg.seq_len, carry=h)
     return
@@ -351,10 +360,27 @@ def _forward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 # Backward kernel.
 
 
-def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
-                     hs_ref, gy_ref,
-                     gu_ref, gdelta_ref, ga_ref, gb_ref, gc_ref, gd_ref,
-                     gbias_ref, scratch_ref, *, cfg: _Config):
+def _backward_kernel(
+    u_ref,
+    delta_ref,
+    a_ref,
+    b_ref,
+    c_ref,
+    d_ref,
+    bias_ref,
+    hs_ref,
+    gy_ref,
+    gu_ref,
+    gdelta_ref,
+    ga_ref,
+    gb_ref,
+    gc_ref,
+    gd_ref,
+    gbias_ref,
+    scratch_ref,
+    *,
+    cfg: _Config,
+):
   """One (batch row, channel tile) program of the backward scan.
 
   Refs (leading batch / tile dims squeezed by the BlockSpecs):
@@ -366,10 +392,10 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
     chunk being processed).
   """
   f32 = jnp.float32
-  a = a_ref[...].astype(f32)                         # [bd, N]
-  a_log2 = a * _LOG2_E                               # [bd, N]
-  d_skip = d_ref[...].astype(f32)                    # [bd, 1]
-  bias = bias_ref[...].astype(f32)                   # [bd, 1]
+  a = a_ref[...].astype(f32)  # [bd, N]
+  a_log2 = a * _LOG2_E  # [bd, N]
+  d_skip = d_ref[...].astype(f32)  # [bd, 1]
+  bias = bias_ref[...].astype(f32)  # [bd, 1]
 
   def load_fwd(i):
     t = _scan_index(i, cfg)
@@ -378,14 +404,21 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
   def make_load_bwd(first):
     def load_bwd(i):
       t = _scan_index(i, cfg)
-      return (u_ref[t], delta_ref[t], b_ref[t, :], c_ref[t, :], gy_ref[t],
-              scratch_ref[i - first])                     # h_{i-1}
+      return (
+          u_ref[t],
+          delta_ref[t],
+          b_ref[t, :],
+          c_ref[t, :],
+          gy_ref[t],
+          scratch_ref[i - first],
+      )  # h_{i-1}
+
     return load_bwd
 
   def recompute_step(k, i, loaded, h):
     del i
     u, delta, b = (x.astype(f32) for x in loaded)
-    scratch_ref[k] = h                                    # h_{i-1}
+    scratch_ref[k] = h  # h_{i-1}
     dt, _ = _step_size(delta, bias, cfg.delta_softplus)
     return _decay(dt, a_log2) * h + (dt * u) * b[None, :]
 
@@ -393,32 +426,28 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
     del k
     g_next, ga_acc, gd_acc, gbias_acc = carry
     u, delta, b, c, gy, h_prev = (x.astype(f32) for x in loaded)
-    b, c = b[None, :], c[None, :]                       # [1, N]
+    b, c = b[None, :], c[None, :]  # [1, N]
     dt, ddt_ddelta = _step_size(delta, bias, cfg.delta_softplus)
-    d_a = _decay(dt, a_log2)                            # [bd, N]
-    dtu = dt * u                                        # [bd, 1]
-    h = d_a * h_prev + dtu * b                          # [bd, N]
-    g_h = c * gy + g_next                               # [bd, N]
-    g_hb = jnp.sum(g_h * b, axis=1, keepdims=True)      # [bd, 1]
-    g_c = jnp.sum(gy * h, axis=0)                       # [N]
-    g_b = jnp.sum(g_h * dtu, axis=0)                    # [N]
-    g_u = gy * d_skip + dt * g_hb                       # [bd, 1]
-    g_da_da = g_h * h_prev * d_a                        # [bd, N]
+    d_a = _decay(dt, a_log2)  # [bd, N]
+    dtu = dt * u  # [bd, 1]
+    h = d_a * h_prev + dtu * b  # [bd, N]
+    g_h = c * gy + g_next  # [bd, N]
+    g_hb = jnp.sum(g_h * b, axis=1, keepdims=True)  # [bd, 1]
+    g_c = jnp.sum(gy * h, axis=0)  # [N]
+    g_b = jnp.sum(g_h * dtu, axis=0)  # [N]
+    g_u = gy * d_skip + dt * g_hb  # [bd, 1]
+    g_da_da = g_h * h_prev * d_a  # [bd, N]
     g_dt = jnp.sum(g_da_da * a, axis=1, keepdims=True) + u * g_hb
-    g_delta = g_dt * ddt_ddelta                         # [bd, 1]
+    g_delta = g_dt * ddt_ddelta  # [bd, 1]
     t = _scan_index(i, cfg)
     gu_ref[t] = g_u.astype(gu_ref.dtype)
     gdelta_ref[t] = g_delta.astype(gdelta_ref.dtype)
     gb_ref[t, :] = g_b
     gc_ref[t, :] = g_c
-    return (d_a * g_h,
-            ga_acc + g_da_da * dt,
-            gd_acc + gy * u,
-            gbias_acc + g_delta)
+    return (d_a * g_h, ga_acc + g_da_da * dt, gd_acc + gy * u, gbias_acc + g_delta)
 
   def process_chunk(first, count, hs_index, carry):
-    run = functools.partial(_run_steps, first, count,
-                            prefetch=cfg.prefetch_bwd, cfg=cfg)
+    run = functools.partial(_run_steps, first, count, prefetch=cfg.prefetch_bwd, cfg=cfg)
     run(recompute_step, load_fwd, hs_ref[hs_index], backwards=False)
     _barrier(cfg)
     carry = run(reverse_step, make_load_bwd(first), carry, backwards=True)
@@ -427,13 +456,16 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref,
 
   rem, num_full = _chunk_layout(cfg.seq_len, cfg.chunk_size)
   offset = 1 if rem else 0
-  carry = (jnp.zeros(a.shape, f32), jnp.zeros(a.shape, f32),
-           jnp.zeros(d_skip.shape, f32), jnp.zeros(d_skip.shape, f32))
+  carry = (
+      jnp.zeros(a.shape, f32),
+      jnp.zeros(a.shape, f32),
+      jnp.zeros(d_skip.shape, f32),
+      jnp.zeros(d_skip.shape, f32),
+  )
 
   def chunk_body(j, carry):
     c = num_full - 1 - j
-    return process_chunk(rem + c * cfg.chunk_size, cfg.chunk_size, c + offset,
-                         carry)
+    return process_chunk(rem + c * cfg.chunk_size, cfg.chunk_size, c + offset, carry)
 
   carry = lax.fori_loop(0, num_full, chunk_body, carry)
   if rem:
@@ -476,10 +508,10 @@ def _forward_call(u, delta, a, b, c, d_skip, bias, cfg: _Config, save: bool):
   if save:
     rem, num_full = _chunk_layout(seq_len, cfg.chunk_size)
     num_chunks = num_full + (1 if rem else 0)
-    out_shape.append(jax.ShapeDtypeStruct(
-        (batch, num_chunks, d_inner, num_n), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, num_chunks, cfg.block_d, num_n),
-                                  lambda b_, j: (b_, 0, j, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, num_chunks, d_inner, num_n), jnp.float32))
+    out_specs.append(
+        pl.BlockSpec((None, num_chunks, cfg.block_d, num_n), lambda b_, j: (b_, 0, j, 0))
+    )
   outs = pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       out_shape=out_shape,
@@ -500,30 +532,29 @@ def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
   bd = cfg.block_d
   d_tiles = d_inner // bd
   seq, mat, proj, col = _specs(cfg, num_n)
-  hs_spec = pl.BlockSpec((None, hs.shape[1], bd, num_n),
-                         lambda b_, j: (b_, 0, j, 0))
+  hs_spec = pl.BlockSpec((None, hs.shape[1], bd, num_n), lambda b_, j: (b_, 0, j, 0))
   f32 = jnp.float32
   out_shape = [
-      jax.ShapeDtypeStruct(u.shape, u.dtype),                          # gu
-      jax.ShapeDtypeStruct(delta.shape, delta.dtype),                  # gdelta
-      jax.ShapeDtypeStruct((batch, d_inner, num_n), f32),              # gA
-      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gB
-      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),     # gC
-      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),                  # gD
-      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),                  # gbias
-      jax.ShapeDtypeStruct((batch, d_tiles, cfg.chunk_size, bd, num_n),
-                           f32),                                       # scratch
+      jax.ShapeDtypeStruct(u.shape, u.dtype),  # gu
+      jax.ShapeDtypeStruct(delta.shape, delta.dtype),  # gdelta
+      jax.ShapeDtypeStruct((batch, d_inner, num_n), f32),  # gA
+      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),  # gB
+      jax.ShapeDtypeStruct((batch, d_tiles, seq_len, num_n), f32),  # gC
+      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),  # gD
+      jax.ShapeDtypeStruct((batch, d_inner, 1), f32),  # gbias
+      jax.ShapeDtypeStruct((batch, d_tiles, cfg.chunk_size, bd, num_n), f32),  # scratch
   ]
-  partial_proj = pl.BlockSpec((None, None, seq_len, num_n),
-                              lambda b_, j: (b_, j, 0, 0))
+  partial_proj = pl.BlockSpec((None, None, seq_len, num_n), lambda b_, j: (b_, j, 0, 0))
   per_row_col = pl.BlockSpec((None, bd, 1), lambda b_, j: (b_, j, 0))
   out_specs = [
-      seq, seq,
+      seq,
+      seq,
       pl.BlockSpec((None, bd, num_n), lambda b_, j: (b_, j, 0)),
-      partial_proj, partial_proj,
-      per_row_col, per_row_col,
-      pl.BlockSpec((None, None, cfg.chunk_size, bd, num_n),
-                   lambda b_, j: (b_, j, 0, 0, 0)),
+      partial_proj,
+      partial_proj,
+      per_row_col,
+      per_row_col,
+      pl.BlockSpec((None, None, cfg.chunk_size, bd, num_n), lambda b_, j: (b_, j, 0, 0, 0)),
   ]
   gu, gdelta, ga, gb, gc, gd, gbias, _ = pl.pallas_call(
       functools.partial(_backward_kernel, cfg=cfg),
@@ -535,12 +566,15 @@ def _backward_call(u, delta, a, b, c, d_skip, bias, hs, gy, cfg: _Config):
       compiler_params=_compiler_params(cfg),
       name="selective_scan_bwd",
   )(u, delta, a, b, c, d_skip, bias, hs, gy)
-  return (gu, gdelta,
-          jnp.sum(ga, axis=0).astype(a.dtype),
-          jnp.sum(gb, axis=1).astype(b.dtype),
-          jnp.sum(gc, axis=1).astype(c.dtype),
-          jnp.sum(gd, axis=0).astype(d_skip.dtype),
-          jnp.sum(gbias, axis=0).astype(bias.dtype))
+  return (
+      gu,
+      gdelta,
+      jnp.sum(ga, axis=0).astype(a.dtype),
+      jnp.sum(gb, axis=1).astype(b.dtype),
+      jnp.sum(gc, axis=1).astype(c.dtype),
+      jnp.sum(gd, axis=0).astype(d_skip.dtype),
+      jnp.sum(gbias, axis=0).astype(bias.dtype),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -566,32 +600,31 @@ _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 # Public API.
 
 
-def _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size,
-              num_warps, prefetch, prefetch_bwd) -> None:
+def _validate(
+    u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps, prefetch, prefetch_bwd
+) -> None:
   """Raises ValueError naming the first bad argument."""
   scan.validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
   d_inner = u.shape[2]
   if block_d is not None and (
-      not isinstance(block_d, int) or not _is_power_of_two(block_d)
-      or block_d > _MAX_BLOCK_D):
+      not isinstance(block_d, int) or not _is_power_of_two(block_d) or block_d > _MAX_BLOCK_D
+  ):
     raise ValueError(
         f"block_d={block_d!r} is invalid; expected a power of two in "
         f"[1, {_MAX_BLOCK_D}] (d_inner={d_inner} is padded up to a multiple "
-        "of block_d), e.g. 16, 32 or 64")
+        "of block_d), e.g. 16, 32 or 64"
+    )
   if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(
-        f"chunk_size={chunk_size!r} is invalid; expected an int >= 1")
+    raise ValueError(f"chunk_size={chunk_size!r} is invalid; expected an int >= 1")
   if num_warps is not None and (
-      not isinstance(num_warps, int) or not _is_power_of_two(num_warps)
-      or num_warps > 32):
-    raise ValueError(
-        f"num_warps={num_warps!r} is invalid; expected a power of two in "
-        "[1, 32]")
+      not isinstance(num_warps, int) or not _is_power_of_two(num_warps) or num_warps > 32
+  ):
+    raise ValueError(f"num_warps={num_warps!r} is invalid; expected a power of two in " "[1, 32]")
   for name, value in (("prefetch", prefetch), ("prefetch_bwd", prefetch_bwd)):
-    if (value is None and name == "prefetch") or (value is not None and (
-        not isinstance(value, int) or not 0 <= value <= 16)):
-      raise ValueError(
-          f"{name}={value!r} is invalid; expected an int in [0, 16]")
+    if (value is None and name == "prefetch") or (
+        value is not None and (not isinstance(value, int) or not 0 <= value <= 16)
+    ):
+      raise ValueError(f"{name}={value!r} is invalid; expected an int in [0, 16]")
 
 
 def default_block_d(d_inner: int) -> int:
@@ -614,11 +647,24 @@ def default_num_warps(block_d: int, num_n: int) -> int:
   return 1 if elements <= 512 else int(min(4, elements // 256))
 
 
-def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
-                          delta_softplus=True, reverse=False, block_d=None,
-                          interpret=None, chunk_size=DEFAULT_CHUNK_SIZE,
-                          num_warps=None, prefetch=DEFAULT_PREFETCH,
-                          prefetch_bwd=None):
+def selective_scan_pallas(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    *,
+    delta_bias=None,
+    delta_softplus=True,
+    reverse=False,
+    block_d=None,
+    interpret=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    num_warps=None,
+    prefetch=DEFAULT_PREFETCH,
+    prefetch_bwd=None,
+):
   """Selective scan (Mamba-1) as a Pallas kernel with a kernel backward.
 
   Computes, with zero initial state and float32 accumulation,
@@ -655,8 +701,9 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
       work).
     ImportError: the installed JAX lacks the Pallas features the kernel needs.
   """
-  _validate(u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps,
-            prefetch, prefetch_bwd)
+  _validate(
+      u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps, prefetch, prefetch_bwd
+  )
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   interpret = bool(interpret)
@@ -676,8 +723,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
       interpret=interpret,
       num_warps=default_num_warps(bd, n_pad) if num_warps is None else num_warps,
       prefetch=prefetch,
-      prefetch_bwd=(default_prefetch_bwd(prefetch) if prefetch_bwd is None
-                    else prefetch_bwd),
+      prefetch_bwd=(default_prefetch_bwd(prefetch) if prefetch_bwd is None else prefetch_bwd),
   )
 
   f32 = jnp.float32
@@ -694,17 +740,15 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, *, delta_bias=None,
     d_p = jnp.pad(d_skip, (0, pad_d))
     bias_p = jnp.pad(bias, (0, pad_d))
   else:
-    u_p, delta_p, a_p, b_p, c_p, d_p, bias_p = (
-        u, delta, A, B, C, d_skip, bias)
+    u_p, delta_p, a_p, b_p, c_p, d_p, bias_p = (u, delta, A, B, C, d_skip, bias)
   col = lambda x: x[..., None]  # trailing unit axis: [.., d] -> [.., d, 1]
-  y = _scan_padded(col(u_p), col(delta_p), a_p, b_p, c_p, col(d_p),
-                   col(bias_p), cfg)[..., 0]
+  y = _scan_padded(col(u_p), col(delta_p), a_p, b_p, c_p, col(d_p), col(bias_p), cfg)[..., 0]
   return y[:, :, :d_inner] if pad_d else y
 
 
-def selective_scan_pallas_reference(u, delta, A, B, C, D=None, *,
-                                    delta_bias=None, delta_softplus=True,
-                                    reverse=False):
+def selective_scan_pallas_reference(
+    u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=True, reverse=False
+):
   """Plain `lax.scan` version of `selective_scan_pallas` (same arguments).
 
   The slow reference kept beside the kernel: float32 accumulation, y in
@@ -714,18 +758,17 @@ def selective_scan_pallas_reference(u, delta, A, B, C, D=None, *,
   x = delta.astype(f32)
   if delta_bias is not None:
     x = x + delta_bias.astype(f32)
-  dt = jax.nn.softplus(x) if delta_softplus else x        # [b, L, d]
+  dt = jax.nn.softplus(x) if delta_softplus else x  # [b, L, d]
   uf = u.astype(f32)
   a = A.astype(f32)
 
   def step(h, inputs):
-    dt_t, u_t, b_t, c_t = inputs                           # [b,d],[b,d],[b,N]
-    d_a = jnp.exp(dt_t[:, :, None] * a)                    # [b, d, N]
+    dt_t, u_t, b_t, c_t = inputs  # [b,d],[b,d],[b,N]
+    d_a = jnp.exp(dt_t[:, :, None] * a)  # [b, d, N]
     h = d_a * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
     return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
-  xs = tuple(jnp.moveaxis(v, 1, 0) for v in
-             (dt, uf, B.astype(f32), C.astype(f32)))
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (dt, uf, B.astype(f32), C.astype(f32)))
   h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), f32)
   _, ys = lax.scan(step, h0, xs, reverse=reverse)
   y = jnp.moveaxis(ys, 0, 1)

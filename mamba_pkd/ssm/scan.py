@@ -72,8 +72,7 @@ def _check_shape(name, x, expected, description):
     raise ValueError(f"{name} is None; expected an array of shape {description} = {expected}")
   shape = tuple(jnp.shape(x))
   if shape != tuple(expected):
-    raise ValueError(
-        f"{name} has shape {shape}; expected {description} = {tuple(expected)}")
+    raise ValueError(f"{name} has shape {shape}; expected {description} = {tuple(expected)}")
 
 
 def _validate(u, delta, A, B, C, D, delta_bias, method, chunk_size):
@@ -92,16 +91,15 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, delta_bias=None):
     ValueError: naming the first bad argument and the expected shape or dtype.
   """
   if jnp.ndim(u) != 3:
-    raise ValueError(
-        f"u has shape {tuple(jnp.shape(u))}; expected 3 dims (batch, L, d_inner)")
+    raise ValueError(f"u has shape {tuple(jnp.shape(u))}; expected 3 dims (batch, L, d_inner)")
   batch, length, d_inner = jnp.shape(u)
   if batch < 1 or length < 1 or d_inner < 1:
-    raise ValueError(
-        f"u has shape {tuple(jnp.shape(u))}; batch, L and d_inner must all be >= 1")
+    raise ValueError(f"u has shape {tuple(jnp.shape(u))}; batch, L and d_inner must all be >= 1")
   if jnp.ndim(A) != 2 or jnp.shape(A)[0] != d_inner or jnp.shape(A)[1] < 1:
     raise ValueError(
         f"A has shape {tuple(jnp.shape(A))}; expected (d_inner, N) with d_inner = {d_inner}"
-        " and N >= 1")
+        " and N >= 1"
+    )
   n_state = jnp.shape(A)[1]
   _check_shape("delta", delta, (batch, length, d_inner), "(batch, L, d_inner)")
   _check_shape("B", B, (batch, length, n_state), "(batch, L, N)")
@@ -110,8 +108,15 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, delta_bias=None):
     _check_shape("D", D, (d_inner,), "(d_inner,)")
   if delta_bias is not None:
     _check_shape("delta_bias", delta_bias, (d_inner,), "(d_inner,)")
-  for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
-                  ("delta_bias", delta_bias)):
+  for name, x in (
+      ("u", u),
+      ("delta", delta),
+      ("A", A),
+      ("B", B),
+      ("C", C),
+      ("D", D),
+      ("delta_bias", delta_bias),
+  ):
     if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise ValueError(f"{name} has dtype {jnp.result_type(x)}; expected a floating dtype")
 
@@ -368,7 +373,8 @@ def _fused_tile_backward(u, delta, At, B, C, D, bias, gy, h_starts, softplus):
       return (dA * g, gA), (g_bsum * dt_t, gdt, gB)
 
     (g_next, gA), (gu, gdt, gB) = lax.scan(
-        reverse_step, (g_next, gA), (u_c, dt_c, b_c, c_c, gy_c, h_prev), reverse=True)
+        reverse_step, (g_next, gA), (u_c, dt_c, b_c, c_c, gy_c, h_prev), reverse=True
+    )
     gdelta = gdt * jax.nn.sigmoid(pre) if softplus else gdt
     gD = gD + jnp.sum(gy_c * u_c, axis=(0, 1))
     gbias = gbias + jnp.sum(gdelta, axis=(0, 1))
@@ -377,8 +383,8 @@ def _fused_tile_backward(u, delta, At, B, C, D, bias, gy, h_starts, softplus):
   zeros = jnp.zeros(h_starts.shape[1:], u.dtype)  # [bt, N, d]
   zeros_d = jnp.zeros(D.shape, u.dtype)
   (_, gA, gD, gbias), grads = lax.scan(
-      chunk_step, (zeros, zeros, zeros_d, zeros_d), (u, delta, B, C, gy, h_starts),
-      reverse=True)
+      chunk_step, (zeros, zeros, zeros_d, zeros_d), (u, delta, B, C, gy, h_starts), reverse=True
+  )
   return grads, jnp.sum(gA, axis=0), gD, gbias
 
 
@@ -386,24 +392,25 @@ def _fused_tile_backward(u, delta, At, B, C, D, bias, gy, h_starts, softplus):
 def _fused_core(u, delta, At, B, C, D, bias, softplus):
   return lax.map(
       lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, False),
-      (u, delta, B, C))
+      (u, delta, B, C),
+  )
 
 
 def _fused_core_fwd(u, delta, At, B, C, D, bias, softplus):
   y, h_starts = lax.map(
       lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, True),
-      (u, delta, B, C))
+      (u, delta, B, C),
+  )
   return y, (u, delta, At, B, C, D, bias, h_starts)
 
 
 def _fused_core_bwd(softplus, res, gy):
   u, delta, At, B, C, D, bias, h_starts = res
   (gu, gdelta, gB, gC), gA, gD, gbias = lax.map(
-      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], D, bias, x[4], x[5],
-                                     softplus),
-      (u, delta, B, C, gy, h_starts))
-  return (gu, gdelta, jnp.sum(gA, axis=0), gB, gC, jnp.sum(gD, axis=0),
-          jnp.sum(gbias, axis=0))
+      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], D, bias, x[4], x[5], softplus),
+      (u, delta, B, C, gy, h_starts),
+  )
+  return (gu, gdelta, jnp.sum(gA, axis=0), gB, gC, jnp.sum(gD, axis=0), jnp.sum(gbias, axis=0))
 
 
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
@@ -423,8 +430,9 @@ def _scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse):
   delta_bias = zeros if delta_bias is None else delta_bias
   nb, bt, nc, chunk = fused_geometry(batch, length, d_inner, A.shape[1])
   tiles = functools.partial(_to_tiles, nb=nb, bt=bt, nc=nc, chunk=chunk)
-  y = _fused_core(tiles(u), tiles(delta), A.T, tiles(B), tiles(C), D, delta_bias,
-                  bool(delta_softplus))  # [nb, nc, T, bt, d]
+  y = _fused_core(
+      tiles(u), tiles(delta), A.T, tiles(B), tiles(C), D, delta_bias, bool(delta_softplus)
+  )  # [nb, nc, T, bt, d]
   y = _from_tiles(y, batch, length)
   if reverse:
     y = jnp.flip(y, axis=1)
@@ -443,6 +451,7 @@ def _resolve_auto():
   if platform == "gpu":
     try:
       from mamba_pkd.ssm import pallas_scan  # pylint: disable=g-import-not-at-top
+
       ok, why = pallas_scan.pallas_available(interpret=False)
     except ImportError as e:
       ok, why = False, f"mamba_pkd.ssm.pallas_scan failed to import: {e}"
@@ -456,8 +465,21 @@ def _resolve_auto():
   return method
 
 
-def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=True,
-                   reverse=False, method="auto", chunk_size=64, unroll=1):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    *,
+    delta_bias=None,
+    delta_softplus=True,
+    reverse=False,
+    method="auto",
+    chunk_size=64,
+    unroll=1,
+):
   """Selective scan ``y = S6(u)`` with Mamba's discretisation.
 
   Args:
@@ -512,8 +534,18 @@ def _selective_scan_pallas(u, delta, A, B, C, D, delta_bias, delta_softplus, rev
   except ImportError as e:
     raise ImportError(
         "method='pallas' needs mamba_pkd.ssm.pallas_scan, which failed to import: "
-        f"{e}; use method='fused' instead") from e
+        f"{e}; use method='fused' instead"
+    ) from e
   interpret = jax.default_backend() != "gpu"
   return pallas_scan.selective_scan_pallas(
-      u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
-      reverse=reverse, interpret=interpret)
+      u,
+      delta,
+      A,
+      B,
+      C,
+      D,
+      delta_bias=delta_bias,
+      delta_softplus=delta_softplus,
+      reverse=reverse,
+      interpret=interpret,
+  )
