@@ -210,7 +210,7 @@ def bench_ours_jit(method: str, args) -> dict:
     jax.block_until_ready((state[0], loss))
 
   result = time_steps(step, args.warmup, args.repeats)
-  result["n_params"] = models.count_params(params)
+  result["n_params"] = models.count_tree_params(params)
   return result
 
 

@@ -47,6 +47,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from mamba_pkd.preprocessing import normalize
+
 MNIST5K_NUM_TRAIN_PER_CLASS = 400  # of the 500 images per class in the file
 AUGMENTATIONS = ("none", "shift", "crop_flip", "affine")
 SHIFT_MAX_PIXELS = 2  # "shift": translate by up to this many pixels per axis
@@ -650,31 +652,6 @@ def make_synthetic_dataset(
 
 # ---------------------------------------------------------------------------
 # Batches.
-
-
-def normalize(images_uint8: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """``(x / 255 - mean) / std`` in float32.
-
-  Args:
-    images_uint8: ``[..., C]`` pixel values in [0, 255].
-    mean: ``[C]`` (or broadcastable), in units of ``x / 255``.
-    std: ``[C]``.
-
-  Returns:
-    float32 array of the shape of ``images_uint8``.
-  """
-  images_uint8 = np.asarray(images_uint8)
-  channels = images_uint8.shape[-1]
-  mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
-  std = np.broadcast_to(np.asarray(std, np.float32), (channels,))
-  # Rows of W * C contiguous values: with C as the innermost broadcast axis
-  # NumPy would run its inner loop over only C (1 or 3) elements, ~8x slower.
-  width = images_uint8.shape[-2] if images_uint8.ndim >= 2 else 1
-  x = images_uint8.astype(np.float32).reshape(-1, width * channels)  # a fresh copy
-  x /= np.float32(255.0)
-  x -= np.tile(mean, width)
-  x /= np.tile(std, width)
-  return x.reshape(images_uint8.shape)
 
 
 def shard(array: np.ndarray, num_devices: int) -> np.ndarray:

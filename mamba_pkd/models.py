@@ -9,13 +9,13 @@ RMSNorm, pooled over tokens, and mapped to class logits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_pkd import layers
+from mamba_pkd import ensemble, layers
 
 Array = jax.Array
 
@@ -174,22 +174,28 @@ def init_params(config: ModelConfig, rng: Array) -> dict:
   return create_model(config).init(rng, images, prev)["params"]
 
 
-def scale_head(params: Mapping, weight: float) -> dict:
-  """``params`` with the output layer multiplied by ``weight``: logits become ``weight * logits``.
+def apply_members(
+    configs: Sequence[ModelConfig], params: Sequence[Mapping], images: Array
+) -> tuple[list[Array], list[Array]]:
+  """Runs members in order (member j reads member j-1's features if connected).
 
-  This is how an ensemble member's weight is folded into the member itself,
-  so that ensemble prefixes stay plain sums of their members' logits (features
-  are unchanged). Returns a new pytree; ``params`` is not modified.
+  The chaining is :func:`mamba_pkd.ensemble.chain`'s; this supplies the Flax
+  forward of each member.
+
+  Returns:
+    (logits, features): lists with one [B, K] / [B, d_model_j] array per member.
   """
-  if "head" not in params:
-    raise ValueError(f"params have no 'head' layer to scale (top-level keys: {sorted(params)})")
-  out = dict(params)
-  out["head"] = {name: value * weight for name, value in params["head"].items()}
-  return out
+  members = [create_model(c) for c in configs]
+
+  def forward(j, x, prev):
+    prev = prev if configs[j].connect_dim else None
+    return members[j].apply({"params": params[j]}, x, prev, return_features=True)
+
+  return ensemble.chain(forward, len(configs), images)
 
 
-def count_params(params: Mapping) -> int:
-  """Total number of scalars in a parameter pytree."""
+def count_tree_params(params: Mapping) -> int:
+  """Total number of scalars in a parameter pytree (``flops.count_params`` counts a config)."""
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 

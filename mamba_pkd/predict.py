@@ -22,13 +22,15 @@ Budget, anytime inference:
   ``c``; an image at or above it is not passed to member j+1. Each image's
   member count is printed.
 
-The pure pieces (:func:`softmax_margin`, :func:`anytime_predict`,
+The pure pieces (:func:`softmax_margin`, :func:`anytime_predict`, from
+:mod:`mamba_pkd.ensemble`,
 :func:`choose_prefix`, the readers) are importable for programmatic use.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import dataclasses
 import json
 import pathlib
@@ -37,8 +39,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mamba_pkd import ensemble as ensemble_lib
 from mamba_pkd import export as export_lib
-from mamba_pkd.export import BudgetError, Ensemble, Preprocessing
+from mamba_pkd import manifest, metrics
+from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, anytime_predict, softmax_margin
+from mamba_pkd.preprocessing import Preprocessing
 
 NPZ_KEYS = ("x", "images")
 LATENCY_REPEATS = 10
@@ -166,86 +171,8 @@ def read_inputs(
 
 
 # ----------------------------------------------------------------------------
-# Anytime inference.
+# Budgets.
 # ----------------------------------------------------------------------------
-
-
-def softmax_margin(logits: np.ndarray) -> np.ndarray:
-  """Top-1 minus top-2 softmax probability per row: [N, K] -> [N] in [0, 1]."""
-  logits = np.asarray(logits, np.float64)
-  z = logits - logits.max(axis=-1, keepdims=True)
-  p = np.exp(z)
-  p /= p.sum(axis=-1, keepdims=True)
-  top2 = np.sort(p, axis=-1)[:, -2:]
-  return (top2[:, 1] - top2[:, 0]).astype(np.float32)
-
-
-@dataclasses.dataclass
-class AnytimeResult:
-  """Per-image outcome of :func:`anytime_predict`.
-
-  Attributes:
-    logits: float32 [N, K], ``F_{m_i}`` of image i where m_i = members_used[i].
-    classes: int [N], argmax of ``logits``.
-    margins: float32 [N], :func:`softmax_margin` of ``prefix_scale * logits``.
-    members_used: int [N], in 1..num_members.
-  """
-
-  logits: np.ndarray
-  classes: np.ndarray
-  margins: np.ndarray
-  members_used: np.ndarray
-
-
-def anytime_predict(
-    ensemble: Ensemble,
-    x: np.ndarray,
-    *,
-    num_members: int | None = None,
-    confidence: float | None = None,
-) -> AnytimeResult:
-  """Runs members 1..k, each only on the images whose prefix is still unsure.
-
-  Args:
-    ensemble: the members.
-    x: float32 [N, H, W, C], normalised model inputs.
-    num_members: k, the prefix length (default: all).
-    confidence: stop for an image once the softmax margin of its prefix logits
-      (calibrated by the prefix's ``prefix_scale``) is >= confidence (in
-      (0, 1]); None runs all k members on every image.
-
-  Returns:
-    An :class:`AnytimeResult`.
-  """
-  k = ensemble.resolve_num_members(num_members)
-  if confidence is not None and not 0 < confidence <= 1:
-    raise ValueError(f"confidence={confidence!r} must be in (0, 1] (a softmax margin)")
-  n = len(x)
-  logits = np.zeros((n, ensemble.preprocessing.num_classes), np.float32)
-  used = np.zeros(n, np.int32)
-  active = np.arange(n)
-  prev_all = None  # features of the previous member, [N, d] (rows of active images valid)
-  # Prefix j's calibration: softmax(scale_j * F_j) are its probabilities.
-  scales = np.array([ensemble.members[j]["prefix_scale"] for j in range(k)], np.float32)
-  for j in range(k):
-    if len(active) == 0:
-      break
-    prev = (
-        prev_all[active] if (prev_all is not None and ensemble.members[j]["connect_dim"]) else None
-    )
-    member_logits, feats = ensemble.member_forward(j, x[active], prev)
-    logits[active] += member_logits
-    used[active] = j + 1
-    prev_all = np.zeros((n, feats.shape[1]), np.float32)
-    prev_all[active] = feats
-    if confidence is not None and j < k - 1:
-      active = active[softmax_margin(scales[j] * logits[active]) < confidence]
-  return AnytimeResult(
-      logits=logits,
-      classes=logits.argmax(-1).astype(np.int32),
-      margins=softmax_margin(scales[used - 1, None] * logits),
-      members_used=used,
-  )
 
 
 def measure_latency_ms(
@@ -264,7 +191,7 @@ class Choice:
   """The prefix picked under a budget and why."""
 
   k: int
-  cost: export_lib.PrefixCost
+  cost: ensemble_lib.PrefixCost
   latencies_ms: dict[int, float]
   reason: str
 
@@ -288,7 +215,7 @@ def choose_prefix(
   costs = ensemble.costs()
   if latency_ms is None:
     latency_ms = lambda k: measure_latency_ms(ensemble, k, batch=latency_batch)  # noqa: E731
-  k, measured = export_lib.largest_prefix_within(
+  k, measured = ensemble_lib.largest_prefix_within(
       costs,
       max_flops=max_flops,
       max_flops_pct=max_flops_pct,
@@ -335,9 +262,10 @@ def load_model(
   path = pathlib.Path(path)
   if (path / export_lib.SIDECAR).is_file() or path.name == export_lib.SIDECAR:
     return export_lib.load_export(path, batch_size=batch_size)
-  if (path / "results.json").is_file() or (path / "config.json").is_file():
-    run = export_lib.load_run(path, with_teacher=False)
-    return export_lib.ensemble_from_run(run, batch_size=batch_size)
+  if (path / manifest.FILENAME).is_file() or (path / "config.json").is_file():
+    from mamba_pkd import runs  # pylint: disable=g-import-not-at-top  (Flax: in-process only)
+
+    return runs.ensemble_from_run(runs.load_run(path, with_teacher=False), batch_size=batch_size)
   raise ValueError(
       f"--model={str(path)!r} is neither an export bundle (a directory with "
       f"{export_lib.SIDECAR}, from `python -m mamba_pkd.export`) nor a finished "
@@ -403,7 +331,7 @@ def _validate_args(args) -> tuple[float | None, float | None]:
   """Checks every flag before anything is loaded; returns (max_flops, max_flops_pct)."""
   max_flops, max_flops_pct = None, args.max_flops_pct
   if args.max_flops is not None:
-    max_flops, pct = export_lib.parse_flops(args.max_flops)
+    max_flops, pct = ensemble_lib.parse_flops(args.max_flops)
     if pct is not None:
       if max_flops_pct is not None:
         raise ValueError("give the percentage once: --max_flops=25% or --max_flops_pct=25")
@@ -428,26 +356,12 @@ def _validate_args(args) -> tuple[float | None, float | None]:
   return max_flops, max_flops_pct
 
 
-def _quiet_library_logs() -> None:
-  """Orbax's INFO/WARNING lines (e.g. 'directory is read only') are noise here."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.ERROR or "orbax" not in r.pathname
-  )
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-
-  std_logging.getLogger("absl").addFilter(
-      lambda r: r.levelno >= std_logging.ERROR or "orbax" not in r.pathname
-  )
-
-
 def run(args) -> dict:
   """Everything :func:`main` does, returning the printed results as a dict."""
   max_flops, max_flops_pct = _validate_args(args)
   ensemble = load_model(args.model, batch_size=args.batch_size)
   # The static FLOPs budget first: a budget nothing meets fails before any file is read.
-  export_lib.largest_prefix_within(
+  ensemble_lib.largest_prefix_within(
       ensemble.costs(), max_flops=max_flops, max_flops_pct=max_flops_pct
   )
   notes: list[str] = []
@@ -462,7 +376,7 @@ def run(args) -> dict:
       latency_batch=args.latency_batch,
   )
   result = anytime_predict(ensemble, x, num_members=choice.k, confidence=args.confidence)
-  sizes = [m["size"] for m in ensemble.members]
+  sizes = [m.size for m in ensemble.members]
   acc = ensemble.prefix_accuracy[choice.k - 1] if ensemble.prefix_accuracy else None
   print(
       f"model: {ensemble.description}; {ensemble.num_members} member(s) "
@@ -481,14 +395,13 @@ def run(args) -> dict:
   print(f"{'image':<{width}}  class  margin  members")
   for name, cls, margin, used in zip(names, result.classes, result.margins, result.members_used):
     print(f"{name:<{width}}  {int(cls):>5}  {float(margin):6.3f}  {int(used):>7}")
-  spent = np.array([ensemble.costs()[int(u) - 1].flops for u in result.members_used])
   counts = np.bincount(result.members_used, minlength=choice.k + 1)[1:]
   print(
       f"members used per image: mean {result.members_used.mean():.2f} of {choice.k} ("
       + ", ".join(f"{j}: {c}" for j, c in enumerate(counts, start=1))
       + "); "
-      f"mean {spent.mean():,.0f} FLOPs/image = "
-      f"{100 * spent.mean() / ensemble.teacher_flops:.2f}% of the teacher"
+      f"mean {result.mean_flops:,.0f} FLOPs/image = "
+      f"{100 * result.mean_flops / ensemble.teacher_flops:.2f}% of the teacher"
   )
   out = {
       "model": str(args.model),
@@ -498,6 +411,7 @@ def run(args) -> dict:
       "reason": choice.reason,
       "latencies_ms": {str(k): v for k, v in choice.latencies_ms.items()},
       "confidence": args.confidence,
+      "mean_flops": result.mean_flops,
       "predictions": [
           {"image": n, "class": int(c), "margin": float(m), "members": int(u)}
           for n, c, m, u in zip(names, result.classes, result.margins, result.members_used)
@@ -510,7 +424,7 @@ def run(args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  _quiet_library_logs()
+  metrics.quiet_library_logs(logging.ERROR)
   try:
     run(args)
   except (ValueError, BudgetError) as e:

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mamba_pkd import input_pipeline, losses, parallel
-from mamba_pkd.models import ModelConfig, create_model, init_params
+from mamba_pkd import ensemble, input_pipeline, losses, parallel
+from mamba_pkd.metrics import MetricsWriter
+from mamba_pkd.models import ModelConfig, apply_members, create_model, init_params
 
 Array = jax.Array
 PyTree = Any
@@ -135,25 +136,6 @@ class FrozenSpec:
   students: tuple[ModelConfig, ...] = ()
 
 
-def apply_students(
-    configs: Sequence[ModelConfig], params: Sequence[PyTree], images: Array
-) -> tuple[list[Array], list[Array]]:
-  """Runs a chain of students; student j reads student j-1's features if connected.
-
-  Returns:
-    (logits, features): lists with one [B, K] / [B, d_model_j] array per student.
-  """
-  all_logits, all_features, prev = [], [], None
-  for cfg, p in zip(configs, params):
-    logits, features = create_model(cfg).apply(
-        {"params": p}, images, prev if cfg.connect_dim else None, return_features=True
-    )
-    all_logits.append(logits)
-    all_features.append(features)
-    prev = features
-  return all_logits, all_features
-
-
 def frozen_outputs(spec: FrozenSpec, frozen: Frozen, batch: Mapping[str, Array]) -> dict:
   """The frozen models' outputs for a batch: cached in the batch, or computed.
 
@@ -170,8 +152,8 @@ def frozen_outputs(spec: FrozenSpec, frozen: Frozen, batch: Mapping[str, Array])
     if "prev_features" in batch:
       out["prev_features"] = batch["prev_features"]
   elif spec.students:
-    logits, features = apply_students(spec.students, frozen.students, batch["image"])
-    out["prefix"] = sum(logits[1:], logits[0])
+    logits, features = apply_members(spec.students, frozen.students, batch["image"])
+    out["prefix"] = ensemble.prefix_logits(logits)
     out["prev_features"] = features[-1]
   return jax.tree.map(jax.lax.stop_gradient, out)
 
@@ -229,119 +211,6 @@ def make_train_step(
 def _global_norm(tree: PyTree) -> Array:
   """sqrt of the sum of squares of every leaf (optax renamed its helper across versions)."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def make_predict_step(model_config: ModelConfig) -> Callable:
-  """Per-device ``predict_step(params, images, prev_features) -> (logits, features)``."""
-  model = create_model(model_config)
-
-  def predict_step(params, images, prev_features):
-    return model.apply(
-        {"params": params},
-        images,
-        prev_features if model_config.connect_dim else None,
-        return_features=True,
-    )
-
-  return predict_step
-
-
-# ----------------------------------------------------------------------------
-# Host-side helpers: predictions over a whole array, metrics files.
-# ----------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _pmapped_predict(model_config: ModelConfig) -> Callable:
-  """One pmapped predict step per model config (compiled once per input shape)."""
-  return parallel.data_parallel(make_predict_step(model_config))
-
-
-def predict_dataset(
-    model_config: ModelConfig,
-    params: PyTree,
-    images_uint8: np.ndarray,
-    *,
-    mean: np.ndarray,
-    std: np.ndarray,
-    batch_size: int,
-    prev_features: np.ndarray | None = None,
-    replicated_params: PyTree | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and pooled features of every example (padding and mask, no drop).
-
-  Each process evaluates its slice of every batch; the slices are gathered, so
-  every process returns the full arrays.
-
-  Returns:
-    (logits float32 [N, K], features float32 [N, d_model]).
-  """
-  predict = _pmapped_predict(model_config)
-  rep = replicated_params if replicated_params is not None else parallel.replicate(params)
-  num = len(images_uint8)
-  logits_out = np.zeros((num, model_config.num_classes), np.float32)
-  feats_out = np.zeros((num, model_config.d_model), np.float32)
-  width = prev_features.shape[1] if prev_features is not None else 1
-  for batch in input_pipeline.eval_batches(
-      images_uint8,
-      np.zeros(num, np.int32),
-      mean=mean,
-      std=std,
-      batch_size=batch_size,
-      num_devices=parallel.local_device_count(),
-      process_index=parallel.process_index(),
-      process_count=parallel.process_count(),
-  ):
-    index = batch["index"]
-    if prev_features is not None:
-      prev = np.where(index[..., None] >= 0, prev_features[np.maximum(index, 0)], 0.0)
-    else:
-      prev = np.zeros(index.shape + (width,), np.float32)
-    logits, feats = predict(rep, batch["image"], prev.astype(np.float32))
-    index = parallel.gather_from_processes(np.asarray(index).reshape(-1))
-    logits = parallel.gather_from_processes(
-        np.asarray(logits).reshape(-1, model_config.num_classes)
-    )
-    feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, model_config.d_model))
-    real = index >= 0
-    logits_out[index[real]] = logits[real]
-    feats_out[index[real]] = feats[real]
-  return logits_out, feats_out
-
-
-class MetricsWriter:
-  """JSON-lines metrics (``metrics.jsonl``) and TensorBoard summaries, process 0 only."""
-
-  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
-    self.enabled = enabled
-    self._tb = None
-    if not enabled:
-      return
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-    except ImportError:
-      logging.info(
-          "tensorboardX is not installed: TensorBoard summaries are off "
-          "(metrics.jsonl is still written)"
-      )
-
-  def write(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with self.path.open("a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-    if self._tb is not None:
-      for name, value in metrics.items():
-        self._tb.add_scalar(f"{stage}/{name}", float(value), int(step))
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
 
 
 # ----------------------------------------------------------------------------

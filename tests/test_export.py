@@ -1,92 +1,93 @@
-"""Tests for mamba_pkd.export and mamba_pkd.predict.
+"""Tests for mamba_pkd.export, mamba_pkd.runs and mamba_pkd.predict.
 
-A small run directory is written by hand (no training): the config.json,
-results.json and final checkpoints that ``mamba_pkd.main`` writes, for a
-tiny ensemble of three *connected* students (student j reads student j-1's
-features) with random weights, plus one rejected candidate that must be
-skipped. The in-process Flax model (``train.apply_students``) is the reference
-for the exported StableHLO. The quickstart notebook test runs the same
-export and predict on a real smoke run.
+A small run directory is written without training, through the same writers
+``mamba_pkd.main`` uses (``checkpoints.StageCheckpointer.mark_complete`` and
+``manifest.write_manifest``): a tiny ensemble of three *connected* students
+(student j reads student j-1's features) with random weights, student 2
+weighted 2.5. The reference for the exported StableHLO and for the in-process
+runtime is a hand-chained ``model.apply`` per member (not the package's
+chaining code). The smoke run in test_pkd exports a real run, with its dataset
+file moved away.
 """
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from mamba_pkd import checkpoints, export, flops, input_pipeline, models, predict, train
+from mamba_pkd import checkpoints, ensemble, export, flops, manifest, models, predict, runs
 from mamba_pkd.models import init_params, ladder_configs
+from mamba_pkd.preprocessing import Preprocessing
 
 H, W, C, K = 16, 16, 1, 4
-DATASET = f"synthetic:num_train=64,num_test=16,height={H},width={W},num_classes={K}"
 ACCEPTED = ("s1", "s2", "s3")
+WEIGHTS = (1.0, 2.5, 1.0)
+SCALES = (1.0, 0.4, 1.0)
+PREPROCESSING = Preprocessing((H, W, C), K, (0.3,), (0.2,))
 # The exported functions use the "parallel" scan, the in-process reference the
 # run's "sequential" one: the same math in another order, float32 rounding only.
 ATOL, RTOL = 2e-5, 1e-5
 
 
+def _member(name, stage, size, cfg, params=None, weight=1.0, scale=1.0):
+  return ensemble.Member(
+      name=name,
+      stage=stage,
+      size=size,
+      flops=flops.count_flops(cfg),
+      num_params=flops.count_params(cfg),
+      d_model=cfg.d_model,
+      connect_dim=cfg.connect_dim,
+      weight=weight,
+      prefix_scale=scale,
+      config=cfg,
+      params=params,
+  )
+
+
 def _write_run(workdir: pathlib.Path) -> dict:
   """A finished ensemble-mode run with connected students s1, s2, s3 (random weights)."""
-  config = {
-      "dataset": DATASET,
-      "data_dir": "",
-      "seed": 0,
-      "model": {"ladder": "tiny", "scan_method": "sequential", "bidirectional": False},
-      "pkd": {"mode": "ensemble", "connect": True},
-  }
-  (workdir / "config.json").write_text(json.dumps(config))
   sizes = ladder_configs("tiny", image_shape=(H, W, C), num_classes=K, scan_method="sequential")
-  decisions, members = [], []
-  stages = [("teacher", "teacher", None)]
+  teacher, students, reference = None, [], {"configs": [], "params": []}
   prev = None
-  for k, size in enumerate(ACCEPTED, start=1):
-    if k == 2:  # a rejected candidate before the accepted student 2
-      decisions.append({"candidate": "student_2_s1_try1", "size": "s1", "accepted": False})
-    cfg = sizes[size] if prev is None else sizes[size].replace(connect_dim=prev.d_model)
-    name = f"student_{k}_{size}_try1"
-    # Student 2 enters the ensemble with weight 2.5 (pkd's line search): the
-    # run's stage holds f_2, the ensemble 2.5 * f_2.
-    decisions.append(
-        {
-            "candidate": name,
-            "size": size,
-            "accepted": True,
-            "weight": 2.5 if k == 2 else 1.0,
-            "scale": 0.4 if k == 2 else 1.0,
-        }
+  for seed, size in enumerate(("teacher",) + ACCEPTED):
+    cfg = (
+        sizes[size]
+        if prev is None or size == "teacher"
+        else sizes[size].replace(connect_dim=prev.d_model)
     )
-    stages.append((name, size, cfg))
-    prev = cfg
-  decisions.append({"stop": "ladder exhausted"})
-  params_by_stage = {}
-  for seed, (stage, size, cfg) in enumerate(stages):
-    cfg = sizes["teacher"] if cfg is None else cfg
+    stage = "teacher" if size == "teacher" else f"student_{seed}_{size}_try1"
     params = jax.tree.map(
         np.asarray, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))
     )
-    ckpt = checkpoints.StageCheckpointer(checkpoints.stage_dir(workdir, stage))
-    ckpt.mark_complete(params, {"size": size, "seed": seed})
-    ckpt.close()
-    params_by_stage[stage] = params
-    if stage != "teacher":
-      weight = next(d["weight"] for d in decisions if d.get("candidate") == stage)
-      members.append((cfg, models.scale_head(params, weight)))
-  rows = [{"name": f"prefix_1..{k}", "accuracy": 0.5 + 0.1 * k} for k in range(1, 4)]
-  (workdir / "results.json").write_text(
-      json.dumps(
-          {
-              "meta": {"dataset": "synthetic", "mode": "ensemble", "decisions": decisions},
-              "rows": rows,
-          }
-      )
+    with checkpoints.StageCheckpointer(checkpoints.stage_dir(workdir, stage)) as ckpt:
+      ckpt.mark_complete(params, {"size": size, "seed": seed})  # f_k, weight not folded
+    if size == "teacher":
+      teacher = _member("teacher", stage, size, cfg)
+      continue
+    k = seed
+    students.append(
+        _member(f"student_{k}", stage, size, cfg, weight=WEIGHTS[k - 1], scale=SCALES[k - 1])
+    )
+    reference["configs"].append(cfg)
+    reference["params"].append(params)
+    prev = cfg
+  manifest.write_manifest(
+      workdir,
+      mode="ensemble",
+      dataset={"name": "gone.npz", "seed": 0, "num_train": 1, "num_heldout": 1, "num_test": 1},
+      preprocessing=PREPROCESSING,
+      teacher=teacher,
+      students=students,
+      stop="ladder exhausted",
+      test_accuracy={f"student_{k}": 0.5 + 0.1 * k for k in range(1, 4)},
   )
-  return {
-      "configs": [m[0] for m in members],
-      "params": [m[1] for m in members],
-      "teacher": sizes["teacher"],
-  }
+  reference["teacher"] = teacher.config
+  return reference
 
 
 @pytest.fixture(scope="module")
@@ -111,42 +112,74 @@ def images():
 
 
 def _reference_prefixes(reference, x):
-  """[F_1, F_2, F_3] of the in-process model on normalised x."""
-  configs = tuple(reference["configs"])
-  forward = jax.jit(lambda p, x: train.apply_students(configs, p, x)[0])
-  logits = forward(reference["params"], x)
-  return [np.asarray(v) for v in np.cumsum(np.stack(logits), axis=0)]
+  """[F_1, F_2, F_3] on normalised x: each member applied by hand, features chained by hand."""
+  f, prev = [], None
+  for cfg, params, weight in zip(reference["configs"], reference["params"], WEIGHTS):
+    model = models.create_model(cfg)
+    logits, prev = model.apply({"params": params}, x, prev, return_features=True)
+    f.append(weight * np.asarray(logits, np.float64))
+  return [f[0], f[0] + f[1], f[0] + f[1] + f[2]]
 
 
 @pytest.fixture(scope="module")
 def reference_logits(run_dir, images):
   workdir, reference = run_dir
-  run = export.load_run(workdir, with_teacher=False)
-  x = run.preprocessing.normalize(images)
+  x = PREPROCESSING.normalize(images)
   return x, _reference_prefixes(reference, x)
 
 
-def test_load_run_rebuilds_accepted_members(run_dir):
+def test_load_run_rebuilds_members_from_the_manifest(run_dir, images, reference_logits):
   workdir, reference = run_dir
-  run = export.load_run(workdir)
+  run = runs.load_run(workdir)
   assert [m.size for m in run.students] == list(ACCEPTED)
   assert [m.stage for m in run.students] == [
       f"student_{k}_{s}_try1" for k, s in enumerate(ACCEPTED, start=1)
   ]
   assert [m.config for m in run.students] == reference["configs"]
   assert [m.config.connect_dim for m in run.students] == [0, 4, 6]  # d_model of s1, s2
-  np.testing.assert_array_equal(
-      run.students[1].params["head"]["kernel"], reference["params"][1]["head"]["kernel"]
-  )  # weight 2.5 applied
+  assert [m.weight for m in run.students] == list(WEIGHTS)
+  np.testing.assert_allclose(
+      run.students[1].params["head"]["kernel"], 2.5 * reference["params"][1]["head"]["kernel"]
+  )  # the manifest's weight folded into the head; the checkpoint holds f_2
   np.testing.assert_array_equal(
       run.students[0].params["head"]["kernel"], reference["params"][0]["head"]["kernel"]
   )
   assert run.prefix_accuracy == pytest.approx([0.6, 0.7, 0.8])
-  # Preprocessing is recomputed from the run's dataset: x_train / 255 statistics.
-  ds = input_pipeline.load_dataset(DATASET, seed=0)
-  x = ds.x_train.astype(np.float64) / 255.0
-  np.testing.assert_allclose(run.preprocessing.mean, [x.mean()], rtol=1e-6)
-  np.testing.assert_allclose(run.preprocessing.std, [x.std()], rtol=1e-5)
+  assert run.preprocessing == PREPROCESSING  # from the manifest: no dataset is read
+  # The in-process runtime chains and sums like the hand-chained reference.
+  x, prefixes = reference_logits
+  in_process = runs.ensemble_from_run(run)
+  for k in (1, 2, 3):
+    np.testing.assert_allclose(
+        in_process.logits(x, num_members=k, normalized=True), prefixes[k - 1], atol=ATOL, rtol=RTOL
+    )
+
+
+def test_loading_an_export_imports_no_training_library(bundle, images):
+  code = (
+      "import sys, numpy as np\n"
+      "from mamba_pkd.export import load_export\n"
+      f"model = load_export({str(bundle)!r})\n"
+      f"logits = model(np.load({str(bundle / 'x.npy')!r}))\n"
+      "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+      "{'flax', 'optax', 'orbax', 'tensorflow_datasets', 'tensorflow'})\n"
+      "print('heavy', heavy, 'shape', logits.shape)\n"
+  )
+  np.save(bundle / "x.npy", images)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"heavy [] shape ({len(images)}, {K})" in out.stdout
+
+
+def test_missing_or_old_manifest_is_one_clear_error(run_dir, tmp_path):
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(manifest.ManifestError, match="older version of mamba_pkd, before run"):
+    runs.load_run(tmp_path)
+  (tmp_path / manifest.FILENAME).write_text(json.dumps({"format": manifest.FORMAT, "version": 0}))
+  with pytest.raises(manifest.ManifestError, match="version 0, this code reads"):
+    manifest.read_manifest(tmp_path)
+  with pytest.raises(manifest.ManifestError, match="does not exist; pass the --workdir"):
+    manifest.read_manifest(tmp_path / "missing")
 
 
 def test_exported_prefix_matches_in_process_model(bundle, images, reference_logits):
@@ -172,7 +205,7 @@ def test_exported_prefix_matches_in_process_model(bundle, images, reference_logi
 def test_sidecar_records_preprocessing_and_costs(bundle, run_dir):
   workdir, reference = run_dir
   meta = json.loads((bundle / export.SIDECAR).read_text())
-  run = export.load_run(workdir, with_teacher=False)
+  run = runs.load_run(workdir, with_teacher=False)
   assert meta["preprocessing"]["image_shape"] == [H, W, C]
   assert meta["preprocessing"]["num_classes"] == K
   assert meta["preprocessing"]["mean"] == pytest.approx(list(run.preprocessing.mean))
@@ -185,13 +218,24 @@ def test_sidecar_records_preprocessing_and_costs(bundle, run_dir):
 
 
 def test_normalize_uint8_and_float_against_hand_formula():
-  pre = export.Preprocessing((2, 2, 3), 10, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+  pre = Preprocessing((2, 2, 3), 10, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
   pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3) * 20
   expected = (pixels.astype(np.float64) / 255.0 - [0.1, 0.2, 0.3]) / [0.5, 0.25, 2.0]
   np.testing.assert_allclose(pre.normalize(pixels), expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(pre.normalize(pixels / 255.0), expected, rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match=r"\[N, 2, 2, 3\].*got \(1, 2, 2, 1\)"):
+  with pytest.raises(ValueError, match=r"\[N, 2, 2, 3\].*got \(1, 3, 3, 3\)"):
+    pre.normalize(np.zeros((1, 3, 3, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"have 1 channel\(s\); the model takes 3 \(RGB\)"):
     pre.normalize(np.zeros((1, 2, 2, 1), np.uint8))
+  with pytest.raises(ValueError, match=r"images is empty \(shape \(0, 2, 2, 3\)\)"):
+    pre.normalize(np.zeros((0, 2, 2, 3), np.uint8))
+  bad = pixels / 255.0
+  bad[0, 1, 0, 2] = np.nan
+  with pytest.raises(ValueError, match=r"1 NaN/Inf value\(s\) \(first at index \(0, 1, 0, 2\)"):
+    pre.normalize(bad)
+  bad[0, 1, 0, 2] = np.inf
+  with pytest.raises(ValueError, match="NaN/Inf"):
+    pre.normalize(bad, normalized=True)
   with pytest.raises(ValueError, match=r"float images must be pixels in \[0, 1\]"):
     pre.normalize(pixels.astype(np.float32))
   with pytest.raises(ValueError, match="uint8 pixels"):
@@ -201,48 +245,49 @@ def test_normalize_uint8_and_float_against_hand_formula():
 def test_budget_picks_largest_fitting_prefix(bundle):
   loaded = export.load_export(bundle)
   costs = loaded.costs()
-  flops_each = [m["flops"] for m in loaded.members]
+  flops_each = [m.flops for m in loaded.members]
   teacher = loaded.teacher_flops
   pct = [100.0 * sum(flops_each[:k]) / teacher for k in (1, 2, 3)]
   assert [c.pct_teacher_flops for c in costs] == pytest.approx(pct)
   between = lambda a, b: (a + b) / 2  # noqa: E731
-  pick = lambda **kw: export.largest_prefix_within(costs, **kw)[0]  # noqa: E731
+  pick = lambda **kw: ensemble.largest_prefix_within(costs, **kw)[0]  # noqa: E731
   assert pick(max_flops_pct=between(pct[1], pct[2])) == 2
   assert pick(max_flops_pct=between(pct[0], pct[1])) == 1
   assert pick(max_flops_pct=200.0) == 3
   assert pick(max_flops=sum(flops_each[:2])) == 2  # the limit is inclusive
   assert pick(max_flops=sum(flops_each[:2]) - 1) == 1
   with pytest.raises(
-      export.BudgetError, match=rf"cheapest, prefix 1..1 \(s1\): " rf"{flops_each[0]:,} FLOPs/image"
+      ensemble.BudgetError,
+      match=rf"cheapest, prefix 1..1 \(s1\): " rf"{flops_each[0]:,} FLOPs/image",
   ):
     pick(max_flops_pct=pct[0] / 2)
   # Latency: measured from k = 1 up, stopping at the first prefix over budget.
   fake = {1: 1.0, 2: 2.0, 3: 5.0}
   calls = []
   timer = lambda k: calls.append(k) or fake[k]  # noqa: E731
-  k, measured = export.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer)
+  k, measured = ensemble.largest_prefix_within(costs, max_latency_ms=3.0, latency_ms=timer)
   assert (k, calls, measured) == (2, [1, 2, 3], fake)
   calls.clear()
-  k, _ = export.largest_prefix_within(
+  k, _ = ensemble.largest_prefix_within(
       costs, max_latency_ms=3.0, latency_ms=timer, max_flops_pct=between(pct[0], pct[1])
   )
   assert (k, calls) == (1, [1])  # FLOPs limit first: prefixes 2, 3 are never timed
-  with pytest.raises(export.BudgetError, match=r"takes 1 ms per call"):
-    export.largest_prefix_within(costs, max_latency_ms=0.5, latency_ms=timer)
-  assert export.parse_flops("25%") == (None, 25.0)
-  assert export.parse_flops("150k") == (150e3, None)
-  assert export.parse_flops("2.5e6") == (2.5e6, None)
+  with pytest.raises(ensemble.BudgetError, match=r"takes 1 ms per call"):
+    ensemble.largest_prefix_within(costs, max_latency_ms=0.5, latency_ms=timer)
+  assert ensemble.parse_flops("25%") == (None, 25.0)
+  assert ensemble.parse_flops("150k") == (150e3, None)
+  assert ensemble.parse_flops("2.5e6") == (2.5e6, None)
   with pytest.raises(ValueError, match="max_flops='-3'"):
-    export.parse_flops("-3")
+    ensemble.parse_flops("-3")
 
 
 def test_prefix_scale_is_kept_and_calibrates_the_margins(bundle, run_dir, reference_logits):
   workdir, _ = run_dir
   x, prefixes = reference_logits
-  scales = [m.prefix_scale for m in export.load_run(workdir, with_teacher=False).students]
+  scales = [m.prefix_scale for m in runs.load_run(workdir, with_teacher=False).students]
   assert scales == [1.0, 0.4, 1.0]
   loaded = export.load_export(bundle)
-  assert [m["prefix_scale"] for m in loaded.members] == scales
+  assert [m.prefix_scale for m in loaded.members] == scales
   result = predict.anytime_predict(loaded, x, num_members=2)
   np.testing.assert_allclose(result.margins, predict.softmax_margin(0.4 * prefixes[1]), atol=1e-5)
 
@@ -325,7 +370,15 @@ def test_predict_cli_errors(bundle, tmp_path, capsys):
   np.savez(tmp_path / "bad_shape.npz", x=np.zeros((2, 8, 8, 1), np.uint8))
   np.savez(tmp_path / "bad_key.npz", pixels=np.zeros((2, H, W, C), np.uint8))
   (tmp_path / "junk.png").write_text("not an image")
+  nan = np.full((2, H, W, C), 0.5, np.float32)
+  nan[1, 3, 4, 0] = np.nan
+  np.savez(tmp_path / "nan.npz", x=nan)
+  np.savez(tmp_path / "empty.npz", x=np.zeros((0, H, W, C), np.uint8))
+  np.savez(tmp_path / "rgb.npz", x=np.zeros((2, H, W, 3), np.uint8))
   cases = [
+      ([str(tmp_path / "nan.npz")], "1 NaN/Inf value(s) (first at index (1, 3, 4, 0), image 1)"),
+      ([str(tmp_path / "empty.npz")], "images is empty (shape (0, 16, 16, 1))"),
+      ([str(tmp_path / "rgb.npz")], "has shape (2, 16, 16, 3); the model takes [N, 16, 16, 1]"),
       (
           [f"--max_flops_pct={cheapest.pct_teacher_flops / 2}", "a.png"],
           f"the cheapest, prefix 1..1 (s1): {cheapest.flops:,} FLOPs/image",
@@ -365,15 +418,15 @@ def test_png_reading_converts_channels_and_resizes(tmp_path):
 
 def test_selection_errors(run_dir, tmp_path):
   workdir, _ = run_dir
-  run = export.load_run(workdir, with_teacher=False)
+  run = runs.load_run(workdir, with_teacher=False)
   with pytest.raises(ValueError, match="not a classifier alone; export the prefix 1..2"):
-    export.select_members(run, student=2)
+    runs.select_members(run, student=2)
   with pytest.raises(ValueError, match=r"valid prefixes 1..3"):
-    export.select_members(run, prefix=4)
-  assert [m.size for m in export.select_members(run, student=1)] == ["s1"]
+    runs.select_members(run, prefix=4)
+  assert [m.size for m in runs.select_members(run, student=1)] == ["s1"]
   with pytest.raises(ValueError, match="scan_method='fused' cannot be exported"):
     export.export_run(workdir, tmp_path / "x", scan_method="fused")
   with pytest.raises(ValueError, match="does not exist"):
-    export.load_run(tmp_path / "missing")
+    runs.load_run(tmp_path / "missing")
   with pytest.raises(ValueError, match="export.json"):
     export.load_export(tmp_path)

@@ -59,7 +59,7 @@ def test_ladder_param_counts_match_initialised_models(family, shape):
       family, image_shape=shape, num_classes=10, bidirectional=True
   ).items():
     params = jax.eval_shape(lambda c=config: models.init_params(c, jax.random.key(0)))
-    assert models.count_params(params) == flops.count_params(config), name
+    assert models.count_tree_params(params) == flops.count_params(config), name
 
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_pkd import flops, models
+from mamba_pkd import ensemble, flops, models
 
 # Hand-computed parameter counts (see the comments; dt_rank = ceil(d_model / 16)).
 MNIST_TEACHER = models.ModelConfig(
@@ -41,7 +41,7 @@ CIFAR_TINY_PARAMS = 3_088 + 256 + 2_896 + 16 + 170  # 6,426
 def test_exact_parameter_counts(config, expected):
   assert flops.count_params(config) == expected
   params = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
-  assert models.count_params(params) == expected
+  assert models.count_tree_params(params) == expected
 
 
 def test_classifier_forward_shapes_and_features():
@@ -65,7 +65,7 @@ def test_classifier_forward_shapes_and_features():
   np.testing.assert_allclose(logits, features @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
 
 
-def test_scale_head_scales_logits_not_features():
+def test_fold_weight_scales_logits_not_features():
   config = models.ModelConfig(
       image_shape=(8, 8, 1),
       patch_size=4,
@@ -78,7 +78,7 @@ def test_scale_head_scales_logits_not_features():
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   model = models.create_model(config)
   logits, features = model.apply({"params": params}, images, return_features=True)
-  scaled = models.scale_head(params, 2.5)
+  scaled = ensemble.fold_weight(params, 2.5)
   logits2, features2 = model.apply({"params": scaled}, images, return_features=True)
   np.testing.assert_allclose(logits2, 2.5 * logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(features2, features)
@@ -86,7 +86,7 @@ def test_scale_head_scales_logits_not_features():
       params["head"]["kernel"], models.init_params(config, jax.random.key(0))["head"]["kernel"]
   )
   with pytest.raises(ValueError, match="no 'head'"):
-    models.scale_head({"layers_0": {}}, 2.0)
+    ensemble.fold_weight({"layers_0": {}}, 2.0)
 
 
 def test_connection_reads_previous_features_and_is_frozen():

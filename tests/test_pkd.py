@@ -9,18 +9,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mamba_pkd import pkd
+from mamba_pkd import ensemble, manifest, settings, stages, weak_learner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _settings(**kw):
-  return pkd.PKDSettings(**kw)
+  return settings.PKDSettings(**kw)
 
 
-def test_prefix_sums_are_cumulative():
+def test_cumulative_prefixes_are_running_sums():
   f = [np.full((2, 3), 1.0), np.full((2, 3), 2.0), np.full((2, 3), 4.0)]
-  out = pkd.prefix_sums(f)
+  out = ensemble.cumulative(f)
   np.testing.assert_array_equal(out[0], f[0])
   np.testing.assert_array_equal(out[2], np.full((2, 3), 7.0))
 
@@ -36,7 +36,7 @@ def test_weak_learner_accepts_a_student_that_moves_towards_the_teacher():
   teacher, labels = _teacher_and_labels()
   prefix = 0.3 * teacher  # an under-confident ensemble
   candidate = 0.5 * teacher  # the residual points towards the teacher
-  d = pkd.weak_learner_decision(
+  d = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=candidate,
@@ -44,7 +44,7 @@ def test_weak_learner_accepts_a_student_that_moves_towards_the_teacher():
       settings=_settings(target="residual"),
   )
   assert d.accepted and d.fit_after < d.fit_before and d.edge > 0 and d.weight == 1.0
-  d_edge = pkd.weak_learner_decision(
+  d_edge = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=candidate,
@@ -58,7 +58,7 @@ def test_weak_learner_rejects_a_student_that_moves_away():
   teacher, labels = _teacher_and_labels()
   prefix = 0.8 * teacher
   candidate = -0.5 * teacher
-  d = pkd.weak_learner_decision(
+  d = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=candidate,
@@ -66,7 +66,7 @@ def test_weak_learner_rejects_a_student_that_moves_away():
       settings=_settings(target="residual"),
   )
   assert not d.accepted and d.fit_after > d.fit_before and d.edge < 0
-  d_edge = pkd.weak_learner_decision(
+  d_edge = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=candidate,
@@ -83,7 +83,7 @@ def test_weak_learner_rejects_improved_fit_that_costs_accuracy():
   candidate = np.zeros_like(teacher)
   rows = np.arange(0, len(labels), 4)
   candidate[rows] = -2 * teacher[rows]
-  d = pkd.weak_learner_decision(
+  d = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=candidate,
@@ -95,10 +95,17 @@ def test_weak_learner_rejects_improved_fit_that_costs_accuracy():
 
 def test_first_student_is_compared_with_the_empty_ensemble():
   teacher, labels = _teacher_and_labels()
-  d = pkd.weak_learner_decision(
+  d = weak_learner.weak_learner_decision(
       teacher=teacher, prefix=None, candidate=0.5 * teacher, labels=labels, settings=_settings()
   )
-  assert d.accepted and d.accuracy_before == 0.0
+  assert d.accepted
+  # "Before" is the empty ensemble: all-zero logits, i.e. the uniform distribution,
+  # whose fit to the teacher is T^2 * KL(softmax(g/T) || uniform), computed by hand.
+  t = _settings().temperature
+  p = np.exp(teacher / t) / np.exp(teacher / t).sum(-1, keepdims=True)
+  uniform_fit = t * t * np.mean(np.sum(p * (np.log(p) - np.log(1.0 / teacher.shape[1])), -1))
+  assert d.fit_before == pytest.approx(uniform_fit, rel=1e-5)
+  assert d.fit_after < d.fit_before
 
 
 def _softmax_kl(teacher, logits, t):
@@ -116,13 +123,13 @@ def test_calibrated_fit_is_the_best_rescaled_fit():
   teacher, _ = _teacher_and_labels()
   rng = np.random.default_rng(1)
   ensemble = teacher + rng.normal(size=teacher.shape)
-  fit, scale = pkd.calibrated_fit(teacher, ensemble, 4.0)
-  by_hand = [_softmax_kl(teacher, c * ensemble, 4.0) for c in pkd.FIT_SCALES]
+  fit, scale = weak_learner.calibrated_fit(teacher, ensemble, 4.0)
+  by_hand = [_softmax_kl(teacher, c * ensemble, 4.0) for c in weak_learner.FIT_SCALES]
   assert fit == pytest.approx(min(by_hand), rel=1e-6)
-  assert scale == pytest.approx(pkd.FIT_SCALES[int(np.argmin(by_hand))])
-  assert fit <= pkd.teacher_fit(teacher, ensemble, 4.0) + 1e-6
+  assert scale == pytest.approx(weak_learner.FIT_SCALES[int(np.argmin(by_hand))])
+  assert fit <= weak_learner.teacher_fit(teacher, ensemble, 4.0) + 1e-6
   # Invariant to the logits' scale (10**0.5 is 10 steps of the scale grid).
-  fit_big, scale_big = pkd.calibrated_fit(teacher, 10**0.5 * ensemble, 4.0)
+  fit_big, scale_big = weak_learner.calibrated_fit(teacher, 10**0.5 * ensemble, 4.0)
   assert fit_big == pytest.approx(fit, rel=1e-6)
   assert scale_big == pytest.approx(scale / 10**0.5, rel=1e-6)
 
@@ -132,12 +139,14 @@ def test_line_search_weights_a_useful_student_and_zeroes_a_harmful_one():
   rng = np.random.default_rng(2)
   prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)  # a weak, noisy first student
   good = teacher + 0.5 * rng.normal(size=teacher.shape)  # a better, independent student
-  eta, c, fit = pkd.line_search(teacher, prefix, good, 4.0)
+  eta, c, fit = weak_learner.line_search(teacher, prefix, good, 4.0)
   assert eta > 1.0  # the better student gets more weight than the weak prefix
-  assert fit < pkd.calibrated_fit(teacher, prefix, 4.0)[0]
+  assert fit < weak_learner.calibrated_fit(teacher, prefix, 4.0)[0]
   assert fit == pytest.approx(_softmax_kl(teacher, c * (prefix + eta * good), 4.0), rel=1e-6)
-  eta_bad, _, fit_bad = pkd.line_search(teacher, prefix, -teacher, 4.0)
-  assert eta_bad == 0.0 and fit_bad == pytest.approx(pkd.calibrated_fit(teacher, prefix, 4.0)[0])
+  eta_bad, _, fit_bad = weak_learner.line_search(teacher, prefix, -teacher, 4.0)
+  assert eta_bad == 0.0 and fit_bad == pytest.approx(
+      weak_learner.calibrated_fit(teacher, prefix, 4.0)[0]
+  )
 
 
 def test_teacher_target_decision_records_the_weight():
@@ -145,7 +154,7 @@ def test_teacher_target_decision_records_the_weight():
   rng = np.random.default_rng(3)
   prefix = 0.5 * teacher + 2.0 * rng.normal(size=teacher.shape)
   good = teacher + 0.5 * rng.normal(size=teacher.shape)
-  d = pkd.weak_learner_decision(
+  d = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=good,
@@ -153,9 +162,9 @@ def test_teacher_target_decision_records_the_weight():
       settings=_settings(target="teacher"),
   )
   assert d.accepted and d.weight > 1.0 and d.fit_after < d.fit_before
-  assert d.accuracy_after == pkd.accuracy(prefix + d.weight * good, labels)
+  assert d.accuracy_after == weak_learner.accuracy(prefix + d.weight * good, labels)
   assert d.accuracy_after > d.accuracy_before
-  d_bad = pkd.weak_learner_decision(
+  d_bad = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=prefix,
       candidate=-teacher,
@@ -163,7 +172,7 @@ def test_teacher_target_decision_records_the_weight():
       settings=_settings(target="teacher"),
   )
   assert not d_bad.accepted and d_bad.weight == 0.0 and "weight 0" in d_bad.reason
-  first = pkd.weak_learner_decision(
+  first = weak_learner.weak_learner_decision(
       teacher=teacher,
       prefix=None,
       candidate=prefix,
@@ -173,7 +182,7 @@ def test_teacher_target_decision_records_the_weight():
   assert first.accepted and first.weight == 1.0 and first.accuracy_before == 0.0
 
 
-def test_member_scaled_folds_the_weight_into_head_and_logits():
+def test_weighted_member_folds_the_weight_into_head_and_logits():
   from mamba_pkd import models  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -188,14 +197,19 @@ def test_member_scaled_folds_the_weight_into_head_and_logits():
   )
   params = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(0)))
   ones = np.ones((2, 3), np.float32)
-  m = pkd.Member("s", "s1", cfg, params, ones, ones[:, :2], 2 * ones, ones[:, :2])
-  scaled = m.scaled(3.0)
+  m = stages.Trained("s", "s", "s1", cfg, params, ones, ones[:, :2], 2 * ones, ones[:, :2])
+  scaled = m.weighted(3.0)
   np.testing.assert_array_equal(scaled.train_logits, 3 * ones)
   np.testing.assert_array_equal(scaled.test_logits, 6 * ones)
   np.testing.assert_array_equal(scaled.train_features, m.train_features)
   np.testing.assert_allclose(scaled.params["head"]["kernel"], 3 * params["head"]["kernel"])
   np.testing.assert_array_equal(m.train_logits, ones)  # the original is not modified
-  assert m.scaled(1.0) is m
+  assert scaled.weight == 3.0 and scaled.as_member().weight == 3.0
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+  model = models.create_model(cfg)
+  np.testing.assert_allclose(
+      model.apply({"params": scaled.params}, x), 3 * model.apply({"params": params}, x), rtol=1e-5
+  )
 
 
 def _smoke_config():
@@ -230,7 +244,7 @@ def test_bad_config_values_are_named(path, value, match):
   with config.unlocked():
     config[section][field] = value
   with pytest.raises(ValueError, match=match):
-    pkd.validate_config(config)
+    settings.validate_config(config)
 
 
 @pytest.mark.parametrize("name", ["default", "smoke", "mnist", "cifar10"])
@@ -238,8 +252,8 @@ def test_shipped_configs_are_valid(name):
   import runpy  # pylint: disable=g-import-not-at-top
 
   config = runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"]()
-  parsed = pkd.validate_config(config)
-  assert parsed["settings"].target in pkd.TARGETS
+  parsed = settings.validate_config(config)
+  assert parsed["settings"].target in settings.TARGETS
 
 
 def test_views_without_augmentation_are_rejected():
@@ -247,10 +261,17 @@ def test_views_without_augmentation_are_rejected():
   config.student.augment = "none"
   config.student.cached_views = 4
   with pytest.raises(ValueError, match="cached_views=4 needs an augmentation"):
-    pkd.validate_config(config)
+    settings.validate_config(config)
 
 
 def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
+  """The smoke job on the user's own arrays (npz): report, manifest, resume; then the
+  dataset file is moved away and the run is still exported and predicted from."""
+  from mamba_pkd import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  ds = input_pipeline.load_dataset(_smoke_config().dataset, seed=0)
+  data_file = tmp_path / "data.npz"
+  np.savez(data_file, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
   workdir = tmp_path / "run"
   cmd = [
       sys.executable,
@@ -258,6 +279,7 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
       "mamba_pkd.main",
       "--config=configs/smoke.py",
       f"--workdir={workdir}",
+      f"--config.dataset=npz:{data_file}",
   ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -289,6 +311,48 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   assert "already complete, not retrained" in again.stderr
   assert "compiled in" not in again.stderr  # no train step was built
   assert json.loads((workdir / "results.json").read_text()) == results
+
+  # The manifest, written by the run, agrees with its decisions and its report.
+  m = manifest.read_manifest(workdir)
+  accepted_stages = [d["candidate"] for d in results["meta"]["decisions"] if d.get("accepted")]
+  assert [s.stage for s in m.students] == accepted_stages
+  assert [s.weight for s in m.students] == [d["weight"] for d in accepted]
+  assert [s.prefix_scale for s in m.students] == [d["scale"] for d in accepted]
+  assert m.prefix_accuracy == [r["accuracy"] for r in prefixes]
+  assert [s.flops for s in m.students] == [r["flops"] for r in students]
+  assert m.teacher.flops == teacher_flops and len(m.baselines) == len(students)
+  assert m.preprocessing.mean == pytest.approx(list(ds.mean), rel=1e-6)
+
+  # Without its dataset, the run is still exported and predicted from (manifest + checkpoints).
+  data_file.rename(tmp_path / "moved.npz")
+  bundle = tmp_path / "bundle"
+  exported = subprocess.run(
+      [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  np.savez(tmp_path / "x.npz", x=ds.x_test[:8])
+  for model in (bundle, workdir):
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mamba_pkd.predict",
+            f"--model={model}",
+            f"--output_json={tmp_path / 'p.json'}",
+            str(tmp_path / "x.npz"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
+    assert len(classes) == 8 and set(classes) <= set(range(4))
 
 
 def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_pkd import input_pipeline, losses, models, parallel, train
+from mamba_pkd import checkpoints, evaluate, input_pipeline, losses, models, parallel, train
 
 TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2, scan_method="sequential")
 TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
@@ -30,32 +30,45 @@ def _batch(dataset, n=16):
   return {"image": b["image"], "label": b["label"]}, b["index"]
 
 
-def test_frozen_teacher_is_untouched_and_not_in_optimizer_state(dataset):
-  teacher_params = models.init_params(TEACHER, jax.random.key(1))
-  before = jax.tree.map(np.array, teacher_params)
+def test_frozen_teacher_is_read_but_neither_trained_nor_checkpointed(dataset, tmp_path):
+  """Pure distillation (alpha = 0): the student follows whichever teacher it is given, and the
+  stage's checkpoint holds exactly the student's train state (a template without any teacher
+  leaf restores it; a structure mismatch would raise)."""
   optim = train.OptimConfig(epochs=1, batch_size=16, learning_rate=1e-2)
   data = train.StageData(dataset, np.arange(dataset.num_train), augment="shift")
-  student = train.train_stage(
-      name="s",
-      model_config=STUDENT,
-      stage_loss=losses.kd(0.5, 4.0),
-      optim=optim,
-      data=data,
-      seed=0,
-      spec=train.FrozenSpec(teacher=TEACHER),
-      frozen=train.Frozen(teacher=teacher_params),
-  )
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_params))
-  # The optimizer state only mirrors the student's parameters.
-  tx = train.create_optimizer(optim, 4)
-  state = train.create_train_state(student, tx)
-  student_shapes = {tuple(x.shape) for x in jax.tree.leaves(student)}
-  teacher_only = {tuple(x.shape) for x in jax.tree.leaves(teacher_params)} - student_shapes
-  opt_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.opt_state)}
-  assert teacher_only and not teacher_only & opt_shapes
-  assert models.count_params(student) == models.count_params(
-      models.init_params(STUDENT, jax.random.key(0))
-  )
+
+  def distil(teacher_seed, checkpointer=None):
+    teacher = models.init_params(TEACHER, jax.random.key(teacher_seed))
+    return train.train_stage(
+        name="s",
+        model_config=STUDENT,
+        stage_loss=losses.kd(0.0, 4.0),
+        optim=optim,
+        data=data,
+        seed=0,
+        spec=train.FrozenSpec(teacher=TEACHER),
+        frozen=train.Frozen(teacher=teacher),
+        checkpointer=checkpointer,
+    )
+
+  with checkpoints.StageCheckpointer(tmp_path / "s") as ckpt:
+    student_a = distil(1, ckpt)
+    tx = train.create_optimizer(optim, 4)
+    template = parallel.to_host(train.create_train_state(student_a, tx))
+    step, saved = ckpt.restore_latest(template)
+  student_b = distil(2)
+  # The teacher is read: another teacher gives another student (same seed, same batches).
+  differ = jax.tree.map(lambda a, b: not np.allclose(a, b), student_a, student_b)
+  assert any(jax.tree.leaves(differ))
+  # The checkpoint is the student's state: its params are the returned student's.
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, saved.params, student_a)
+  teacher_leaves = jax.tree.leaves(models.init_params(TEACHER, jax.random.key(1)))
+  saved_shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(saved)}
+  teacher_only = {tuple(x.shape) for x in teacher_leaves} - {
+      tuple(np.shape(x)) for x in jax.tree.leaves(student_a)
+  }
+  assert teacher_only and not teacher_only & saved_shapes
 
 
 def test_cached_frozen_outputs_equal_computed_ones(dataset):
@@ -116,20 +129,28 @@ def test_view_pool_batches_carry_the_outputs_of_their_own_view():
     train.StageData(ds, train_index[:10], views=views)
 
 
-def test_ensemble_prefix_is_sum_of_students():
+def test_frozen_prefix_chains_connected_students_like_hand_chained_apply():
   images = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
-  cfgs = (STUDENT, STUDENT.replace(d_model=6))
+  cfgs = (STUDENT, STUDENT.replace(d_model=6, connect_dim=STUDENT.d_model))
   params = tuple(models.init_params(c, jax.random.key(i)) for i, c in enumerate(cfgs))
-  logits, _ = train.apply_students(cfgs, params, images)
   out = train.frozen_outputs(
       train.FrozenSpec(students=cfgs), train.Frozen(students=params), {"image": images}
   )
-  np.testing.assert_allclose(out["prefix"], logits[0] + logits[1], rtol=1e-6)
+  # By hand: student 2 reads student 1's pooled features.
+  f1, h1 = models.create_model(cfgs[0]).apply({"params": params[0]}, images, return_features=True)
+  f2, h2 = models.create_model(cfgs[1]).apply(
+      {"params": params[1]}, images, h1, return_features=True
+  )
+  np.testing.assert_allclose(out["prefix"], f1 + f2, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out["prev_features"], h2, rtol=1e-6, atol=1e-6)
+  # Not chained, student 2 would see zeros instead of features: a different prefix.
+  f2_alone = models.create_model(cfgs[1]).apply({"params": params[1]}, images, jnp.zeros_like(h1))
+  assert not np.allclose(out["prefix"], f1 + f2_alone)
 
 
 def test_predict_dataset_covers_every_example(dataset):
   params = models.init_params(STUDENT, jax.random.key(0))
-  logits, feats = train.predict_dataset(
+  logits, feats = evaluate.predict_dataset(
       STUDENT, params, dataset.x_test, mean=dataset.mean, std=dataset.std, batch_size=16
   )
   assert logits.shape == (37, 3) and feats.shape == (37, 4)

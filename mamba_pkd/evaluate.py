@@ -1,0 +1,184 @@
+"""Evaluation: predictions over whole arrays, CPU latency, and the report's rows.
+
+:func:`predict_dataset` runs one model over every example of an array
+(padding and mask, never a dropped remainder; each process evaluates its
+slice and the slices are gathered). :func:`build_rows` turns a run's models
+into :class:`mamba_pkd.report.Row` s: each model alone, each ensemble prefix
+(summed by :mod:`mamba_pkd.ensemble`), each baseline, with FLOPs, accuracy,
+agreement with the teacher and, optionally, measured latency.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mamba_pkd import ensemble, flops, input_pipeline, parallel, report
+from mamba_pkd.models import ModelConfig, apply_members, create_model
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# Predictions over a whole array.
+# ----------------------------------------------------------------------------
+
+
+def make_predict_step(model_config: ModelConfig) -> Callable:
+  """Per-device ``predict_step(params, images, prev_features) -> (logits, features)``."""
+  model = create_model(model_config)
+
+  def predict_step(params, images, prev_features):
+    return model.apply(
+        {"params": params},
+        images,
+        prev_features if model_config.connect_dim else None,
+        return_features=True,
+    )
+
+  return predict_step
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped_predict(model_config: ModelConfig) -> Callable:
+  """One pmapped predict step per model config (compiled once per input shape)."""
+  return parallel.data_parallel(make_predict_step(model_config))
+
+
+def predict_dataset(
+    model_config: ModelConfig,
+    params: PyTree,
+    images_uint8: np.ndarray,
+    *,
+    mean: np.ndarray,
+    std: np.ndarray,
+    batch_size: int,
+    prev_features: np.ndarray | None = None,
+    replicated_params: PyTree | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Logits and pooled features of every example (padding and mask, no drop).
+
+  Each process evaluates its slice of every batch; the slices are gathered, so
+  every process returns the full arrays.
+
+  Returns:
+    (logits float32 [N, K], features float32 [N, d_model]).
+  """
+  predict = _pmapped_predict(model_config)
+  rep = replicated_params if replicated_params is not None else parallel.replicate(params)
+  num = len(images_uint8)
+  logits_out = np.zeros((num, model_config.num_classes), np.float32)
+  feats_out = np.zeros((num, model_config.d_model), np.float32)
+  width = prev_features.shape[1] if prev_features is not None else 1
+  for batch in input_pipeline.eval_batches(
+      images_uint8,
+      np.zeros(num, np.int32),
+      mean=mean,
+      std=std,
+      batch_size=batch_size,
+      num_devices=parallel.local_device_count(),
+      process_index=parallel.process_index(),
+      process_count=parallel.process_count(),
+  ):
+    index = batch["index"]
+    if prev_features is not None:
+      prev = np.where(index[..., None] >= 0, prev_features[np.maximum(index, 0)], 0.0)
+    else:
+      prev = np.zeros(index.shape + (width,), np.float32)
+    logits, feats = predict(rep, batch["image"], prev.astype(np.float32))
+    index = parallel.gather_from_processes(np.asarray(index).reshape(-1))
+    logits = parallel.gather_from_processes(
+        np.asarray(logits).reshape(-1, model_config.num_classes)
+    )
+    feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, model_config.d_model))
+    real = index >= 0
+    logits_out[index[real]] = logits[real]
+    feats_out[index[real]] = feats[real]
+  return logits_out, feats_out
+
+
+# ----------------------------------------------------------------------------
+# Rows of the report.
+# ----------------------------------------------------------------------------
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Fraction of rows whose argmax equals the label."""
+  return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def latency_ms(
+    configs: Sequence[ModelConfig], params: Sequence[Any], image_shape, batch: int, repeats: int
+) -> float:
+  """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
+  configs, params = tuple(configs), jax.device_put(tuple(params))
+
+  @jax.jit
+  def forward(params, images):  # params are an argument, not constants baked into the program
+    return ensemble.prefix_logits(apply_members(configs, params, images)[0])
+
+  images = jnp.zeros((batch, *image_shape), jnp.float32)
+  ms = report.compute_latency_ms(
+      functools.partial(forward, params), images, repeats=repeats, warmup=2
+  )
+  return ms / batch
+
+
+def build_rows(
+    *,
+    teacher,
+    students: Sequence,
+    baselines: Sequence,
+    labels: np.ndarray,
+    image_shape: tuple[int, int, int],
+    prefixes: bool,
+    latency: bool,
+    repeats: int,
+) -> list[report.Row]:
+  """One row per model, per ensemble prefix (with ``prefixes``) and per baseline.
+
+  ``teacher``, ``students`` and ``baselines`` are trained models with
+  ``name``, ``size``, ``config``, ``params`` and ``test_logits`` [N, K]
+  (``pkd``'s ``stages.Trained``); ``labels`` the test labels [N].
+  """
+  teacher_pred = teacher.test_logits.argmax(-1)
+  teacher_flops = flops.count_flops(teacher.config)
+
+  def row(name, kind, size, members, logits):
+    configs = [m.config for m in members]
+    f = sum(flops.count_flops(c) for c in configs)
+    b1 = b256 = None
+    if latency:
+      params = [m.params for m in members]
+      b1 = latency_ms(configs, params, image_shape, 1, repeats)
+      b256 = latency_ms(configs, params, image_shape, 256, max(3, repeats // 5))
+    return report.Row(
+        name=name,
+        kind=kind,
+        size=size,
+        params=sum(flops.count_params(c) for c in configs),
+        flops=f,
+        pct_teacher_flops=100.0 * f / teacher_flops,
+        accuracy=accuracy(logits, labels),
+        agreement=float(np.mean(logits.argmax(-1) == teacher_pred)),
+        latency_ms_b1=b1,
+        latency_ms_b256=b256,
+    )
+
+  rows = [row("teacher", "teacher", "teacher", [teacher], teacher.test_logits)]
+  for m in students:
+    if m.config.connect_dim:
+      continue  # a connected student is not a standalone classifier; see its prefix row
+    rows.append(row(m.name, "student", m.size, [m], m.test_logits))
+  if prefixes:
+    cumulative = ensemble.cumulative([m.test_logits for m in students])
+    for k, logits in enumerate(cumulative, start=1):
+      sizes = "+".join(m.size for m in students[:k])
+      rows.append(row(f"prefix_1..{k}", "prefix", sizes, students[:k], logits))
+  for m in baselines:
+    rows.append(row(m.name, "baseline", m.size, [m], m.test_logits))
+  return rows

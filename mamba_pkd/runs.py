@@ -1,0 +1,217 @@
+"""A finished run's models, rebuilt from its manifest and checkpoints, run in this process.
+
+:func:`load_run` reads ``<workdir>/ensemble.json`` (:mod:`mamba_pkd.manifest`)
+and the final parameters of each stage (``ckpt/<stage>/final``); it never
+reloads the dataset and never parses a log. :func:`select_members` picks a
+prefix, one student or the teacher; :class:`InProcessEnsemble` runs them with
+Flax (the :class:`mamba_pkd.ensemble.Ensemble` interface shared with exported
+bundles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mamba_pkd import checkpoints, ensemble, manifest
+from mamba_pkd.ensemble import Member
+from mamba_pkd.models import ModelConfig, apply_members, create_model, init_params
+from mamba_pkd.preprocessing import Preprocessing
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class RunModels:
+  """The models of a finished run (see :func:`load_run`).
+
+  Attributes:
+    workdir: the run's directory.
+    dataset: dataset name of the run.
+    mode: ``"ensemble"`` (prefixes are classifiers) or ``"chain"``.
+    preprocessing: input normalisation of the run's dataset.
+    teacher: the teacher (params None when loaded with ``with_teacher=False``).
+    students: the students in ensemble order, configs as ``ModelConfig`` and
+      (ensemble mode) each weight folded into its head.
+    prefix_accuracy: test accuracy of ``prefix_1..k`` (of each student in
+      chain mode), one per student, from the manifest.
+  """
+
+  workdir: pathlib.Path
+  dataset: str
+  mode: str
+  preprocessing: Preprocessing
+  teacher: Member
+  students: list[Member]
+  prefix_accuracy: list[float | None]
+
+  @property
+  def teacher_flops(self) -> int:
+    return self.teacher.flops
+
+
+def load_stage_params(workdir: pathlib.Path, stage: str, config: ModelConfig) -> PyTree:
+  """The final parameters of ``ckpt/<stage>`` (host arrays)."""
+  directory = checkpoints.stage_dir(workdir, stage)
+  if not (directory / checkpoints.FINAL_SUBDIR).is_dir():
+    raise ValueError(
+        f"stage {stage!r} has no final checkpoint ({directory}/final is missing); "
+        "re-run mamba_pkd.main with the same --workdir to complete it"
+    )
+  template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  with checkpoints.StageCheckpointer(directory, is_writer=False) as ckpt:
+    return ckpt.load_final(template)[0]
+
+
+def _loaded(workdir: pathlib.Path, member: Member, with_params: bool) -> Member:
+  config = ModelConfig(**member.config)
+  params = None
+  if with_params:
+    params = ensemble.fold_weight(load_stage_params(workdir, member.stage, config), member.weight)
+  return dataclasses.replace(member, config=config, params=params)
+
+
+def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunModels:
+  """Rebuilds the teacher and the students of a finished run.
+
+  Args:
+    workdir: a run directory written by ``python -m mamba_pkd.main``.
+    with_teacher: also load the teacher's parameters (its config and FLOPs are
+      always available).
+
+  Raises:
+    ValueError: no current manifest (the message says how to write it) or a
+      stage without its final checkpoint.
+  """
+  workdir = pathlib.Path(workdir).absolute()  # Orbax wants absolute paths
+  m = manifest.read_manifest(workdir)
+  return RunModels(
+      workdir=workdir,
+      dataset=str(m.dataset.get("name", "")),
+      mode=m.mode,
+      preprocessing=m.preprocessing,
+      teacher=_loaded(workdir, m.teacher, with_teacher),
+      students=[_loaded(workdir, s, True) for s in m.students],
+      prefix_accuracy=m.prefix_accuracy,
+  )
+
+
+def select_members(
+    run: RunModels, *, prefix: int | None = None, student: int | None = None, teacher: bool = False
+) -> list[Member]:
+  """The members an export or a prediction uses.
+
+  Args:
+    run: the run's models.
+    prefix: k, the ensemble prefix ``student_1..k`` (ensemble mode).
+    student: j, student j alone (must not read another student's features).
+    teacher: the teacher alone.
+    With none given: every student (the whole ensemble).
+
+  Raises:
+    ValueError: more than one selector, an index out of range (the valid
+      range is named), a prefix of a chain-mode run, or a connected student alone.
+  """
+  given = [
+      name
+      for name, v in (("prefix", prefix), ("student", student), ("teacher", teacher))
+      if v not in (None, False)
+  ]
+  if len(given) > 1:
+    raise ValueError(f"choose one of prefix, student, teacher; got {given}")
+  n = len(run.students)
+  if teacher:
+    if run.teacher.params is None:
+      raise ValueError("the teacher's parameters were not loaded (load_run(with_teacher=True))")
+    return [run.teacher]
+  if student is not None:
+    if not isinstance(student, int) or not 1 <= student <= n:
+      raise ValueError(f"student={student!r} is out of range: the run has {n} students (1..{n})")
+    member = run.students[student - 1]
+    if member.connect_dim:
+      raise ValueError(
+          f"student {student} reads student {student - 1}'s features "
+          "(pkd.connect=True), so it is not a classifier alone; export the "
+          f"prefix 1..{student} instead (prefix={student})"
+      )
+    return [member]
+  if n == 0:
+    raise ValueError(f"the run in {run.workdir} accepted no student; export the teacher instead")
+  if run.mode != "ensemble":
+    if prefix is not None or n > 1:
+      raise ValueError(
+          "a chain-mode run has no ensemble prefixes (its students are separate "
+          f"classifiers); choose one with student=1..{n} or the teacher"
+      )
+    return list(run.students)
+  k = n if prefix is None else prefix
+  if not isinstance(k, int) or not 1 <= k <= n:
+    raise ValueError(
+        f"prefix={prefix!r} is out of range: the ensemble has {n} students, "
+        f"valid prefixes 1..{n}"
+    )
+  return list(run.students[:k])
+
+
+class InProcessEnsemble(ensemble.Ensemble):
+  """Members with configs and params, run with Flax in this process."""
+
+  def __init__(
+      self,
+      members: Sequence[Member],
+      *,
+      preprocessing: Preprocessing,
+      teacher_flops: int,
+      prefix_accuracy: Sequence[float | None] = (),
+      batch_size: int = ensemble.DEFAULT_BATCH_SIZE,
+      description: str = "",
+  ):
+    self.members = list(members)
+    self.preprocessing = preprocessing
+    self.teacher_flops = int(teacher_flops)
+    n = len(self.members)
+    self.prefix_accuracy = (list(prefix_accuracy) + [None] * n)[:n]
+    self.batch_size = batch_size
+    self.description = description
+    self._params = [jax.tree.map(jnp.asarray, m.params) for m in self.members]
+    self._member_fns = {}
+    self._prefix_fns = {}
+
+  def _member_fn(self, j):
+    if j not in self._member_fns:
+      model, params = create_model(self.members[j].config), self._params[j]
+      apply = jax.jit(
+          lambda p, x, prev=None: model.apply({"params": p}, x, prev, return_features=True)
+      )
+      self._member_fns[j] = lambda x, prev=None: apply(params, x, prev)
+    return self._member_fns[j]
+
+  def _prefix_fn(self, k):
+    if k not in self._prefix_fns:
+      configs, params = tuple(m.config for m in self.members[:k]), self._params[:k]
+      forward = jax.jit(lambda p, x: ensemble.prefix_logits(apply_members(configs, p, x)[0]))
+      self._prefix_fns[k] = lambda x: forward(params, x)
+    return self._prefix_fns[k]
+
+
+def ensemble_from_run(
+    run: RunModels,
+    members: Sequence[Member] | None = None,
+    *,
+    batch_size: int = ensemble.DEFAULT_BATCH_SIZE,
+) -> InProcessEnsemble:
+  """An :class:`InProcessEnsemble` of ``members`` (default: all students)."""
+  members = select_members(run) if members is None else list(members)
+  accuracy = run.prefix_accuracy if members and members[0].name == "student_1" else []
+  return InProcessEnsemble(
+      members,
+      preprocessing=run.preprocessing,
+      teacher_flops=run.teacher_flops,
+      prefix_accuracy=accuracy,
+      batch_size=batch_size,
+      description=f"workdir {run.workdir} (in-process)",
+  )

@@ -1,0 +1,362 @@
+"""The stages of a PKD run: its context, training or restoring one model, its predictions.
+
+* :class:`RunContext`: what every stage of a run reads (config, settings,
+  dataset and its held-out split, the size ladder, the students' view pool,
+  the workdir); built once by :func:`create_context`, never changed after.
+* :func:`run_stage`: trains one model (or restores it when its final
+  checkpoint exists) and predicts the training and test sets with it,
+  returning a :class:`Trained`.
+* :class:`PoolTables`: the frozen models' outputs on the rows a student
+  stage indexes (the view pool's, computed once per model and only when a
+  stage trains; restoring finished stages never runs the models over the pool).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from mamba_pkd import checkpoints, ensemble, evaluate, flops, input_pipeline, parallel, settings
+from mamba_pkd import train
+from mamba_pkd.metrics import MetricsWriter
+from mamba_pkd.models import ModelConfig, init_params, ladder_configs
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """What the stages of one run read; built by :func:`create_context`.
+
+  Attributes:
+    config: the run's ConfigDict.
+    settings: validated ``config.pkd``.
+    teacher_optim, student_optim: validated optimiser settings.
+    workdir: the run directory.
+    is_writer: whether this process writes files (process 0).
+    dataset: the loaded dataset.
+    train_index, val_index: rows of ``x_train`` used for training / held out.
+    sizes: the ladder's ModelConfigs by size name (``"teacher"``, ``"s1"``, ...).
+    views: uint8 [V, n_train, H, W, C], the students' fixed augmented views,
+      or None (``student.cached_views`` 0 or no augmentation).
+    metrics: the run's metrics writer.
+  """
+
+  config: ml_collections.ConfigDict
+  settings: settings.PKDSettings
+  teacher_optim: train.OptimConfig
+  student_optim: train.OptimConfig
+  workdir: pathlib.Path
+  is_writer: bool
+  dataset: input_pipeline.Dataset
+  train_index: np.ndarray
+  val_index: np.ndarray
+  sizes: Mapping[str, ModelConfig]
+  views: np.ndarray | None
+  metrics: MetricsWriter
+
+  @property
+  def val_labels(self) -> np.ndarray:
+    return self.dataset.y_train[self.val_index]
+
+
+def _check_writable(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(
+        f"workdir {str(workdir)!r} is not writable ({e.strerror}); pass a "
+        "directory you can write to with --workdir"
+    ) from None
+
+
+def _student_views(config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray | None:
+  """The students' view pool (a function of the seed only, so a resumed run rebuilds it)."""
+  num_views = int(config.student.get("cached_views", 0))
+  if num_views < 1 or config.student.augment == "none":
+    return None
+  t0 = time.time()
+  views = input_pipeline.augmented_views(images, num_views, config.student.augment, config.seed)
+  logging.info(
+      "student views: %d %s views of %d training images (%.1f MB) in %.1fs",
+      num_views,
+      config.student.augment,
+      len(images),
+      views.nbytes / 1e6,
+      time.time() - t0,
+  )
+  return views
+
+
+def create_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunContext:
+  """Validates the config, loads the data, carves the held-out split, builds the view pool.
+
+  Raises:
+    ValueError: a bad config field, an unwritable workdir or a held-out split
+      as large as the training set (one line naming the value).
+  """
+  parsed = settings.validate_config(config)
+  workdir = pathlib.Path(workdir)
+  is_writer = parallel.is_writer()
+  if is_writer:
+    _check_writable(workdir)
+  dataset = input_pipeline.load_dataset(
+      config.dataset, data_dir=config.data_dir or None, seed=config.seed
+  )
+  n_all = dataset.num_train
+  if config.validation_size >= n_all:
+    raise ValueError(
+        f"validation_size={config.validation_size} must be smaller than the "
+        f"{n_all} training examples"
+    )
+  order = np.random.default_rng(config.seed).permutation(n_all)
+  val_index = np.sort(order[: config.validation_size])
+  train_index = np.sort(order[config.validation_size :])
+  sizes = ladder_configs(
+      config.model.ladder,
+      image_shape=dataset.image_shape,
+      num_classes=dataset.num_classes,
+      scan_method=config.model.scan_method,
+      bidirectional=config.model.bidirectional,
+  )
+  if is_writer:
+    (workdir / "config.json").write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    )
+  logging.info(
+      "dataset %s: %d train (%d for training, %d held out), %d test, %s, %d classes",
+      dataset.name,
+      n_all,
+      len(train_index),
+      len(val_index),
+      dataset.num_test,
+      dataset.image_shape,
+      dataset.num_classes,
+  )
+  return RunContext(
+      config=config,
+      settings=parsed["settings"],
+      teacher_optim=parsed["teacher_optim"],
+      student_optim=parsed["student_optim"],
+      workdir=workdir,
+      is_writer=is_writer,
+      dataset=dataset,
+      train_index=train_index,
+      val_index=val_index,
+      sizes=sizes,
+      views=_student_views(config, dataset.x_train[train_index]),
+      metrics=MetricsWriter(workdir, enabled=is_writer),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A finished stage's model and its predictions (host arrays).
+
+  Attributes:
+    name: its name in the run (``"teacher"``, ``"student_2"``, ``"baseline_1"``).
+    stage: its checkpoint stage (``ckpt/<stage>``).
+    size: ladder size name.
+    config: its ModelConfig.
+    params: its parameters (``weight`` folded into the head).
+    weight: its ensemble weight ``eta`` (1 unless the ensemble weighted it).
+    prefix_scale: the calibration scale of the prefix ending with it (1: none).
+    info: what the stage recorded (size, seed, the weak-learner decision).
+    train_logits, train_features: outputs on every row of ``x_train``.
+    test_logits, test_features: outputs on the test split.
+  """
+
+  name: str
+  stage: str
+  size: str
+  config: ModelConfig
+  params: PyTree
+  train_logits: np.ndarray  # [N_train_all, K]
+  train_features: np.ndarray  # [N_train_all, d]
+  test_logits: np.ndarray  # [N_test, K]
+  test_features: np.ndarray  # [N_test, d]
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  weight: float = 1.0
+  prefix_scale: float = 1.0
+
+  def weighted(self, weight: float) -> "Trained":
+    """This model as an ensemble member of weight ``weight`` (folded into its head and logits)."""
+    if weight == 1.0:
+      return dataclasses.replace(self, weight=1.0)
+    w = np.float32(weight)
+    return dataclasses.replace(
+        self,
+        params=ensemble.fold_weight(self.params, weight),
+        train_logits=self.train_logits * w,
+        test_logits=self.test_logits * w,
+        weight=float(weight),
+    )
+
+  def as_member(self) -> ensemble.Member:
+    """The :class:`mamba_pkd.ensemble.Member` record of this model (for the manifest)."""
+    return ensemble.Member(
+        name=self.name,
+        stage=self.stage,
+        size=self.size,
+        flops=flops.count_flops(self.config),
+        num_params=flops.count_params(self.config),
+        d_model=self.config.d_model,
+        connect_dim=self.config.connect_dim,
+        weight=self.weight,
+        prefix_scale=self.prefix_scale,
+        config=self.config,
+        params=self.params,
+    )
+
+
+class PoolTables:
+  """Frozen models' outputs on the rows that student stages index.
+
+  The view pool's rows when the run has a pool (each model's outputs computed
+  once, on first request; ``prev`` supplies the features a connected model
+  reads), else the rows of ``x_train``. Owned by one run's loop.
+  """
+
+  def __init__(self, ctx: RunContext):
+    self._ctx = ctx
+    self._outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def logits(self, model: Trained, prev: Trained | None = None) -> np.ndarray:
+    """Logits [R, K] of ``model`` on the indexed rows (weight included)."""
+    return self._of(model, prev)[0]
+
+  def features(self, model: Trained, prev: Trained | None = None) -> np.ndarray:
+    """Pooled features [R, d] of ``model`` on the indexed rows."""
+    return self._of(model, prev)[1]
+
+  def _of(self, model: Trained, prev: Trained | None) -> tuple[np.ndarray, np.ndarray]:
+    ctx = self._ctx
+    if ctx.views is None:
+      return model.train_logits, model.train_features
+    if model.name not in self._outputs:
+      t0 = time.time()
+      prev_features = self.features(prev) if model.config.connect_dim else None
+      self._outputs[model.name] = evaluate.predict_dataset(
+          model.config,
+          model.params,
+          ctx.views.reshape((-1,) + ctx.views.shape[2:]),
+          mean=ctx.dataset.mean,
+          std=ctx.dataset.std,
+          batch_size=ctx.config.eval_batch_size,
+          prev_features=prev_features,
+      )
+      logging.info(
+          "%s: outputs on the %d pooled views in %.1fs",
+          model.name,
+          len(self._outputs[model.name][0]),
+          time.time() - t0,
+      )
+    return self._outputs[model.name]
+
+
+def run_stage(
+    ctx: RunContext,
+    name: str,
+    size: str,
+    model_config: ModelConfig,
+    stage_loss,
+    optim: train.OptimConfig,
+    *,
+    seed: int,
+    augment: str,
+    tables: Callable[[], Mapping[str, np.ndarray]] | None = None,
+    spec: train.FrozenSpec = train.FrozenSpec(),
+    frozen: train.Frozen = train.Frozen(),
+    prev: Trained | None = None,
+    views: np.ndarray | None = None,
+) -> Trained:
+  """Trains (or restores, if complete) one stage and predicts the train and test sets.
+
+  ``views`` (the student pool) makes ``tables`` index the pool's rows.
+  ``tables`` returns the frozen models' cached outputs; it is called only
+  when the stage has to be trained, so restoring a finished stage never runs
+  the frozen models over the pool. ``prev`` is the member whose features a
+  connected model reads.
+  """
+  ckpt = checkpoints.StageCheckpointer(
+      checkpoints.stage_dir(ctx.workdir, name), is_writer=ctx.is_writer
+  )
+  if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
+    # Shapes and dtypes only: nothing is computed or compiled to restore a stage.
+    template = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    params, info = ckpt.load_final(template)
+    logging.info("stage %s: already complete, not retrained", name)
+  else:
+    data = train.StageData(
+        ctx.dataset,
+        ctx.train_index,
+        augment=augment,
+        cached=tables() if tables is not None else None,
+        views=views,
+    )
+    live = not data.uses_cache  # frozen models run inside the step
+    params = train.train_stage(
+        name=name,
+        model_config=model_config,
+        stage_loss=stage_loss,
+        optim=optim,
+        data=data,
+        seed=seed,
+        spec=spec if live else train.FrozenSpec(),
+        frozen=frozen if live else train.Frozen(),
+        checkpointer=ckpt,
+        checkpoint_every=ctx.config.checkpoint_every,
+        metrics_writer=ctx.metrics,
+        log_every=ctx.config.log_every,
+    )
+    info = {"size": size, "seed": seed}
+    ckpt.mark_complete(params, info)
+    parallel.sync(f"stage {name} saved")  # process 0 has written it before anyone reads
+  ckpt.close()
+  return predict(ctx, name, size, model_config, params, info, prev=prev)
+
+
+def predict(
+    ctx: RunContext,
+    name: str,
+    size: str,
+    model_config: ModelConfig,
+    params: PyTree,
+    info: Mapping[str, Any],
+    prev: Trained | None = None,
+) -> Trained:
+  """A :class:`Trained` with the model's outputs on the training and test sets."""
+  ds = ctx.dataset
+  kw = dict(mean=ds.mean, std=ds.std, batch_size=ctx.config.eval_batch_size)
+  rep = parallel.replicate(params)
+  connected = prev is not None and model_config.connect_dim
+  prev_train = prev.train_features if connected else None
+  prev_test = prev.test_features if connected else None
+  tr_logits, tr_feats = evaluate.predict_dataset(
+      model_config, params, ds.x_train, prev_features=prev_train, replicated_params=rep, **kw
+  )
+  te_logits, te_feats = evaluate.predict_dataset(
+      model_config, params, ds.x_test, prev_features=prev_test, replicated_params=rep, **kw
+  )
+  return Trained(
+      name=name,
+      stage=name,
+      size=size,
+      config=model_config,
+      params=params,
+      train_logits=tr_logits,
+      train_features=tr_feats,
+      test_logits=te_logits,
+      test_features=te_feats,
+      info=dict(info),
+  )
