@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import checkpoints, flops, input_pipeline, train
+from mamba_pkd import checkpoints, flops, train
+from mamba_pkd import data as data_lib
 from mamba_pkd.models import ModelConfig, create_model, init_params, ladder_configs, scale_head
 
 PyTree = Any
@@ -131,7 +132,7 @@ class Preprocessing:
     """
     images = self.check_images(images)
     if images.dtype == np.uint8:
-      return input_pipeline.normalize(images, np.asarray(self.mean), np.asarray(self.std))
+      return data_lib.normalize(images, np.asarray(self.mean), np.asarray(self.std))
     if not np.issubdtype(images.dtype, np.floating):
       raise ValueError(
           f"images must be uint8 pixels (0..255) or float pixels in [0, 1], got "
@@ -272,7 +273,7 @@ def _preprocessing_of_run(config: Mapping, meta: Mapping, path: pathlib.Path) ->
     )
   # The run's results.json does not carry the constants: recompute them exactly
   # as the run did (same dataset, same seed; the stats depend on x_train only).
-  dataset = input_pipeline.load_dataset(
+  dataset = data_lib.load_dataset(
       _get(config, "dataset", path),
       data_dir=config.get("data_dir") or None,
       seed=int(config.get("seed", 0)),

@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mamba_pkd import checkpoints, flops, input_pipeline, losses, parallel, report, train
+from mamba_pkd import checkpoints, flops, losses, parallel, report, train
+from mamba_pkd import data as data_lib
 from mamba_pkd.models import ModelConfig, init_params, ladder_configs, scale_head, LADDERS
 
 MODES = ("ensemble", "chain")
@@ -160,8 +161,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   settings = settings_from_config(config)
   teacher_optim = optim_from_config(config.teacher, "teacher")
   student_optim = optim_from_config(config.student, "student")
-  _choice(config.teacher.augment, input_pipeline.AUGMENTATIONS, "teacher.augment")
-  _choice(config.student.augment, input_pipeline.AUGMENTATIONS, "student.augment")
+  _choice(config.teacher.augment, data_lib.AUGMENTATIONS, "teacher.augment")
+  _choice(config.student.augment, data_lib.AUGMENTATIONS, "student.augment")
   views = config.student.get("cached_views", 0)
   if isinstance(views, bool) or not isinstance(views, int) or views < 0:
     raise ValueError(f"student.cached_views must be an int >= 0 (0: augment live), got {views!r}")
@@ -412,7 +413,7 @@ class Run:
     self.writer_process = parallel.is_writer()
     if self.writer_process:
       _check_writable(self.workdir)
-    self.dataset = input_pipeline.load_dataset(
+    self.dataset = data_lib.load_dataset(
         config.dataset, data_dir=config.data_dir or None, seed=config.seed
     )
     n_all = self.dataset.num_train
@@ -462,7 +463,7 @@ class Run:
       return None
     if self._views is None:
       t0 = time.time()
-      self._views = input_pipeline.augmented_views(
+      self._views = data_lib.augmented_views(
           self.dataset.x_train[self.train_index],
           self.num_views,
           self.config.student.augment,

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from mamba_pkd import checkpoints, export, flops, input_pipeline, models, predict, train
+from mamba_pkd import checkpoints, export, flops, models, predict, train
+from mamba_pkd import data as data_lib
 from mamba_pkd.models import init_params, ladder_configs
 
 H, W, C, K = 16, 16, 1, 4
@@ -143,7 +144,7 @@ def test_load_run_rebuilds_accepted_members(run_dir):
   )
   assert run.prefix_accuracy == pytest.approx([0.6, 0.7, 0.8])
   # Preprocessing is recomputed from the run's dataset: x_train / 255 statistics.
-  ds = input_pipeline.load_dataset(DATASET, seed=0)
+  ds = data_lib.load_dataset(DATASET, seed=0)
   x = ds.x_train.astype(np.float64) / 255.0
   np.testing.assert_allclose(run.preprocessing.mean, [x.mean()], rtol=1e-6)
   np.testing.assert_allclose(run.preprocessing.std, [x.std()], rtol=1e-5)
