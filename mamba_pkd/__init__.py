@@ -24,7 +24,7 @@ _NAMES = {
     "selective_scan": "mamba_pkd.ssm",
 }
 _MODULES = (
-    "checkpoints", "ensemble", "evaluate", "export", "flops", "layers", "losses", "manifest",
+    "checkpoints", "data", "ensemble", "evaluate", "export", "flops", "layers", "losses", "manifest",
     "metrics", "models", "parallel", "pkd", "predict", "preprocessing", "report", "runs",
     "settings", "ssm", "stages", "train", "weak_learner",
 )  # fmt: skip

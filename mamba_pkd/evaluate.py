@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import ensemble, flops, input_pipeline, parallel, report
+from mamba_pkd import ensemble, flops, parallel, report
+from mamba_pkd import data as data_lib
 from mamba_pkd.models import ModelConfig, apply_members, create_model
 
 PyTree = Any
@@ -74,7 +75,7 @@ def predict_dataset(
   logits_out = np.zeros((num, model_config.num_classes), np.float32)
   feats_out = np.zeros((num, model_config.d_model), np.float32)
   width = prev_features.shape[1] if prev_features is not None else 1
-  for batch in input_pipeline.eval_batches(
+  for batch in data_lib.eval_batches(
       images_uint8,
       np.zeros(num, np.int32),
       mean=mean,

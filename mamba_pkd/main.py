@@ -44,11 +44,10 @@ flags.DEFINE_bool(
 
 def ladder_table(config) -> str:
   """Markdown table of the ladder sizes for the config's dataset shape."""
-  from mamba_pkd import flops, input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import flops, models  # pylint: disable=g-import-not-at-top
 
-  ds = input_pipeline.load_dataset(
-      config.dataset, data_dir=config.data_dir or None, seed=config.seed
-  )
+  ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir or None, seed=config.seed)
   sizes = models.ladder_configs(
       config.model.ladder,
       image_shape=ds.image_shape,

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from mamba_pkd import input_pipeline, parallel, train
+from mamba_pkd import parallel, train
+from mamba_pkd import data as data_lib
 from mamba_pkd.models import LADDERS
 
 MODES = ("ensemble", "chain")
@@ -119,8 +120,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   settings = settings_from_config(config)
   teacher_optim = optim_from_config(config.teacher, "teacher")
   student_optim = optim_from_config(config.student, "student")
-  _choice(config.teacher.augment, input_pipeline.AUGMENTATIONS, "teacher.augment")
-  _choice(config.student.augment, input_pipeline.AUGMENTATIONS, "student.augment")
+  _choice(config.teacher.augment, data_lib.AUGMENTATIONS, "teacher.augment")
+  _choice(config.student.augment, data_lib.AUGMENTATIONS, "student.augment")
   views = config.student.get("cached_views", 0)
   if isinstance(views, bool) or not isinstance(views, int) or views < 0:
     raise ValueError(f"student.cached_views must be an int >= 0 (0: augment live), got {views!r}")

@@ -23,8 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mamba_pkd import checkpoints, ensemble, evaluate, flops, input_pipeline, parallel, settings
-from mamba_pkd import train
+from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, settings, train
+from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
 from mamba_pkd.models import ModelConfig, init_params, ladder_configs
 
@@ -55,7 +55,7 @@ class RunContext:
   student_optim: train.OptimConfig
   workdir: pathlib.Path
   is_writer: bool
-  dataset: input_pipeline.Dataset
+  dataset: data_lib.Dataset
   train_index: np.ndarray
   val_index: np.ndarray
   sizes: Mapping[str, ModelConfig]
@@ -86,7 +86,7 @@ def _student_views(config: ml_collections.ConfigDict, images: np.ndarray) -> np.
   if num_views < 1 or config.student.augment == "none":
     return None
   t0 = time.time()
-  views = input_pipeline.augmented_views(images, num_views, config.student.augment, config.seed)
+  views = data_lib.augmented_views(images, num_views, config.student.augment, config.seed)
   logging.info(
       "student views: %d %s views of %d training images (%.1f MB) in %.1fs",
       num_views,
@@ -110,7 +110,7 @@ def create_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   is_writer = parallel.is_writer()
   if is_writer:
     _check_writable(workdir)
-  dataset = input_pipeline.load_dataset(
+  dataset = data_lib.load_dataset(
       config.dataset, data_dir=config.data_dir or None, seed=config.seed
   )
   n_all = dataset.num_train

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mamba_pkd import ensemble, input_pipeline, losses, parallel
+from mamba_pkd import ensemble, losses, parallel
+from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
 from mamba_pkd.models import ModelConfig, apply_members, create_model, init_params
 
@@ -223,10 +224,10 @@ class StageData:
   """What a stage trains on.
 
   Attributes:
-    dataset: the :class:`input_pipeline.Dataset`.
+    dataset: the :class:`mamba_pkd.data.Dataset`.
     train_index: rows of ``dataset.x_train`` used for training (the rest may
       be a held-out split).
-    augment: augmentation name for :func:`input_pipeline.train_batches`.
+    augment: augmentation name for :func:`mamba_pkd.data.train_batches`.
     cached: per-row frozen outputs (``teacher_logits`` [R, K],
       ``prefix_logits`` [R, K], ``prev_features`` [R, d]). Without ``views``
       the rows are those of ``x_train`` and the tables are used only when
@@ -234,12 +235,12 @@ class StageData:
       ``view * n + position`` (``n = len(train_index)``).
     views: optional uint8 [V, n, H, W, C], fixed augmented copies of the
       training rows (view 0 = the originals, from
-      :func:`input_pipeline.augmented_views`). Each epoch trains on one view of
-      every row, drawn by :func:`input_pipeline.epoch_views`; ``augment`` is
+      :func:`mamba_pkd.data.augmented_views`). Each epoch trains on one view of
+      every row, drawn by :func:`mamba_pkd.data.epoch_views`; ``augment`` is
       then not applied again.
   """
 
-  dataset: input_pipeline.Dataset
+  dataset: data_lib.Dataset
   train_index: np.ndarray
   augment: str = "none"
   cached: Mapping[str, np.ndarray] | None = None
@@ -272,12 +273,12 @@ def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -
   ds = data.dataset
   n = len(data.train_index)
   if data.views is not None:
-    view = input_pipeline.epoch_views(n, data.views.shape[0], seed, epoch)  # [n]
+    view = data_lib.epoch_views(n, data.views.shape[0], seed, epoch)  # [n]
     images, augment = data.views[view, np.arange(n)], "none"
   else:
     view, images, augment = None, ds.x_train[data.train_index], data.augment
   sub = dataclasses.replace(ds, x_train=images, y_train=ds.y_train[data.train_index])
-  for batch in input_pipeline.train_batches(
+  for batch in data_lib.train_batches(
       sub,
       batch_size=batch_size,
       seed=seed,
@@ -328,7 +329,7 @@ def train_stage(
   """
   parallel.check_batch_divisible(optim.batch_size, "batch_size")
   num_train = len(data.train_index)
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, optim.batch_size)
+  steps_per_epoch = data_lib.steps_per_epoch(num_train, optim.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(
         f"stage {name}: batch_size={optim.batch_size} is larger than the "

@@ -63,3 +63,28 @@ def shared_reference_run(tmp_path_factory) -> pathlib.Path:
     assert out.returncode == 0, out.stderr[-5000:]
     assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
   return workdir
+
+
+def small_dataset(n_train=50, n_test=23, shape=(6, 5, 2), num_classes=4, seed=0):
+  """Random uint8 images with random labels, through the public constructor.
+
+  Used by tests/test_batches.py and tests/test_augment.py.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from mamba_pkd import data  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  return data.create_dataset(
+      "test",
+      rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+      rng.integers(0, num_classes, n_train),
+      rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+      rng.integers(0, num_classes, n_test),
+      num_classes,
+  )
+
+
+def flat(batch):
+  """[D, b, ...] -> [D * b, ...] for every key of a batch."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}

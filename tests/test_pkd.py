@@ -267,9 +267,9 @@ def test_views_without_augmentation_are_rejected():
 def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   """The smoke job on the user's own arrays (npz): report, manifest, resume; then the
   dataset file is moved away and the run is still exported and predicted from."""
-  from mamba_pkd import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
 
-  ds = input_pipeline.load_dataset(_smoke_config().dataset, seed=0)
+  ds = data_lib.load_dataset(_smoke_config().dataset, seed=0)
   data_file = tmp_path / "data.npz"
   np.savez(data_file, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
   workdir = tmp_path / "run"

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_pkd import checkpoints, evaluate, input_pipeline, losses, models, parallel, train
+from mamba_pkd import checkpoints, evaluate, losses, models, parallel, train
+from mamba_pkd import data as data_lib
 
 TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2, scan_method="sequential")
 TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
@@ -20,13 +21,13 @@ STUDENT = models.ModelConfig(d_model=4, n_layers=1, **TINY)
 
 @pytest.fixture(scope="module")
 def dataset():
-  return input_pipeline.load_dataset(
+  return data_lib.load_dataset(
       "synthetic:num_train=64,num_test=37,height=8,width=8,num_classes=3", seed=0
   )
 
 
 def _batch(dataset, n=16):
-  b = next(input_pipeline.train_batches(dataset, batch_size=n, seed=0, epoch=0))
+  b = next(data_lib.train_batches(dataset, batch_size=n, seed=0, epoch=0))
   return {"image": b["image"], "label": b["label"]}, b["index"]
 
 
@@ -102,7 +103,7 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
 def test_view_pool_batches_carry_the_outputs_of_their_own_view():
   """With a view pool, each example's cached row is the row of the view it is shown in."""
   n, num_views = 48, 3
-  ds = input_pipeline.load_dataset(
+  ds = data_lib.load_dataset(
       "synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3", seed=0
   )
   train_index = np.arange(5, 5 + n)
@@ -116,7 +117,7 @@ def test_view_pool_batches_carry_the_outputs_of_their_own_view():
   assert data.uses_cache
   seen_views = set()
   for epoch in range(2):
-    chosen = input_pipeline.epoch_views(n, num_views, 7, epoch)
+    chosen = data_lib.epoch_views(n, num_views, 7, epoch)
     for batch in train._stage_batches(data, batch_size=16, seed=7, epoch=epoch):
       pixel = np.rint((batch["image"][..., 0, 0, 0] * ds.std[0] + ds.mean[0]) * 255.0)
       np.testing.assert_array_equal(pixel, batch["teacher_logits"][..., 0])
@@ -154,7 +155,7 @@ def test_predict_dataset_covers_every_example(dataset):
       STUDENT, params, dataset.x_test, mean=dataset.mean, std=dataset.std, batch_size=16
   )
   assert logits.shape == (37, 3) and feats.shape == (37, 4)
-  images = input_pipeline.normalize(dataset.x_test, dataset.mean, dataset.std)
+  images = data_lib.normalize(dataset.x_test, dataset.mean, dataset.std)
   direct = models.create_model(STUDENT).apply({"params": params}, images)
   np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-6)
 
@@ -186,9 +187,10 @@ def test_bad_optim_values_name_the_field():
 
 _MULTI_DEVICE_SCRIPT = r"""
 import json, sys, numpy as np, jax
-from mamba_pkd import input_pipeline, losses, models, train
+from mamba_pkd import losses, models, train
+from mamba_pkd import data as data_lib
 assert jax.local_device_count() == int(sys.argv[1]), jax.devices()
-ds = input_pipeline.load_dataset("synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3")
+ds = data_lib.load_dataset("synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3")
 cfg = models.ModelConfig(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_model=4, n_layers=1,
                          d_state=2, scan_method="sequential")
 params = train.train_stage(name="s", model_config=cfg, stage_loss=losses.hard(), seed=0,
