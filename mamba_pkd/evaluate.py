@@ -81,9 +81,7 @@ def predict_dataset(
       mean=mean,
       std=std,
       batch_size=batch_size,
-      num_devices=parallel.local_device_count(),
-      process_index=parallel.process_index(),
-      process_count=parallel.process_count(),
+      **parallel.batch_layout(),
   ):
     index = batch["index"]
     if prev_features is not None:
