@@ -110,16 +110,22 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, -1) == labels))
 
 
+@functools.lru_cache(maxsize=None)
+def _summed_forward(configs: tuple[ModelConfig, ...]) -> Callable:
+  """One jitted ``(params, images) -> F_k`` per member configs: the rows of one size (a
+  student, its prefix of one, its baseline) share the compiled program; params are an
+  argument, not constants baked into the program."""
+  return jax.jit(
+      lambda params, images: ensemble.prefix_logits(apply_members(configs, params, images)[0])
+  )
+
+
 def latency_ms(
     configs: Sequence[ModelConfig], params: Sequence[Any], image_shape, batch: int, repeats: int
 ) -> float:
   """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
-  configs, params = tuple(configs), jax.device_put(tuple(params))
-
-  @jax.jit
-  def forward(params, images):  # params are an argument, not constants baked into the program
-    return ensemble.prefix_logits(apply_members(configs, params, images)[0])
-
+  forward = _summed_forward(tuple(configs))
+  params = jax.device_put(tuple(params))
   images = jnp.zeros((batch, *image_shape), jnp.float32)
   ms = report.compute_latency_ms(
       functools.partial(forward, params), images, repeats=repeats, warmup=2
