@@ -139,12 +139,14 @@ def build_rows(
     students: Sequence,
     baselines: Sequence,
     labels: np.ndarray,
+    direct: Sequence = (),
     image_shape: tuple[int, int, int],
     prefixes: bool,
     latency: bool,
     repeats: int,
 ) -> list[report.Row]:
-  """One row per model, per ensemble prefix (with ``prefixes``) and per baseline.
+  """One row per model, per ensemble prefix (with ``prefixes``), per baseline and per
+  ``direct`` model (chain mode: the deployed size distilled straight from the teacher).
 
   ``teacher``, ``students`` and ``baselines`` are trained models with
   ``name``, ``size``, ``config``, ``params`` and ``test_logits`` [N, K]
@@ -186,4 +188,6 @@ def build_rows(
       rows.append(row(f"prefix_1..{k}", "prefix", sizes, students[:k], logits))
   for m in baselines:
     rows.append(row(m.name, "baseline", m.size, [m], m.test_logits))
+  for m in direct:
+    rows.append(row(m.name, "direct", m.size, [m], m.test_logits))
   return rows

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline")
+KINDS = ("teacher", "student", "prefix", "baseline", "direct")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
@@ -89,7 +89,8 @@ class Row:
   Attributes:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
-    kind: one of "teacher", "student", "prefix", "baseline".
+    kind: one of "teacher", "student", "prefix", "baseline", "direct" (chain mode: the
+      deployed size distilled straight from the teacher, for comparison).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
       joined with "+").
     params: number of parameters (int).
@@ -326,6 +327,9 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       "student": dict(marker="o", linestyle="none", color="tab:orange", label="student alone"),
       "baseline": dict(
           marker="s", linestyle="none", color="tab:green", label="baseline (single model)"
+      ),
+      "direct": dict(
+          marker="D", linestyle="none", color="tab:purple", label="distilled from the teacher"
       ),
       "teacher": dict(
           marker="*", markersize=14, linestyle="none", color="tab:red", label="teacher"
