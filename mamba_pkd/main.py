@@ -150,7 +150,7 @@ def main(argv):
   try:
     if lock is not None:  # every run's full config, next to the checkpoints it made
       history = provenance.append_config_history(workdir, config)
-    code = _train(config, FLAGS.workdir)
+    code = run_job(config, FLAGS.workdir)
     return code
   finally:
     if lock is not None:
@@ -184,23 +184,34 @@ def _from_process_0(text: str, size: int = 1024) -> str:
   return bytes(shared.astype(np.uint8)).decode(errors="replace").rstrip()
 
 
-def _train_kwargs(train_and_evaluate) -> dict:
-  """Keyword arguments from flags that ``train_and_evaluate`` accepts (by signature)."""
+def train_kwargs(train_and_evaluate, *, retrain_changed: bool) -> dict:
+  """Keyword arguments for ``train_and_evaluate`` from flags, those its signature accepts.
+
+  Raises:
+    app.UsageError: ``--retrain_changed`` was given but ``train_and_evaluate`` has no such
+      parameter (this version of pkd does not check stage fingerprints yet).
+  """
   accepted = inspect.signature(train_and_evaluate).parameters
-  kwargs = {}
   if "retrain_changed" in accepted:
-    kwargs["retrain_changed"] = FLAGS.retrain_changed
-  elif FLAGS.retrain_changed:
-    raise app.UsageError("--retrain_changed is not supported by this version of mamba_pkd.pkd")
-  return kwargs
+    return {"retrain_changed": bool(retrain_changed)}
+  if retrain_changed:
+    raise app.UsageError(
+        "--retrain_changed is not supported by this version of mamba_pkd.pkd (its "
+        "train_and_evaluate has no retrain_changed parameter)"
+    )
+  return {}
 
 
-def _train(config, workdir: str) -> int:
+def run_job(config, workdir: str) -> int:
   """Runs the job; returns the exit code (errors users can fix: one line on stderr)."""
   from mamba_pkd import checkpoints, pkd  # pylint: disable=g-import-not-at-top
 
   try:
-    pkd.train_and_evaluate(config, workdir, **_train_kwargs(pkd.train_and_evaluate))
+    pkd.train_and_evaluate(
+        config,
+        workdir,
+        **train_kwargs(pkd.train_and_evaluate, retrain_changed=FLAGS.retrain_changed),
+    )
   except (ValueError, FileNotFoundError, checkpoints.CheckpointWriteError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)  # one line, no traceback, no log prefix
     return 2
