@@ -66,7 +66,11 @@ def tfds_shape(name: str, data_dir: str | None = None) -> tuple[tuple[int, int, 
   try:
     info = tfds.builder(name, data_dir=data_dir or None).info
   except Exception as e:  # pylint: disable=broad-except  # TFDS raises many types
-    raise ValueError(f"TFDS does not know dataset {name!r} ({type(e).__name__}: {e})") from None
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(
+        f"unknown dataset name {name!r}: not 'mnist5k', 'npz:/path/file.npz', 'synthetic[:...]' "
+        f"or a TFDS name ({type(e).__name__}: {first_line})"
+    ) from None
   image_key, label_key = info.supervised_keys or ("image", "label")
   shape = tuple(info.features[image_key].shape)
   if len(shape) != 3 or any(d is None for d in shape):

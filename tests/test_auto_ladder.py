@@ -176,3 +176,10 @@ def test_ladder_flag_works_for_an_npz_dataset_and_the_auto_ladder(tmp_path):
   assert [r.split("|")[1].strip() for r in rows][1:] == ["teacher"] + [f"s{k}" for k in range(1, 9)]
   s1 = next(r for r in rows if r.startswith("| s1 "))
   assert float(s1.split("|")[-2]) <= 2.0
+
+
+def test_unknown_dataset_name_is_one_line():
+  with pytest.raises(ValueError) as info:
+    dataset_shape.dataset_shape("nosuchds")
+  assert "\n" not in str(info.value)
+  assert str(info.value).startswith("unknown dataset name 'nosuchds': not 'mnist5k'")
