@@ -46,9 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher.batch_size = 128
   config.teacher.grad_clip = 1.0
   config.teacher.augment = "shift"  # none | shift (+-2 px) | crop_flip | affine
-  # Training steps = max(epochs * ceil(num_train / batch_size), min_steps) (models.stage_steps):
-  # a small dataset still gets this many steps. Below the default run's 580 (20 x 29 batches),
-  # so mnist5k's step counts are unchanged; 1,000 training images would get 500 steps, not 160.
+  # Training steps = max(epochs * (num_train // batch_size), min_steps) (train.stage_steps):
+  # a small dataset still gets this many steps. Below the default run's 560 (20 x 28 batches),
+  # so mnist5k's step counts are unchanged; 1,000 training images would get 500 steps, not 140.
   config.teacher.min_steps = 500
 
   config.student = ml_collections.ConfigDict()
@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # >= 1: a fixed pool of this many augmented views per image (the first unaugmented) on which
   # the frozen models run once; 0: augment live, frozen models run at every step.
   config.student.cached_views = 8
-  # As teacher.min_steps; below the default run's 1,856 (64 x 29 batches), so unchanged there.
+  # As teacher.min_steps; below the default run's 1,792 (64 x 28 batches), so unchanged there.
   config.student.min_steps = 1500
 
   config.pkd = ml_collections.ConfigDict()

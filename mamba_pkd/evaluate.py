@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import ensemble, flops, parallel, report
+from mamba_pkd import ensemble, flops, parallel, report, sanity
 from mamba_pkd import data as data_lib
 from mamba_pkd.models import ModelConfig, apply_members, create_model
 
@@ -191,3 +191,31 @@ def build_rows(
   for m in direct:
     rows.append(row(m.name, "direct", m.size, [m], m.test_logits))
   return rows
+
+
+def pixel_baseline_row(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    teacher_flops: int,
+    teacher_test_logits: np.ndarray,
+) -> report.Row:
+  """The sanity row: multinomial logistic regression on the pixels (``sanity``), fitted on
+  the training rows, scored on test. A teacher that does not beat it learned nothing useful."""
+  baseline = sanity.fit_pixel_baseline(x_train, y_train, num_classes)
+  logits = baseline.logits(x_test)
+  d = int(np.prod(x_test.shape[1:]))
+  f = 2 * d * num_classes + num_classes
+  return report.Row(
+      name="pixel_baseline",
+      kind="pixels",
+      size="pixels",
+      params=d * num_classes + num_classes,
+      flops=f,
+      pct_teacher_flops=100.0 * f / teacher_flops,
+      accuracy=accuracy(logits, y_test),
+      agreement=float(np.mean(logits.argmax(-1) == teacher_test_logits.argmax(-1))),
+  )

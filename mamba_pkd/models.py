@@ -426,21 +426,3 @@ def ladder_configs(
         **overrides,
     )
   return configs
-
-
-def stage_steps(num_train: int, batch_size: int, epochs: int, min_steps: int = 0) -> int:
-  """Training steps of a stage: ``max(epochs * ceil(num_train / batch_size), min_steps)``.
-
-  ``min_steps`` keeps a small dataset from being trained for only a handful of
-  steps (1,797 digits at batch 128 are 15 batches an epoch); ``0`` gives the
-  plain epoch count. Raises ValueError naming a bad argument.
-  """
-  for name, value, least in (
-      ("num_train", num_train, 1),
-      ("batch_size", batch_size, 1),
-      ("epochs", epochs, 0),
-      ("min_steps", min_steps, 0),
-  ):
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-      raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-  return max(epochs * -(-num_train // batch_size), min_steps)

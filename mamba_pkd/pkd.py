@@ -57,12 +57,14 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from mamba_pkd import ensemble, flops, losses, manifest, parallel, report, train
-from mamba_pkd.evaluate import accuracy, build_rows
+from mamba_pkd import ensemble, flops, losses, manifest, parallel, provenance, report, sanity
+from mamba_pkd import train
+from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig
 from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.settings import PKDSettings
 from mamba_pkd.stages import PoolTables, RunContext, Trained, create_context, run_stage
+from mamba_pkd.stages import stage_fingerprint, write_config
 from mamba_pkd.weak_learner import weak_learner_decision
 
 
@@ -77,7 +79,29 @@ def stage_loss_for(settings: PKDSettings, *, first: bool) -> losses.StageLoss:
   return losses.kd(settings.alpha, settings.temperature, view=view, target="teacher")
 
 
+LOSS_FIELDS = ("mode", "target", "loss", "alpha", "temperature", "connect")  # of config.pkd
+
+
+def learned_sections(ctx: RunContext, kind: str) -> dict:
+  """The config a stage of ``kind`` learns from, for its fingerprint: the optimiser,
+  schedule and augmentation section, and the loss (``config.pkd``'s loss fields for
+  distilled students, cross-entropy for the teacher and the baselines)."""
+  if kind == "teacher":
+    return {**provenance.config_sections(ctx.config, "teacher"), "loss": "cross_entropy"}
+  sections = provenance.config_sections(ctx.config, "student")
+  if kind == "baseline":
+    return {**sections, "loss": "cross_entropy"}
+  return {**sections, "pkd": {k: ctx.config.pkd[k] for k in LOSS_FIELDS}}
+
+
 def train_teacher(ctx: RunContext) -> Trained:
+  fingerprint = stage_fingerprint(
+      ctx,
+      model_config=ctx.sizes["teacher"],
+      sections=learned_sections(ctx, "teacher"),
+      optim=ctx.teacher_optim,
+      seed=ctx.config.seed,
+  )
   return run_stage(
       ctx,
       "teacher",
@@ -87,6 +111,7 @@ def train_teacher(ctx: RunContext) -> Trained:
       ctx.teacher_optim,
       seed=ctx.config.seed,
       augment=ctx.config.teacher.augment,
+      fingerprint=fingerprint,
   )
 
 
@@ -170,10 +195,22 @@ def distil_ensemble(
         teacher=teacher.config, students=tuple(m.config for m in frozen_students)
     )
     frozen = train.Frozen(teacher=teacher.params, students=tuple(m.params for m in frozen_students))
+    frozen_hashes = {
+        "teacher": teacher.fingerprint,
+        **{m.name: m.fingerprint for m in frozen_students},
+    }
     decision = None
     for attempt in range(1 + s.reseeds):
       seed = cfg.seed + 1000 * k + 100 * rung + attempt
       name = f"student_{k}_{size}_try{attempt + 1}"
+      fingerprint = stage_fingerprint(
+          ctx,
+          model_config=model_config,
+          sections=learned_sections(ctx, "student"),
+          optim=ctx.student_optim,
+          seed=seed,
+          frozen=frozen_hashes,
+      )
       candidate = run_stage(
           ctx,
           name,
@@ -188,6 +225,7 @@ def distil_ensemble(
           frozen=frozen,
           prev=prev,
           views=ctx.views,
+          fingerprint=fingerprint,
       )
       decision = weak_learner_decision(
           teacher=teacher.train_logits[val],
@@ -258,6 +296,14 @@ def distil_chain(
   previous, students = teacher, []
   order = chain_sizes(ctx)
   for k, size in enumerate(order, start=1):
+    fingerprint = stage_fingerprint(
+        ctx,
+        model_config=ctx.sizes[size],
+        sections=learned_sections(ctx, "student"),
+        optim=ctx.student_optim,
+        seed=cfg.seed + 1000 * k,
+        frozen={"previous": previous.fingerprint},
+    )
     member = run_stage(
         ctx,
         f"chain_{k}_{size}",
@@ -273,6 +319,7 @@ def distil_chain(
         spec=train.FrozenSpec(teacher=previous.config),
         frozen=train.Frozen(teacher=previous.params),
         views=ctx.views,
+        fingerprint=fingerprint,
     )
     member = dataclasses.replace(member, name=f"student_{k}")
     students.append(member)
@@ -285,6 +332,14 @@ def distil_direct(
 ) -> Trained:
   """``size`` distilled straight from the teacher with the chain's loss, steps and seed: what
   the chain of assistants must beat (``direct_<size>`` row)."""
+  fingerprint = stage_fingerprint(
+      ctx,
+      model_config=ctx.sizes[size],
+      sections=learned_sections(ctx, "student"),
+      optim=ctx.student_optim,
+      seed=seed,
+      frozen={"teacher": teacher.fingerprint},
+  )
   member = run_stage(
       ctx,
       f"direct_{size}",
@@ -300,6 +355,7 @@ def distil_direct(
       spec=train.FrozenSpec(teacher=teacher.config),
       frozen=train.Frozen(teacher=teacher.params),
       views=ctx.views,
+      fingerprint=fingerprint,
   )
   return dataclasses.replace(member, name=f"direct_{size}")
 
@@ -308,16 +364,25 @@ def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Traine
   """Each student's size trained alone with cross-entropy on the same budget."""
   out = []
   for k, student in enumerate(students, start=1):
+    model_config = student.config.replace(connect_dim=0)
+    seed = ctx.config.seed + 7 + 1000 * k
     member = run_stage(
         ctx,
         f"baseline_{k}_{student.size}",
         student.size,
-        student.config.replace(connect_dim=0),
+        model_config,
         losses.hard("student"),
         ctx.student_optim,
-        seed=ctx.config.seed + 7 + 1000 * k,
+        seed=seed,
         augment=ctx.config.student.augment,
         views=ctx.views,
+        fingerprint=stage_fingerprint(
+            ctx,
+            model_config=model_config,
+            sections=learned_sections(ctx, "baseline"),
+            optim=ctx.student_optim,
+            seed=seed,
+        ),
     )
     out.append(dataclasses.replace(member, name=f"baseline_{k}"))
   return out
@@ -358,15 +423,18 @@ def write_run_manifest(
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, retrain_changed: bool = False
 ) -> list[report.Row]:
   """The whole job: teacher, PKD students, baselines, manifest, report. Returns the rows.
 
   Re-running with the same workdir resumes: completed stages are restored, an
-  interrupted stage continues from its latest checkpoint.
+  interrupted stage continues from its latest checkpoint. A stage whose fingerprint
+  (data, model, learned config, steps, seed, frozen models) differs from the one it was
+  trained with stops the run with one line naming the fields, or, with
+  ``retrain_changed``, is trained again (and so is every stage that read it).
   """
   t0 = time.time()
-  ctx = create_context(config, workdir)
+  ctx = create_context(config, workdir, retrain_changed=retrain_changed)
   if ctx.settings.mode == "chain":
     chain_sizes(ctx)  # a budget the deployed student cannot meet fails before any training
   teacher = train_teacher(ctx)
@@ -395,16 +463,40 @@ def train_and_evaluate(
       latency=config.report.latency,
       repeats=config.report.repeats,
   )
+  ds = ctx.dataset
+  rows.append(
+      pixel_baseline_row(
+          ds.x_train[ctx.train_index],
+          ds.y_train[ctx.train_index],
+          ds.x_test,
+          ds.y_test,
+          num_classes=ds.num_classes,
+          teacher_flops=flops.count_flops(teacher.config),
+          teacher_test_logits=teacher.test_logits,
+      )
+  )
+  by_name = {r.name: r.accuracy for r in rows}
+  warnings = sanity.sanity_warnings(
+      teacher_acc=by_name["teacher"],
+      baseline_acc=by_name["pixel_baseline"],
+      student_accs={r.name: r.accuracy for r in rows if r.kind in ("student", "prefix")},
+      num_classes=ds.num_classes,
+  )
+  for line in warnings:
+    logging.warning("sanity: %s", line)
   meta = {
-      "dataset": ctx.dataset.name,
+      "dataset": ds.name,
       "mode": ctx.settings.mode,
       "seed": config.seed,
       "ladder_family": config.model.ladder,
       "num_train": int(len(ctx.train_index)),
       "num_heldout": int(len(ctx.val_index)),
-      "num_test": int(ctx.dataset.num_test),
+      "num_test": int(ds.num_test),
       "decisions": _jsonable(decisions),
   }
+  if warnings:
+    meta["warnings"] = warnings
+  write_config(ctx)
   if ctx.is_writer:
     stop = next((e["stop"] for e in reversed(decisions) if "stop" in e), "")
     write_run_manifest(ctx, teacher, students, baselines, rows, stop)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline", "direct")
+KINDS = ("teacher", "student", "prefix", "baseline", "direct", "pixels")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
@@ -90,7 +90,8 @@ class Row:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
     kind: one of "teacher", "student", "prefix", "baseline", "direct" (chain mode: the
-      deployed size distilled straight from the teacher, for comparison).
+      deployed size distilled straight from the teacher, for comparison), "pixels" (the
+      sanity row: logistic regression on the pixels).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
       joined with "+").
     params: number of parameters (int).
@@ -330,6 +331,9 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       ),
       "direct": dict(
           marker="D", linestyle="none", color="tab:purple", label="distilled from the teacher"
+      ),
+      "pixels": dict(
+          marker="x", linestyle="none", color="tab:gray", label="logistic regression on pixels"
       ),
       "teacher": dict(
           marker="*", markersize=14, linestyle="none", color="tab:red", label="teacher"

@@ -15,7 +15,7 @@ import ml_collections
 
 from mamba_pkd import parallel, train
 from mamba_pkd import data as data_lib
-from mamba_pkd.models import LADDERS
+from mamba_pkd.models import ladder_families, ladder_size_names
 
 MODES = ("ensemble", "chain")
 TARGETS = ("teacher", "residual")
@@ -110,6 +110,7 @@ def optim_from_config(stage: ml_collections.ConfigDict, name: str) -> train.Opti
         epochs=stage.epochs,
         batch_size=stage.batch_size,
         grad_clip=stage.grad_clip,
+        min_steps=stage.get("min_steps", 0),
     )
   except ValueError as e:
     raise ValueError(f"{name}.{e}") from None
@@ -131,12 +132,11 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
         "from: set student.augment to 'shift', 'crop_flip' or 'affine', or "
         "cached_views to 0"
     )
-  if config.model.ladder not in LADDERS:
+  if config.model.ladder not in ladder_families():
     raise ValueError(
-        f"model.ladder={config.model.ladder!r} is not valid; choose one of "
-        f"{tuple(sorted(LADDERS))}"
+        f"model.ladder={config.model.ladder!r} is not valid; choose one of {ladder_families()}"
     )
-  sizes = LADDERS[config.model.ladder]["sizes"]
+  sizes = ladder_size_names(config.model.ladder)
   unknown = [s for s in settings.ladder if s not in sizes or s == "teacher"]
   if unknown:
     raise ValueError(

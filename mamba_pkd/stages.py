@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -23,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, settings, train
+from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, provenance, settings, train
 from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
 from mamba_pkd.models import ModelConfig, init_params, ladder_configs
@@ -47,6 +48,9 @@ class RunContext:
     views: uint8 [V, n_train, H, W, C], the students' fixed augmented views,
       or None (``student.cached_views`` 0 or no augmentation).
     metrics: the run's metrics writer.
+    data_identity: the dataset's identity in stage fingerprints (name, npz hash, split).
+    retrain_changed: retrain stages whose fingerprint differs (and, through their hashes,
+      every stage after them) instead of stopping.
   """
 
   config: ml_collections.ConfigDict
@@ -61,6 +65,8 @@ class RunContext:
   sizes: Mapping[str, ModelConfig]
   views: np.ndarray | None
   metrics: MetricsWriter
+  data_identity: Mapping[str, Any]
+  retrain_changed: bool = False
 
   @property
   def val_labels(self) -> np.ndarray:
@@ -98,7 +104,9 @@ def _student_views(config: ml_collections.ConfigDict, images: np.ndarray) -> np.
   return views
 
 
-def create_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunContext:
+def create_context(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, retrain_changed: bool = False
+) -> RunContext:
   """Validates the config, loads the data, carves the held-out split, builds the view pool.
 
   Raises:
@@ -129,10 +137,6 @@ def create_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       scan_method=config.model.scan_method,
       bidirectional=config.model.bidirectional,
   )
-  if is_writer:
-    (workdir / "config.json").write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-    )
   logging.info(
       "dataset %s: %d train (%d for training, %d held out), %d test, %s, %d classes",
       dataset.name,
@@ -156,6 +160,48 @@ def create_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       sizes=sizes,
       views=_student_views(config, dataset.x_train[train_index]),
       metrics=MetricsWriter(workdir, enabled=is_writer),
+      data_identity=provenance.data_identity(
+          config.dataset,
+          seed=config.seed,
+          num_train=len(train_index),
+          num_heldout=len(val_index),
+          num_test=dataset.num_test,
+      ),
+      retrain_changed=retrain_changed,
+  )
+
+
+def write_config(ctx: RunContext) -> None:
+  """``<workdir>/config.json``: this run's config, written when the run first trains a stage
+  and at its end, so it always describes the checkpoints (a run that stops at a changed
+  stage leaves the old one; ``config_history.jsonl`` has every run's config)."""
+  if ctx.is_writer:
+    (ctx.workdir / "config.json").write_text(
+        ctx.config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    )
+
+
+def stage_fingerprint(
+    ctx: RunContext,
+    *,
+    model_config: ModelConfig,
+    sections: Mapping[str, Any],
+    optim: train.OptimConfig,
+    seed: int,
+    frozen: Mapping[str, str] | None = None,
+) -> dict:
+  """The fingerprint of a stage (:mod:`mamba_pkd.provenance`): data, model, the config
+  sections it learned with, steps, seed and the hashes of the frozen models it read."""
+  steps = train.stage_steps(len(ctx.train_index), optim.batch_size, optim.epochs, optim.min_steps)
+  return provenance.stage_fingerprint(
+      provenance.stage_fields(
+          data=ctx.data_identity,
+          model=model_config,
+          sections=sections,
+          steps=steps,
+          seed=seed,
+          frozen=frozen,
+      )
   )
 
 
@@ -188,6 +234,7 @@ class Trained:
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   weight: float = 1.0
   prefix_scale: float = 1.0
+  fingerprint: str = ""  # the hash of the stage that trained it
 
   def weighted(self, weight: float) -> "Trained":
     """This model as an ensemble member of weight ``weight`` (folded into its head and logits)."""
@@ -279,8 +326,14 @@ def run_stage(
     frozen: train.Frozen = train.Frozen(),
     prev: Trained | None = None,
     views: np.ndarray | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> Trained:
   """Trains (or restores, if complete) one stage and predicts the train and test sets.
+
+  ``fingerprint`` (:func:`stage_fingerprint`) is compared with the one stored with the
+  stage before anything is restored or resumed: a difference stops the run with one line
+  naming the fields (:class:`mamba_pkd.provenance.ChangedStageError`), or with
+  ``ctx.retrain_changed`` moves the stage aside (``ckpt/.replaced/``) and trains it again.
 
   ``views`` (the student pool) makes ``tables`` index the pool's rows.
   ``tables`` returns the frozen models' cached outputs; it is called only
@@ -288,15 +341,26 @@ def run_stage(
   the frozen models over the pool. ``prev`` is the member whose features a
   connected model reads.
   """
-  ckpt = checkpoints.StageCheckpointer(
-      checkpoints.stage_dir(ctx.workdir, name), is_writer=ctx.is_writer
-  )
+  directory = checkpoints.stage_dir(ctx.workdir, name)
+  if fingerprint is not None:
+    keep = provenance.check_stage(
+        name,
+        provenance.read_fingerprint(directory),
+        fingerprint,
+        retrain_changed=ctx.retrain_changed,
+    )
+    if not keep:
+      _set_aside(ctx, directory)
+  ckpt = checkpoints.StageCheckpointer(directory, is_writer=ctx.is_writer)
   if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
     # Shapes and dtypes only: nothing is computed or compiled to restore a stage.
     template = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
     params, info = ckpt.load_final(template)
     logging.info("stage %s: already complete, not retrained", name)
   else:
+    write_config(ctx)
+    if fingerprint is not None and ctx.is_writer:
+      provenance.write_fingerprint(directory, fingerprint)
     data = train.StageData(
         ctx.dataset,
         ctx.train_index,
@@ -323,7 +387,20 @@ def run_stage(
     ckpt.mark_complete(params, info)
     parallel.sync(f"stage {name} saved")  # process 0 has written it before anyone reads
   ckpt.close()
-  return predict(ctx, name, size, model_config, params, info, prev=prev)
+  trained = predict(ctx, name, size, model_config, params, info, prev=prev)
+  return dataclasses.replace(trained, fingerprint=(fingerprint or {}).get("hash", ""))
+
+
+def _set_aside(ctx: RunContext, directory: pathlib.Path) -> None:
+  """Moves a changed stage's checkpoints to ``ckpt/.replaced/<stage>-<time>`` (kept, not used)."""
+  if ctx.is_writer and directory.exists():
+    target = directory.parent / ".replaced" / f"{directory.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(directory), str(target))
+    logging.warning(
+        "stage %s changed: its old checkpoints moved to %s; retraining", directory.name, target
+    )
+  parallel.sync(f"stage {directory.name} set aside")
 
 
 def predict(

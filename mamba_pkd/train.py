@@ -77,6 +77,7 @@ class OptimConfig:
   epochs: int = 10
   batch_size: int = 128
   grad_clip: float = 1.0
+  min_steps: int = 0
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -91,6 +92,22 @@ class OptimConfig:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
     if self.grad_clip < 0:
       raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+    if (
+        isinstance(self.min_steps, bool)
+        or not isinstance(self.min_steps, int)
+        or self.min_steps < 0
+    ):
+      raise ValueError(f"min_steps must be an int >= 0 (0 = epochs only), got {self.min_steps!r}")
+
+
+def stage_steps(num_train: int, batch_size: int, epochs: int, min_steps: int = 0) -> int:
+  """Training steps of a stage: ``max(epochs * steps_per_epoch, min_steps)``.
+
+  ``steps_per_epoch = num_train // batch_size`` (every batch full, as the loop trains);
+  ``min_steps`` keeps a small dataset from being trained for only a handful of steps
+  (1,438 digits at batch 128 are 11 batches an epoch). The last epoch may be partial.
+  """
+  return max(epochs * data_lib.steps_per_epoch(num_train, batch_size), min_steps)
 
 
 def create_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -333,7 +350,8 @@ def train_stage(
         f"stage {name}: batch_size={optim.batch_size} is larger than the "
         f"{num_train} training examples"
     )
-  total_steps = steps_per_epoch * optim.epochs
+  total_steps = stage_steps(num_train, optim.batch_size, optim.epochs, optim.min_steps)
+  num_epochs = -(-total_steps // steps_per_epoch)  # the last one partial with min_steps
   tx = create_optimizer(optim, total_steps)
   rng = jax.random.key(seed)
   params = init if init is not None else init_params(model_config, jax.random.fold_in(rng, 0))
@@ -358,7 +376,7 @@ def train_stage(
       "stage %s: %d steps (%d epochs x %d), batch %d, %s, on %s; compiling...",
       name,
       total_steps,
-      optim.epochs,
+      num_epochs,
       steps_per_epoch,
       optim.batch_size,
       data.describe(),
@@ -368,7 +386,7 @@ def train_stage(
   t_start, t_window, window_steps = time.time(), None, 0
   pending: list[dict[str, Array]] = []  # per-step metrics since the last log line, on device
   step = start
-  for epoch in range(start // steps_per_epoch, optim.epochs):
+  for epoch in range(start // steps_per_epoch, num_epochs):
     skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
     for i, batch in enumerate(
         _stage_batches(data, batch_size=optim.batch_size, seed=seed, epoch=epoch)
@@ -417,4 +435,6 @@ def train_stage(
         if checkpointer is not None and (step % checkpoint_every == 0 or at_end):
           checkpointer.save(step, parallel.unreplicate(state_r))
         last_good = step
+      if step == total_steps:
+        break
   return parallel.unreplicate(state_r).params

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import smoke_env
 from mamba_pkd import data as data_lib
-from mamba_pkd import flops, models
+from mamba_pkd import flops, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,24 +106,22 @@ def test_presets_are_unchanged_and_unknown_family_lists_auto():
 @pytest.mark.parametrize(
     "num_train, batch, epochs, min_steps, expected",
     [
-        (3600, 128, 20, 500, 580),  # the default run's teacher: 20 x ceil(28.1) = 20 x 29
-        (3600, 128, 64, 1500, 1856),  # its students: 64 x 29
-        (3600, 128, 20, 0, 580),
-        (1000, 128, 20, 500, 500),  # 20 x 8 = 160 < 500
+        (3600, 128, 20, 500, 560),  # the default run's teacher: 20 x 28 full batches
+        (3600, 128, 64, 1500, 1792),  # its students: 64 x 28
+        (3600, 128, 20, 0, 560),
+        (1000, 128, 20, 500, 500),  # 20 x 7 = 140 < 500
         (128, 128, 3, 0, 3),  # exact division
-        (129, 128, 3, 0, 6),  # one extra example: one more batch per epoch
-        (10, 128, 0, 7, 7),
+        (255, 128, 3, 0, 3),  # an incomplete last batch is not trained
+        (256, 128, 0, 7, 7),
     ],
 )
 def test_stage_steps(num_train, batch, epochs, min_steps, expected):
-  assert models.stage_steps(num_train, batch, epochs, min_steps) == expected
+  assert train.stage_steps(num_train, batch, epochs, min_steps) == expected
 
 
-def test_stage_steps_rejects_bad_arguments():
-  with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
-    models.stage_steps(10, 0, 1)
-  with pytest.raises(ValueError, match="min_steps must be an int >= 0, got -1"):
-    models.stage_steps(10, 1, 1, -1)
+def test_min_steps_rejects_bad_values():
+  with pytest.raises(ValueError, match="min_steps must be an int >= 0"):
+    train.OptimConfig(min_steps=-1)
 
 
 def test_default_config_min_steps_keep_the_default_runs_step_counts():
@@ -133,9 +131,9 @@ def test_default_config_min_steps_keep_the_default_runs_step_counts():
 
   def steps(section):
     s = config[section]
-    return models.stage_steps(num_train, s.batch_size, s.epochs, s.min_steps)
+    return train.stage_steps(num_train, s.batch_size, s.epochs, s.min_steps)
 
-  assert steps("teacher") == 20 * 29 and steps("student") == 64 * 29
+  assert steps("teacher") == 20 * 28 and steps("student") == 64 * 28
   smoke = runpy.run_path(str(REPO / "configs" / "smoke.py"))["get_config"]()
   assert smoke.teacher.min_steps == smoke.student.min_steps == 0
 
