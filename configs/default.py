@@ -32,9 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.baselines = True
 
   config.model = ml_collections.ConfigDict()
-  # Size family: mnist | cifar | tiny (models.LADDERS), or auto (derived from the image shape by
-  # models.auto_ladder_spec; for 28x28x1 close to, not the same as, mnist: see --ladder).
-  config.model.ladder = "mnist"
+  # Size family: auto (the preset of the images' shape: 28x28x1 -> mnist, 32x32x3 -> cifar;
+  # any other shape derived by models.auto_ladder_spec) | mnist | cifar | tiny (models.LADDERS).
+  config.model.ladder = "auto"
   config.model.scan_method = "auto"  # auto | fused | sequential | parallel | chunked | pallas
   config.model.bidirectional = True  # reversed scan branch in every mixer (images are not causal)
 

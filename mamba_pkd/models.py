@@ -267,6 +267,9 @@ AUTO_STUDENT_MIN_TOKENS = 16  # students read the coarsest patches with at least
 AUTO_FIRST_PCT = 1.0  # the first student's FLOPs, % of the teacher's
 AUTO_GROWTH = 1.75  # FLOPs ratio between rungs
 AUTO_RUNGS = 8  # s1..s8
+# "auto" uses the named preset made for a shape (measured on that data) and derives the
+# ladder from the shape otherwise.
+AUTO_PRESETS = {(28, 28, 1): "mnist", (32, 32, 3): "cifar"}
 AUTO_MIN_TOKENS = 4  # below this a patch is (nearly) the whole image
 AUTO_MAX_TOKENS = 1024  # beyond this the images need resizing (sequential scan length)
 
@@ -395,8 +398,9 @@ def ladder_configs(
   """The named sizes of a ladder family as ModelConfigs, teacher first.
 
   Args:
-    family: a key of :data:`LADDERS`, or ``"auto"`` (:func:`auto_ladder_spec`:
-      sizes derived from ``image_shape``).
+    family: a key of :data:`LADDERS`, or ``"auto"``: the preset of :data:`AUTO_PRESETS`
+      for its shape (28x28x1: ``mnist``, 32x32x3: ``cifar``), else
+      :func:`auto_ladder_spec` (sizes derived from ``image_shape``).
     image_shape: (H, W, C) of the dataset.
     num_classes: number of classes.
     **overrides: other ModelConfig fields for every size (e.g. ``scan_method``,
@@ -406,7 +410,9 @@ def ladder_configs(
     ValueError: unknown family (valid ones listed) or a size that does not fit
       the images.
   """
-  if family == AUTO:
+  if family == AUTO and tuple(image_shape) in AUTO_PRESETS:
+    spec = LADDERS[AUTO_PRESETS[tuple(image_shape)]]
+  elif family == AUTO:
     spec = auto_ladder_spec(tuple(image_shape), num_classes, **overrides)
   elif family in LADDERS:
     spec = LADDERS[family]
