@@ -9,7 +9,7 @@ The pure pieces need no config object::
 from mamba_pkd import flops, losses
 from mamba_pkd.layers import MambaMixer, PatchEmbed, ResidualBlock, RMSNorm
 from mamba_pkd.models import MambaClassifier, ModelConfig, init_params, ladder_configs
-from mamba_pkd.ssm import SCAN_METHODS, selective_scan
+from mamba_pkd.ssm import SCAN_METHODS, ScanMethod, selective_scan
 
 __all__ = [
     "MambaClassifier",
@@ -19,6 +19,7 @@ __all__ = [
     "RMSNorm",
     "ResidualBlock",
     "SCAN_METHODS",
+    "ScanMethod",
     "flops",
     "init_params",
     "ladder_configs",
