@@ -477,3 +477,54 @@ def _bad(**changes):
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     selective_scan(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Several scans in one call (both directions of a bidirectional mixer).
+
+
+def _two_streams(shape=(5, 37, 5, 4)):
+  a = tuple(jnp.asarray(x) for x in make_inputs(*shape, seed=11))
+  b = tuple(jnp.asarray(x) for x in make_inputs(*shape, seed=12))
+  return a, b[:5] + (None, b[6])  # the second stream has no D
+
+
+@pytest.mark.parametrize("method", ["fused", "sequential"])
+def test_streams_equal_separate_scans_values_and_gradients(method, monkeypatch):
+  """One call for a forward and a reverse scan == two selective_scan calls (fused:
+  3 batch tiles of 2 rows, one padded, per stream, so 6 tiles in one loop)."""
+  monkeypatch.setattr(fused, "FUSED_TILE_ELEMENTS", 40)
+  monkeypatch.setattr(fused, "FUSED_MAX_CHUNK", 8)
+  s1, s2 = _two_streams()
+  w = jnp.asarray(grad_weights(s1[0].shape))
+
+  def together(s1, s2):
+    return scan_lib.selective_scan_streams([s1, s2], reverse=[False, True], method=method)
+
+  def apart(s1, s2):
+    one = lambda s, r: selective_scan(*s[:6], delta_bias=s[6], reverse=r, method=method)
+    return [one(s1, False), one(s2, True)]
+
+  y_tog, y_apart = jax.jit(together)(s1, s2), jax.jit(apart)(s1, s2)
+  for y, y_ref in zip(y_tog, y_apart):
+    np.testing.assert_array_equal(y, y_ref)
+  assert rel_err(y_tog[1], reference_scan(*s2, reverse=True)) <= F32_RTOL
+  loss = lambda f: jax.jit(jax.grad(lambda a, b: sum(jnp.sum(w * y) for y in f(a, b)), (0, 1)))
+  g_tog, g_apart = loss(together)(s1, s2), loss(apart)(s1, s2)
+  for g, g_ref in zip(jax.tree.leaves(g_tog), jax.tree.leaves(g_apart)):
+    assert rel_err(g, g_ref) <= 1e-6
+  _, ref = reference_scan(*s2, reverse=True, gy=w)
+  for name, g in zip(ARG_NAMES, g_tog[1]):
+    if g is not None:
+      assert rel_err(g, ref[name]) <= GRAD_RTOL, name
+
+
+def test_streams_reject_mismatched_streams():
+  s1, s2 = _two_streams()
+  s3 = tuple(x[:, :5] if x is not None and x.ndim == 3 else x for x in s2)
+  with pytest.raises(ValueError, match=r"stream 1 has u \(5, 5, 5\)"):
+    scan_lib.selective_scan_streams([s1, s3], reverse=[False, False], method="fused")
+  with pytest.raises(ValueError, match="one reverse flag each"):
+    scan_lib.selective_scan_streams([s1, s2], reverse=[False], method="fused")
+  with pytest.raises(ValueError, match="method='magic' is not a scan method"):
+    scan_lib.selective_scan_streams([s1], reverse=[False], method="magic")

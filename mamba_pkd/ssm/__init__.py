@@ -10,5 +10,13 @@ from mamba_pkd.ssm.common import ScanMethod
 from mamba_pkd.ssm.common import as_scan_method
 from mamba_pkd.ssm.common import validate_scan_inputs
 from mamba_pkd.ssm.scan import selective_scan
+from mamba_pkd.ssm.scan import selective_scan_streams
 
-__all__ = ["SCAN_METHODS", "ScanMethod", "as_scan_method", "selective_scan", "validate_scan_inputs"]
+__all__ = [
+    "SCAN_METHODS",
+    "ScanMethod",
+    "as_scan_method",
+    "selective_scan",
+    "selective_scan_streams",
+    "validate_scan_inputs",
+]

@@ -7,7 +7,8 @@ This module owns
   ``"auto"`` from a config, or a :class:`ScanMethod`) into a member or raises;
 * :func:`validate_scan_inputs`, the shape and dtype contract of the scan's
   arrays, checked by :mod:`mamba_pkd.ssm.scan` and :mod:`mamba_pkd.ssm.pallas_scan`;
-* :func:`check_chunk_size`, :func:`compute_dtype` and :func:`compute_dt`.
+* :func:`shapes_match`, :func:`check_chunk_size`, :func:`compute_dtype` and
+  :func:`compute_dt`.
 
 It imports nothing from ``mamba_pkd``. The import graph of the package is
 ``common <- fused <- scan`` and ``common <- pallas_scan <- scan`` (``scan`` owns
@@ -95,7 +96,7 @@ def _fmt(shape) -> str:
   return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _same(shape, expected) -> bool:
+def shapes_match(shape, expected) -> bool:
   """Equal ranks and equal concrete dimensions; symbolic dimensions are not compared."""
   if len(shape) != len(expected):
     return False
@@ -108,7 +109,7 @@ def _check_shape(name, x, expected, description):
   if x is None:
     raise ValueError(f"{name} is None; expected an array of shape {description} = {_fmt(expected)}")
   shape = _shape(x)
-  if not _same(shape, expected):
+  if not shapes_match(shape, expected):
     raise ValueError(f"{name} has shape {_fmt(shape)}; expected {description} = {_fmt(expected)}")
 
 
@@ -132,7 +133,7 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, delta_bias=None):
   if not all(_positive(d) for d in u_shape):
     raise ValueError(f"u has shape {_fmt(u_shape)}; batch, L and d_inner must all be >= 1")
   a_shape = _shape(A)
-  if len(a_shape) != 2 or not _same(a_shape[:1], (d_inner,)) or not _positive(a_shape[1]):
+  if len(a_shape) != 2 or not shapes_match(a_shape[:1], (d_inner,)) or not _positive(a_shape[1]):
     raise ValueError(
         f"A has shape {_fmt(a_shape)}; expected (d_inner, N) with d_inner = {d_inner}" " and N >= 1"
     )

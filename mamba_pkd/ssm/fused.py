@@ -9,6 +9,8 @@ softplus and the D skip are folded in). Batch tiles keep the state in cache.
 Memory: O(batch * d_inner * N * L / FUSED_MAX_CHUNK) saved states plus one
 chunk's O(bt * d_inner * N * FUSED_MAX_CHUNK) buffer, never
 O(batch * L * d_inner * N). Notation as in :mod:`mamba_pkd.ssm.scan`.
+:func:`scan_fused_streams` runs several equal-shaped scans (both directions of a
+bidirectional mixer) through one ``custom_vjp`` and one loop over their tiles.
 
 It imports nothing from ``mamba_pkd``; inputs are validated by the caller.
 """
@@ -177,18 +179,21 @@ def _fused_tile_backward(u, delta, At, B, C, D, bias, gy, h_starts, softplus):
   return grads, jnp.sum(gA, axis=0), gD, gbias
 
 
+# The core works on K tasks, the batch tiles of one or more independent scans: u,
+# delta [K, nc, T, bt, d]; B, C [K, nc, T, bt, N]; and per task At [K, N, d], D,
+# bias [K, d]. Its backward returns per-task gradients of At, D and bias; the
+# broadcast of each scan's parameters to its tasks (in scan_fused_streams) sums
+# them by autodiff.
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused_core(u, delta, At, B, C, D, bias, softplus):
-  return lax.map(
-      lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, False),
-      (u, delta, B, C),
-  )
+  return lax.map(lambda x: _fused_tile_forward(*x, softplus, False), (u, delta, At, B, C, D, bias))
 
 
 def _fused_core_fwd(u, delta, At, B, C, D, bias, softplus):
   y, h_starts = lax.map(
-      lambda x: _fused_tile_forward(x[0], x[1], At, x[2], x[3], D, bias, softplus, True),
-      (u, delta, B, C),
+      lambda x: _fused_tile_forward(*x, softplus, True), (u, delta, At, B, C, D, bias)
   )
   return y, (u, delta, At, B, C, D, bias, h_starts)
 
@@ -196,13 +201,64 @@ def _fused_core_fwd(u, delta, At, B, C, D, bias, softplus):
 def _fused_core_bwd(softplus, res, gy):
   u, delta, At, B, C, D, bias, h_starts = res
   (gu, gdelta, gB, gC), gA, gD, gbias = lax.map(
-      lambda x: _fused_tile_backward(x[0], x[1], At, x[2], x[3], D, bias, x[4], x[5], softplus),
-      (u, delta, B, C, gy, h_starts),
+      lambda x: _fused_tile_backward(*x, softplus), (u, delta, At, B, C, D, bias, gy, h_starts)
   )
-  return (gu, gdelta, jnp.sum(gA, axis=0), gB, gC, jnp.sum(gD, axis=0), jnp.sum(gbias, axis=0))
+  return gu, gdelta, gA, gB, gC, gD, gbias
 
 
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
+
+
+def scan_fused_streams(streams, reverse, delta_softplus):
+  """Several independent fused scans of equal shapes in one fused call.
+
+  Args:
+    streams: sequence of S tuples ``(u, delta, A, B, C, D, delta_bias)``, each as
+      in :func:`scan_fused` (own parameters; same shapes and dtype in all).
+    reverse: sequence of S bools, the direction of each scan.
+    delta_softplus: as in :func:`scan_fused` (shared).
+
+  Returns:
+    list of S outputs y [b, l, d], each equal to ``scan_fused`` of its stream.
+
+  The S * nb batch tiles of all streams (e.g. both directions of a bidirectional
+  mixer, each with its own B, C, A, D and bias) go through one ``custom_vjp``
+  and one loop over tiles, forward and backward. Each tile is computed exactly
+  as in a separate call, so values are equal; the gradients of A, D and
+  delta_bias (sums over tiles) are equal to float32 rounding.
+  """
+  batch, length, d_inner = streams[0][0].shape
+  dtype = streams[0][0].dtype
+  nb, bt, nc, chunk = fused_geometry(batch, length, d_inner, streams[0][2].shape[1])
+  zeros = jnp.zeros((d_inner,), dtype)
+  parts = {k: [] for k in ("u", "delta", "At", "B", "C", "D", "bias")}
+  for (u, delta, A, B, C, D, bias), rev in zip(streams, reverse):
+    if rev:
+      u, delta, B, C = (jnp.flip(x, axis=1) for x in (u, delta, B, C))
+    for k, x in (("u", u), ("delta", delta), ("B", B), ("C", C)):
+      parts[k].append(_to_tiles(x, nb, bt, nc, chunk))  # [nb, nc, T, bt, .]
+    for k, x in (
+        ("At", A.T),
+        ("D", zeros if D is None else D),
+        ("bias", zeros if bias is None else bias),
+    ):
+      parts[k].append(jnp.broadcast_to(x, (nb,) + x.shape))
+  cat = {k: v[0] if len(v) == 1 else jnp.concatenate(v, axis=0) for k, v in parts.items()}
+  y = _fused_core(
+      cat["u"],
+      cat["delta"],
+      cat["At"],
+      cat["B"],
+      cat["C"],
+      cat["D"],
+      cat["bias"],
+      bool(delta_softplus),
+  )  # [S * nb, nc, T, bt, d]
+  outs = []
+  for s, rev in enumerate(reverse):
+    y_s = _from_tiles(y[s * nb : (s + 1) * nb] if len(reverse) > 1 else y, batch, length)
+    outs.append(jnp.flip(y_s, axis=1) if rev else y_s)
+  return outs
 
 
 def scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse):
@@ -211,18 +267,5 @@ def scan_fused(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse):
   Args: u, delta [b, l, d]; A [d, n]; B, C [b, l, n]; D, delta_bias [d] or None;
   all in the compute dtype. Returns y [b, l, d] including ``D * u``.
   """
-  if reverse:
-    u, delta, B, C = (jnp.flip(x, axis=1) for x in (u, delta, B, C))
-  batch, length, d_inner = u.shape
-  zeros = jnp.zeros((d_inner,), u.dtype)
-  D = zeros if D is None else D
-  delta_bias = zeros if delta_bias is None else delta_bias
-  nb, bt, nc, chunk = fused_geometry(batch, length, d_inner, A.shape[1])
-  tiles = functools.partial(_to_tiles, nb=nb, bt=bt, nc=nc, chunk=chunk)
-  y = _fused_core(
-      tiles(u), tiles(delta), A.T, tiles(B), tiles(C), D, delta_bias, bool(delta_softplus)
-  )  # [nb, nc, T, bt, d]
-  y = _from_tiles(y, batch, length)
-  if reverse:
-    y = jnp.flip(y, axis=1)
+  (y,) = scan_fused_streams([(u, delta, A, B, C, D, delta_bias)], [reverse], delta_softplus)
   return y

@@ -1,7 +1,9 @@
 """Selective scan (Mamba-1 S6 recurrence): one contract, several methods.
 
-This module owns the public entry point :func:`selective_scan` (validation via
-:mod:`mamba_pkd.ssm.common`, then dispatch on :class:`ScanMethod`) and the plain
+This module owns the public entry points :func:`selective_scan` (validation via
+:mod:`mamba_pkd.ssm.common`, then dispatch on :class:`ScanMethod`) and
+:func:`selective_scan_streams` (several equal-shaped scans, e.g. both directions
+of a bidirectional mixer, in one fused call), and the plain
 XLA methods ``"sequential"``, ``"parallel"`` and ``"chunked"``. The ``"fused"``
 method lives in :mod:`mamba_pkd.ssm.fused`, the ``"pallas"`` kernel in
 :mod:`mamba_pkd.ssm.pallas_scan`; neither imports this module.
@@ -66,9 +68,17 @@ from mamba_pkd.ssm.common import check_chunk_size
 from mamba_pkd.ssm.common import compute_dt
 from mamba_pkd.ssm.common import compute_dtype
 from mamba_pkd.ssm.common import as_scan_method
+from mamba_pkd.ssm.common import shapes_match
 from mamba_pkd.ssm.common import validate_scan_inputs
 
-__all__ = ["SCAN_METHODS", "ScanMethod", "compute_dt", "selective_scan", "validate_scan_inputs"]
+__all__ = [
+    "SCAN_METHODS",
+    "ScanMethod",
+    "compute_dt",
+    "selective_scan",
+    "selective_scan_streams",
+    "validate_scan_inputs",
+]
 
 _logger = logging.getLogger(__name__)
 _AUTO_LOGGED = set()
@@ -256,3 +266,76 @@ def selective_scan(
   if D is not None:
     y = y + uc * D.astype(cdt)
   return y.astype(u.dtype)
+
+
+def selective_scan_streams(
+    streams,
+    *,
+    reverse,
+    delta_softplus=True,
+    method="auto",
+    chunk_size=64,
+    unroll=1,
+):
+  """Several independent selective scans of equal shapes, e.g. both directions of a mixer.
+
+  ``selective_scan_streams([f, b], reverse=[False, True])`` equals
+  ``[selective_scan(*f), selective_scan(*b, reverse=True)]`` (values, and
+  gradients to float32 rounding). With ``method="fused"`` (or ``"auto"`` when it
+  resolves to ``"fused"``) the streams go through one fused call: one
+  ``custom_vjp`` whose batch tiles of all streams run in independent loops on
+  separate cores, forward and backward. Other methods run one call per stream.
+
+  Args:
+    streams: sequence of tuples ``(u, delta, A, B, C, D, delta_bias)`` as in
+      :func:`selective_scan` (``D`` and ``delta_bias`` may be None); every
+      stream has the same shapes.
+    reverse: sequence of bools, one per stream.
+    delta_softplus, method, chunk_size, unroll: as in :func:`selective_scan`,
+      shared by the streams.
+
+  Returns:
+    list of y [batch, L, d_inner], one per stream, each in its ``u.dtype``.
+
+  Raises:
+    ValueError: bad shapes, dtypes, ``method``, ``chunk_size``, streams of
+      different shapes, or ``len(reverse) != len(streams)``.
+  """
+  streams = [tuple(s) for s in streams]
+  reverse = [bool(r) for r in reverse]
+  if not streams or len(reverse) != len(streams) or any(len(s) != 7 for s in streams):
+    raise ValueError(
+        f"selective_scan_streams needs >= 1 streams of 7 arrays (u, delta, A, B, C, D,"
+        f" delta_bias) and one reverse flag each; got {len(streams)} streams and"
+        f" {len(reverse)} flags"
+    )
+  method = as_scan_method(method)
+  check_chunk_size(chunk_size)
+  for s in streams:
+    validate_scan_inputs(*s)
+  u0, a0 = jnp.shape(streams[0][0]), jnp.shape(streams[0][2])
+  for i, s in enumerate(streams[1:], 1):
+    if not (shapes_match(jnp.shape(s[0]), u0) and shapes_match(jnp.shape(s[2]), a0)):
+      raise ValueError(
+          f"stream {i} has u {jnp.shape(s[0])} and A {jnp.shape(s[2])}; stream 0 has"
+          f" u {u0} and A {a0} (all streams need equal shapes)"
+      )
+  if method is ScanMethod.AUTO:
+    method = _resolve_auto()
+  if method is not ScanMethod.FUSED or len(streams) == 1:
+    return [
+        selective_scan(
+            *s[:6],
+            delta_bias=s[6],
+            delta_softplus=delta_softplus,
+            reverse=r,
+            method=method,
+            chunk_size=chunk_size,
+            unroll=unroll,
+        )
+        for s, r in zip(streams, reverse)
+    ]
+  cdt = compute_dtype(*(x for s in streams for x in s))
+  cast = [tuple(None if x is None else x.astype(cdt) for x in s) for s in streams]
+  ys = fused.scan_fused_streams(cast, reverse, delta_softplus)
+  return [y.astype(s[0].dtype) for y, s in zip(ys, streams)]
