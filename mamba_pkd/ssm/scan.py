@@ -41,8 +41,12 @@ Methods (all agree to float32 rounding and are differentiable):
   forward that saves only the inputs and the states at chunk boundaries, and a
   hand-written backward that recomputes each chunk's states (memory never
   O(batch * L * d_inner * N)). The fast path on CPU: forward+backward at
-  (64, 196, 128, 16) measured about 10x faster than "parallel" and 4x faster
-  than "sequential" on a shared 2-core CPU (experiments/bench_scan.py).
+  (64, 196, 128, 16) on a quiet 2-core machine, 92 ms against 642 ms for
+  "parallel" (6.98x in wall clock, 11.3x in CPU time: XLA spreads "parallel"'s
+  large ops over both cores, while the fused tile loops run on one; issue 14,
+  experiments/bench_scan.py). Independent loops do not help: XLA:CPU (JAX
+  0.10.2) was profiled running two data-independent while loops one after the
+  other on one thread.
 * ``"pallas"``: the kernel in :mod:`mamba_pkd.ssm.pallas_scan` (``interpret=True``
   off GPU).
 * ``"auto"``: ``"pallas"`` on GPU, ``"fused"`` elsewhere.
