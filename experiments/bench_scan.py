@@ -47,13 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 try:
-  from mamba_pkd.ssm import selective_scan
+  from mamba_pkd.ssm import ScanMethod, as_scan_method, selective_scan
 except ImportError:  # run as a script from a checkout that is not pip-installed
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from mamba_pkd.ssm import selective_scan
+  from mamba_pkd.ssm import ScanMethod, as_scan_method, selective_scan
 
 DEFAULT_SHAPES = "64,49,128,16;64,196,128,16;16,784,64,16"
-CPU_METHODS = ("sequential", "parallel", "chunked", "fused")
+CPU_METHODS = tuple(m.value for m in ScanMethod if m not in (ScanMethod.PALLAS, ScanMethod.AUTO))
 MALLOC_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
@@ -113,9 +113,10 @@ def parse_args(argv=None):
     args.methods = list(CPU_METHODS) + (["pallas"] if on_gpu or args.pallas_interpret else [])
   else:
     args.methods = [m for m in args.methods.split(",") if m]
-  bad = [m for m in args.methods if m not in CPU_METHODS + ("pallas", "auto")]
-  if bad:
-    p.error(f"--methods: unknown {bad}; valid: {CPU_METHODS + ('pallas', 'auto')}")
+  try:
+    args.methods = [as_scan_method(m, "--methods").value for m in args.methods]
+  except ValueError as e:
+    p.error(str(e))
   if "pallas" in args.methods and not (on_gpu or args.pallas_interpret):
     p.error("--methods pallas on CPU needs --pallas_interpret")
   return args

@@ -19,6 +19,7 @@ _NAMES = {
     "RMSNorm": "mamba_pkd.layers",
     "ResidualBlock": "mamba_pkd.layers",
     "SCAN_METHODS": "mamba_pkd.ssm",
+    "ScanMethod": "mamba_pkd.ssm",
     "init_params": "mamba_pkd.models",
     "ladder_configs": "mamba_pkd.models",
     "selective_scan": "mamba_pkd.ssm",

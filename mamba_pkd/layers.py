@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_pkd.ssm.scan import selective_scan
+from mamba_pkd.ssm.scan import selective_scan_streams
 
 Array = jax.Array
 
@@ -125,7 +125,8 @@ class MambaMixer(nn.Module):
     dt_rank: rank of the step-size projection ("auto" -> ceil(d_model / 16)).
     dt_min, dt_max, dt_init_floor, dt_scale: step-size initialisation.
     bidirectional: add the reversed branch.
-    scan_method: passed to :func:`mamba_pkd.ssm.selective_scan`.
+    scan_method: passed to :func:`mamba_pkd.ssm.selective_scan_streams` (with
+      ``bidirectional``, "fused" runs both branches' scans as one fused call).
     scan_unroll: ``unroll`` of the "sequential" method (True: no while loop).
   """
 
@@ -152,18 +153,30 @@ class MambaMixer(nn.Module):
     d_inner = self.d_inner
     xz = nn.Dense(2 * d_inner, use_bias=False, name="in_proj")(hidden)
     x, z = jnp.split(xz, 2, axis=-1)  # each [B, L, d_inner]
-    y = self._scan_branch(x, suffix="", reverse=False)
+    streams = [self._branch_inputs(x, suffix="")]
     if self.bidirectional:
-      y = y + self._scan_branch(x, suffix="_b", reverse=True)
+      # The reversed branch works on flip(x) (its own conv, projections, A and D)
+      # and its output is flipped back; both scans go through one call, which
+      # the "fused" method runs as one fused scan of both branches.
+      streams.append(self._branch_inputs(jnp.flip(x, axis=1), suffix="_b"))
+    ys = selective_scan_streams(
+        streams,
+        reverse=[False] * len(streams),
+        delta_softplus=True,
+        method=self.scan_method,
+        unroll=self.scan_unroll,
+    )
+    y = ys[0]
+    if self.bidirectional:
+      y = y + jnp.flip(ys[1], axis=1)
     y = y * nn.silu(z)
     return nn.Dense(self.d_model, use_bias=False, name="out_proj")(y)
 
-  def _scan_branch(self, x: Array, *, suffix: str, reverse: bool) -> Array:
-    """x: [batch, L, d_inner] (after in_proj) -> y: [batch, L, d_inner] (before the gate)."""
+  def _branch_inputs(self, x: Array, *, suffix: str) -> tuple:
+    """x: [batch, L, d_inner] (after in_proj, flipped for the reversed branch) -> the
+    scan's (u, delta, A, B, C, D, delta_bias) of this branch (delta_bias None)."""
     d_inner = self.d_inner
     dt_rank = resolve_dt_rank(self.d_model, self.dt_rank)
-    if reverse:
-      x = jnp.flip(x, axis=1)
     x = CausalDepthwiseConv1d(self.d_conv, name="conv1d" + suffix)(x)
     x = nn.silu(x)  # [B, L, d_inner]
     x_dbl = nn.Dense(dt_rank + 2 * self.d_state, use_bias=False, name="x_proj" + suffix)(x)
@@ -180,18 +193,7 @@ class MambaMixer(nn.Module):
     a_name = "A_b_log" if suffix else "A_log"
     a_log = self.param(a_name, a_log_init, (d_inner, self.d_state))
     d_skip = self.param("D" + suffix, nn.initializers.ones, (d_inner,))
-    y = selective_scan(
-        x,
-        delta,
-        -jnp.exp(a_log.astype(jnp.float32)),
-        b_mat,
-        c_mat,
-        d_skip,
-        delta_softplus=True,
-        method=self.scan_method,
-        unroll=self.scan_unroll,
-    )
-    return jnp.flip(y, axis=1) if reverse else y
+    return (x, delta, -jnp.exp(a_log.astype(jnp.float32)), b_mat, c_mat, d_skip, None)
 
 
 class ResidualBlock(nn.Module):

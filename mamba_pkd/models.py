@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_pkd import ensemble, layers
+from mamba_pkd.ssm.common import as_scan_method
 
 Array = jax.Array
 
@@ -41,7 +42,8 @@ class ModelConfig:
     pool: "mean" over tokens or the "last" token.
     connect_dim: width of the previous student's penultimate features that this
       model reads through a learned projection (0 = no connection).
-    scan_method: selective-scan method (see ``mamba_pkd.ssm.SCAN_METHODS``).
+    scan_method: selective-scan method, a ``mamba_pkd.ssm.ScanMethod`` or its name
+      (``mamba_pkd.ssm.SCAN_METHODS``).
     scan_unroll: ``unroll`` of the "sequential" scan (True: fully unrolled,
       used to let XLA's cost analysis count every step).
   """
@@ -104,10 +106,7 @@ def validate_model_config(config: ModelConfig) -> None:
     raise ValueError(f"pool must be one of {POOLINGS}, got {config.pool!r}")
   if not isinstance(config.connect_dim, int) or config.connect_dim < 0:
     raise ValueError(f"connect_dim must be an int >= 0, got {config.connect_dim!r}")
-  from mamba_pkd.ssm.scan import SCAN_METHODS  # pylint: disable=g-import-not-at-top
-
-  if config.scan_method not in SCAN_METHODS:
-    raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {config.scan_method!r}")
+  as_scan_method(config.scan_method, "scan_method")
 
 
 class MambaClassifier(nn.Module):

@@ -61,15 +61,17 @@ def _mixer_reference(p, hidden, *, d_state, dt_rank, d_conv, bidirectional):
   return y @ p["out_proj"]["kernel"]
 
 
+@pytest.mark.parametrize("method", ["sequential", "fused"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_mixer_matches_step_by_step_recurrence(bidirectional):
+def test_mixer_matches_step_by_step_recurrence(bidirectional, method):
+  """ "fused" with bidirectional=True runs both branches in one fused scan."""
   mixer = layers.MambaMixer(
       d_model=8,
       d_state=3,
       d_conv=3,
       expand=2,
       bidirectional=bidirectional,
-      scan_method="sequential",
+      scan_method=method,
   )
   hidden = jax.random.normal(jax.random.key(1), (2, 7, 8))
   params = mixer.init(jax.random.key(0), hidden)["params"]
@@ -80,6 +82,27 @@ def test_mixer_matches_step_by_step_recurrence(bidirectional):
       params, hidden, d_state=3, dt_rank=1, d_conv=3, bidirectional=bidirectional
   )
   np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_bidirectional_fused_mixer_equals_sequential_in_params_values_and_gradients():
+  hidden = jax.random.normal(jax.random.key(3), (5, 11, 8))
+  mixers = {
+      m: layers.MambaMixer(d_model=8, d_state=4, bidirectional=True, scan_method=m)
+      for m in ("sequential", "fused")
+  }
+  params = {m: mixer.init(jax.random.key(0), hidden)["params"] for m, mixer in mixers.items()}
+  assert jax.tree.structure(params["fused"]) == jax.tree.structure(params["sequential"])
+  jax.tree.map(np.testing.assert_array_equal, params["fused"], params["sequential"])
+  p = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params["fused"]
+  )
+  out = {}
+  for m, mixer in mixers.items():
+    loss = lambda q, mixer=mixer: jnp.sum(jnp.sin(mixer.apply({"params": q}, hidden)))
+    out[m] = jax.jit(jax.value_and_grad(loss))(p)
+  np.testing.assert_allclose(out["fused"][0], out["sequential"][0], rtol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(out["fused"][1]), jax.tree.leaves(out["sequential"][1])):
+    assert float(jnp.max(jnp.abs(g - g_ref))) <= 1e-4 * float(jnp.max(jnp.abs(g_ref)))
 
 
 def test_mixer_parameter_names_and_shapes_follow_reference_mamba():

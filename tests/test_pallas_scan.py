@@ -1,9 +1,10 @@
 """Tests of the Pallas selective-scan kernel (interpret mode on CPU).
 
-Values and gradients of `selective_scan_pallas` are compared with a float64
-NumPy reference written here (forward recurrence and hand-derived
-backpropagation through time, itself checked by finite differences) and with
-the `"sequential"` method of `mamba_pkd.ssm.scan` (autodiff gradients).
+Values and gradients of `selective_scan_pallas` are compared with the float64
+NumPy reference of `tests/scan_reference.py` (forward recurrence and
+hand-derived backpropagation through time, itself checked by finite
+differences in `tests/test_scan.py`) and with the `"sequential"` method of
+`mamba_pkd.ssm.scan` (autodiff gradients).
 """
 
 import jax
@@ -13,81 +14,12 @@ import pytest
 
 from mamba_pkd.ssm import pallas_scan
 from mamba_pkd.ssm.pallas_scan import selective_scan_pallas
+import scan_reference
+from scan_reference import ARG_NAMES
+from scan_reference import reference_scan
 
 F32_RTOL = 1e-5  # max |kernel - reference| / max |reference|, float32
 BF16_RTOL = 2e-2  # same, bfloat16 inputs/outputs (8-bit mantissa)
-
-
-# ----------------------------------------------------------------------------
-# float64 NumPy reference.
-
-
-def _flip_time(*xs):
-  return tuple(None if x is None else x[:, ::-1] for x in xs)
-
-
-def numpy_scan(u, delta, A, B, C, D, bias, softplus=True, reverse=False, gy=None):
-  """float64 forward (and, given gy, backward) of the selective scan.
-
-  Args:
-    u, delta: [b, L, d]; A: [d, n]; B, C: [b, L, n]; D, bias: [d] or None;
-    gy: [b, L, d] cotangent of y, or None.
-
-  Returns:
-    y [b, L, d], and when gy is given also a dict of float64 gradients
-    {u, delta, A, B, C, D, bias}.
-  """
-  u, delta, A, B, C = (np.asarray(x, np.float64) for x in (u, delta, A, B, C))
-  D = np.zeros(u.shape[2]) if D is None else np.asarray(D, np.float64)
-  bias = np.zeros(u.shape[2]) if bias is None else np.asarray(bias, np.float64)
-  if reverse:
-    u, delta, B, C = _flip_time(u, delta, B, C)
-    if gy is not None:
-      (gy,) = _flip_time(np.asarray(gy, np.float64))
-  x = delta + bias
-  dt = np.logaddexp(0.0, x) if softplus else x
-  ddt_dx = 1.0 / (1.0 + np.exp(-x)) if softplus else np.ones_like(x)
-  batch, seq_len, d_inner = u.shape
-  h = np.zeros((batch, d_inner, A.shape[1]))
-  hs = np.zeros((seq_len + 1,) + h.shape)  # hs[t + 1] = h_t, hs[0] = 0
-  y = np.zeros_like(u)
-  for t in range(seq_len):
-    d_a = np.exp(dt[:, t, :, None] * A)
-    h = d_a * h + (dt[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-    hs[t + 1] = h
-    y[:, t] = np.einsum("bdn,bn->bd", h, C[:, t]) + D * u[:, t]
-  if gy is None:
-    return y[:, ::-1] if reverse else y
-  gy = np.asarray(gy, np.float64)
-  g = {k: np.zeros_like(v) for k, v in (("u", u), ("x", x), ("A", A), ("B", B), ("C", C), ("D", D))}
-  g_h = np.zeros_like(h)
-  for t in reversed(range(seq_len)):
-    d_a = np.exp(dt[:, t, :, None] * A)
-    g_h = g_h + C[:, t, None, :] * gy[:, t, :, None]
-    g["C"][:, t] = np.einsum("bd,bdn->bn", gy[:, t], hs[t + 1])
-    g["D"] += np.sum(gy[:, t] * u[:, t], axis=0)
-    g_hb = np.einsum("bdn,bn->bd", g_h, B[:, t])
-    g["u"][:, t] = gy[:, t] * D + dt[:, t] * g_hb
-    g["B"][:, t] = np.einsum("bdn,bd->bn", g_h, dt[:, t] * u[:, t])
-    g_da = g_h * hs[t]
-    g_dt = np.sum(g_da * d_a * A, axis=2) + u[:, t] * g_hb
-    g["A"] += np.sum(g_da * d_a * dt[:, t, :, None], axis=0)
-    g["x"][:, t] = g_dt * ddt_dx[:, t]
-    g_h = g_h * d_a
-  grads = {
-      "u": g["u"],
-      "delta": g["x"],
-      "A": g["A"],
-      "B": g["B"],
-      "C": g["C"],
-      "D": g["D"],
-      "bias": g["x"].sum(axis=(0, 1)),
-  }
-  if reverse:
-    y = y[:, ::-1]
-    for k in ("u", "delta", "B", "C"):
-      grads[k] = grads[k][:, ::-1]
-  return y, grads
 
 
 def make_inputs(batch, seq_len, d_inner, n, seed=0, softplus=True):
@@ -104,11 +36,8 @@ def make_inputs(batch, seq_len, d_inner, n, seed=0, softplus=True):
       "B": f(batch, seq_len, n),
       "C": f(batch, seq_len, n),
       "D": f(d_inner),
-      "bias": (0.5 * f(d_inner)).astype(np.float32),
+      "delta_bias": (0.5 * f(d_inner)).astype(np.float32),
   }
-
-
-ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "bias")
 
 
 def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32, **kwargs):
@@ -117,9 +46,16 @@ def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32, **kwa
   for i in (0, 1, 3, 4):  # u, delta, B, C in the tested dtype
     args[i] = args[i].astype(dtype)
 
-  def f(u, delta, A, B, C, D, bias):
+  def f(u, delta, A, B, C, D, delta_bias):
     return selective_scan_pallas(
-        u, delta, A, B, C, D if use_d else None, delta_bias=bias if use_bias else None, **kwargs
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if use_d else None,
+        delta_bias=delta_bias if use_bias else None,
+        **kwargs,
     )
 
   @jax.jit
@@ -132,52 +68,8 @@ def kernel_value_and_grads(inputs, gy, use_d, use_bias, dtype=jnp.float32, **kwa
 
 
 def rel_err(actual, expected):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-# ----------------------------------------------------------------------------
-# The reference itself.
-
-
-def test_numpy_reference_gradients_match_finite_differences():
-  inputs = {k: v.astype(np.float64) for k, v in make_inputs(2, 5, 3, 2, seed=1).items()}
-  gy = np.random.default_rng(2).standard_normal((2, 5, 3))
-  for reverse in (False, True):
-    _, grads = numpy_scan(**inputs, reverse=reverse, gy=gy)
-    rng = np.random.default_rng(3)
-    for name in ARG_NAMES:
-      direction = rng.standard_normal(inputs[name].shape)
-      eps = 1e-6
-      plus = dict(inputs, **{name: inputs[name] + eps * direction})
-      minus = dict(inputs, **{name: inputs[name] - eps * direction})
-      fd = np.sum(
-          gy * (numpy_scan(**plus, reverse=reverse) - numpy_scan(**minus, reverse=reverse))
-      ) / (2 * eps)
-      analytic = np.sum(grads[name] * direction)
-      np.testing.assert_allclose(
-          analytic, fd, rtol=1e-6, atol=1e-8, err_msg=f"{name} reverse={reverse}"
-      )
-
-
-def test_numpy_reference_hand_computed_single_step():
-  # L = 1: y = C * dt * B * u + D * u with dt = softplus(delta + bias).
-  u, delta, a, b, c, d, bias = 2.0, 0.3, -1.0, 0.5, -1.5, 0.25, 0.2
-  dt = np.log1p(np.exp(delta + bias))
-  expected = c * dt * b * u + d * u
-  arr = lambda v, *s: np.full(s, v)
-  y = numpy_scan(
-      arr(u, 1, 1, 1),
-      arr(delta, 1, 1, 1),
-      arr(a, 1, 1),
-      arr(b, 1, 1, 1),
-      arr(c, 1, 1, 1),
-      arr(d, 1),
-      arr(bias, 1),
-  )
-  np.testing.assert_allclose(y[0, 0, 0], expected, rtol=1e-12)
+  """scan_reference.rel_err, accepting bfloat16 ``actual``."""
+  return scan_reference.rel_err(jnp.asarray(actual, jnp.float32), expected)
 
 
 # ----------------------------------------------------------------------------
@@ -234,15 +126,17 @@ def test_values_and_gradients_match_float64_reference(
   gy = np.random.default_rng(7).standard_normal((batch, seq_len, d_inner)).astype(np.float32)
   y, grads = kernel_value_and_grads(inputs, gy, use_d, use_bias, interpret=True, **kwargs)
   ref_inputs = dict(
-      inputs, D=inputs["D"] if use_d else None, bias=inputs["bias"] if use_bias else None
+      inputs,
+      D=inputs["D"] if use_d else None,
+      delta_bias=inputs["delta_bias"] if use_bias else None,
   )
-  y_ref, grads_ref = numpy_scan(
-      **ref_inputs, softplus=softplus, reverse=kwargs.get("reverse", False), gy=gy
+  y_ref, grads_ref = reference_scan(
+      **ref_inputs, delta_softplus=softplus, reverse=kwargs.get("reverse", False), gy=gy
   )
   assert y.dtype == jnp.float32 and y.shape == (batch, seq_len, d_inner)
   assert rel_err(y, y_ref) <= F32_RTOL
   for name in ARG_NAMES:
-    if (name == "D" and not use_d) or (name == "bias" and not use_bias):
+    if (name == "D" and not use_d) or (name == "delta_bias" and not use_bias):
       np.testing.assert_array_equal(np.asarray(grads[name]), 0.0)
       continue
     assert grads[name].dtype == jnp.float32, name
@@ -269,7 +163,7 @@ def test_bfloat16_inputs_within_tolerance():
       prefetch=1,
       interpret=True,
   )
-  y_ref, grads_ref = numpy_scan(**inputs, gy=gy)
+  y_ref, grads_ref = reference_scan(**inputs, gy=gy)
   assert y.dtype == jnp.bfloat16
   assert rel_err(y, y_ref) <= BF16_RTOL
   for name in ARG_NAMES:
@@ -285,8 +179,8 @@ def test_matches_sequential_method_values_and_autodiff_gradients():
   w = jnp.asarray(np.random.default_rng(8).standard_normal((2, 13, 40)), jnp.float32)
 
   def loss(fn, reverse):
-    def f(u, delta, A, B, C, D, bias):
-      return jnp.sum(w * fn(u, delta, A, B, C, D, delta_bias=bias, reverse=reverse))
+    def f(u, delta, A, B, C, D, delta_bias):
+      return jnp.sum(w * fn(u, delta, A, B, C, D, delta_bias=delta_bias, reverse=reverse))
 
     return jax.jit(jax.value_and_grad(f, argnums=tuple(range(7))))
 

@@ -55,6 +55,11 @@ recovered by dividing by dA (that is unstable when exp underflows).
 Everything accumulates in float32; bfloat16 inputs are upcast in the kernel
 and y is returned in `u.dtype`.
 
+Imports from `mamba_pkd` only `mamba_pkd.ssm.common` (the shared argument
+checks); `mamba_pkd.ssm.scan.selective_scan(method="pallas")` calls
+`selective_scan_pallas`. Tests compare it with the float64 reference in
+`tests/scan_reference.py`.
+
 Measured (`experiments/gpu_check.py`, one H200, JAX 0.11.2), at
 (batch, L, d_inner, N) = (64, 784, 256, 16), float32: forward 0.37-0.46 ms and
 forward+backward 1.5-1.7 ms, i.e. ~10x faster than the associative scan for
@@ -77,7 +82,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mamba_pkd.ssm import scan
+from mamba_pkd.ssm import common
 
 try:  # Pallas is an experimental, version-dependent API: import it here only.
   from jax.experimental import pallas as pl
@@ -604,7 +609,7 @@ def _validate(
     u, delta, A, B, C, D, delta_bias, block_d, chunk_size, num_warps, prefetch, prefetch_bwd
 ) -> None:
   """Raises ValueError naming the first bad argument."""
-  scan.validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
+  common.validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
   d_inner = u.shape[2]
   if block_d is not None and (
       not isinstance(block_d, int) or not _is_power_of_two(block_d) or block_d > _MAX_BLOCK_D
@@ -614,8 +619,7 @@ def _validate(
         f"[1, {_MAX_BLOCK_D}] (d_inner={d_inner} is padded up to a multiple "
         "of block_d), e.g. 16, 32 or 64"
     )
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size!r} is invalid; expected an int >= 1")
+  common.check_chunk_size(chunk_size)
   if num_warps is not None and (
       not isinstance(num_warps, int) or not _is_power_of_two(num_warps) or num_warps > 32
   ):
@@ -744,34 +748,3 @@ def selective_scan_pallas(
   col = lambda x: x[..., None]  # trailing unit axis: [.., d] -> [.., d, 1]
   y = _scan_padded(col(u_p), col(delta_p), a_p, b_p, c_p, col(d_p), col(bias_p), cfg)[..., 0]
   return y[:, :, :d_inner] if pad_d else y
-
-
-def selective_scan_pallas_reference(
-    u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=True, reverse=False
-):
-  """Plain `lax.scan` version of `selective_scan_pallas` (same arguments).
-
-  The slow reference kept beside the kernel: float32 accumulation, y in
-  u.dtype. Shapes as in `selective_scan_pallas`.
-  """
-  f32 = jnp.float32
-  x = delta.astype(f32)
-  if delta_bias is not None:
-    x = x + delta_bias.astype(f32)
-  dt = jax.nn.softplus(x) if delta_softplus else x  # [b, L, d]
-  uf = u.astype(f32)
-  a = A.astype(f32)
-
-  def step(h, inputs):
-    dt_t, u_t, b_t, c_t = inputs  # [b,d],[b,d],[b,N]
-    d_a = jnp.exp(dt_t[:, :, None] * a)  # [b, d, N]
-    h = d_a * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-    return h, jnp.einsum("bdn,bn->bd", h, c_t)
-
-  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (dt, uf, B.astype(f32), C.astype(f32)))
-  h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), f32)
-  _, ys = lax.scan(step, h0, xs, reverse=reverse)
-  y = jnp.moveaxis(ys, 0, 1)
-  if D is not None:
-    y = y + D.astype(f32) * uf
-  return y.astype(u.dtype)
