@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   # Size family: auto (the preset of the images' shape: 28x28x1 -> mnist, 32x32x3 -> cifar;
-  # any other shape derived by models.auto_ladder_spec) | mnist | cifar | tiny (models.LADDERS).
+  # any other shape derived by ladders.auto_ladder_spec) | mnist | cifar | tiny (ladders.LADDERS).
   config.model.ladder = "auto"
   config.model.scan_method = "auto"  # auto | fused | sequential | parallel | chunked | pallas
   config.model.bidirectional = True  # reversed scan branch in every mixer (images are not causal)

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from mamba_pkd import losses, models, parallel, train  # pylint: disable=g-import-not-at-top
+from mamba_pkd import ladders, losses, models, parallel, train  # pylint: disable=g-import-not-at-top
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
   args = parser.parse_args()
   devices = jax.local_device_count()
   parallel.check_batch_divisible(args.batch_size)
-  sizes = models.ladder_configs(
+  sizes = ladders.ladder_configs(
       "mnist", image_shape=(28, 28, 1), num_classes=10, bidirectional=True
   )
   print(

@@ -21,11 +21,11 @@ _NAMES = {
     "SCAN_METHODS": "mamba_pkd.ssm",
     "ScanMethod": "mamba_pkd.ssm",
     "init_params": "mamba_pkd.models",
-    "ladder_configs": "mamba_pkd.models",
+    "ladder_configs": "mamba_pkd.ladders",
     "selective_scan": "mamba_pkd.ssm",
 }
 _MODULES = (
-    "checkpoints", "data", "ensemble", "evaluate", "export", "flops", "layers", "losses", "manifest",
+    "checkpoints", "data", "ensemble", "evaluate", "export", "flops", "ladders", "layers", "losses", "manifest",
     "metrics", "models", "parallel", "pkd", "predict", "preprocessing", "report", "runs",
     "settings", "ssm", "stages", "train", "weak_learner",
 )  # fmt: skip

@@ -61,12 +61,12 @@ def ladder_table(config) -> str:
   (``auto`` included).
   """
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mamba_pkd import flops, models  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import flops, ladders  # pylint: disable=g-import-not-at-top
 
   image_shape, num_classes = data_lib.dataset_shape(
       config.dataset, data_dir=config.data_dir or None, seed=config.seed
   )
-  sizes = models.ladder_configs(
+  sizes = ladders.ladder_configs(
       config.model.ladder,
       image_shape=image_shape,
       num_classes=num_classes,

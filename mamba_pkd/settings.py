@@ -15,7 +15,7 @@ import ml_collections
 
 from mamba_pkd import parallel, train
 from mamba_pkd import data as data_lib
-from mamba_pkd.models import ladder_families, ladder_size_names
+from mamba_pkd.ladders import ladder_families, ladder_size_names
 
 MODES = ("ensemble", "chain")
 TARGETS = ("teacher", "residual")

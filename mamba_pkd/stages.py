@@ -27,7 +27,8 @@ import numpy as np
 from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, provenance, settings, train
 from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
-from mamba_pkd.models import ModelConfig, init_params, ladder_configs
+from mamba_pkd.models import ModelConfig, init_params
+from mamba_pkd.ladders import ladder_configs
 
 PyTree = Any
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import smoke_env
 from mamba_pkd import data as data_lib
-from mamba_pkd import flops, models, train
+from mamba_pkd import flops, ladders, models, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _pct(sizes):
     ],
 )
 def test_patch_sizes_divide_the_image_and_keep_tokens_in_range(shape, teacher_patch, student_patch):
-  assert models.auto_patch_sizes(shape) == (teacher_patch, student_patch)
+  assert ladders.auto_patch_sizes(shape) == (teacher_patch, student_patch)
   h, w, _ = shape
   for p in (teacher_patch, student_patch):
     assert h % p == 0 and w % p == 0
@@ -46,9 +46,9 @@ def test_token_range_by_brute_force():
     divisors = [p for p in range(1, side + 1) if side % p == 0]
     if not any(4 <= (side // p) ** 2 <= 1024 for p in divisors):  # primes 37..61
       with pytest.raises(ValueError, match="resize, crop or pad"):
-        models.auto_patch_sizes((side, side, 1))
+        ladders.auto_patch_sizes((side, side, 1))
       continue
-    t, s = models.auto_patch_sizes((side, side, 1))
+    t, s = ladders.auto_patch_sizes((side, side, 1))
     possible = [p for p in range(1, side + 1) if side % p == 0 and 16 <= (side // p) ** 2 <= 64]
     if possible:
       assert 16 <= (side // t) ** 2 <= 64, side
@@ -60,16 +60,16 @@ def test_too_many_tokens_is_one_clear_error():
   with pytest.raises(
       ValueError, match=r"ladder 'auto': images of shape \(1009, 1009, 1\).*1008x1008"
   ):
-    models.auto_patch_sizes((1009, 1009, 1))
+    ladders.auto_patch_sizes((1009, 1009, 1))
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3), (28, 28, 1), (16, 16, 1), (64, 64, 3)])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_students_start_near_one_percent_and_grow_about_1_75x(shape, bidirectional):
-  sizes = models.ladder_configs(
+  sizes = ladders.ladder_configs(
       "auto", image_shape=shape, num_classes=10, bidirectional=bidirectional
   )
-  assert list(sizes) == list(models.ladder_size_names("auto"))
+  assert list(sizes) == list(ladders.ladder_size_names("auto"))
   pct = _pct(sizes)
   students = [pct[f"s{k}"] for k in range(1, 9)]
   assert students[0] <= 2.0, students  # the brief's bound
@@ -87,18 +87,18 @@ def test_auto_uses_the_preset_of_its_shape_and_derives_close_to_it():
   do not change); the derived ladder for 28x28x1 stays close to the preset."""
   for shape, preset in ((28, 28, 1), "mnist"), ((32, 32, 3), "cifar"):
     kw = dict(image_shape=shape, num_classes=10, bidirectional=True)
-    assert models.ladder_configs("auto", **kw) == models.ladder_configs(preset, **kw)
-  derived = models.auto_ladder_spec((28, 28, 1), 10, bidirectional=True)
-  mnist = models.LADDERS["mnist"]
+    assert ladders.ladder_configs("auto", **kw) == ladders.ladder_configs(preset, **kw)
+  derived = ladders.auto_ladder_spec((28, 28, 1), 10, bidirectional=True)
+  mnist = ladders.LADDERS["mnist"]
   same = [n for n in derived["sizes"] if derived["sizes"][n] == mnist["sizes"][n]]
   assert same == ["teacher", "s1", "s4", "s5"]  # the other rungs differ in width or depth
 
 
 def test_presets_are_unchanged_and_unknown_family_lists_auto():
-  assert models.LADDERS["mnist"]["sizes"]["s1"] == (20, 1, 4, 7)
-  assert models.ladder_families() == ("cifar", "mnist", "tiny", "auto")
+  assert ladders.LADDERS["mnist"]["sizes"]["s1"] == (20, 1, 4, 7)
+  assert ladders.ladder_families() == ("cifar", "mnist", "tiny", "auto")
   with pytest.raises(ValueError, match=r"unknown ladder family 'mnst'; valid: .*'auto'"):
-    models.ladder_configs("mnst", image_shape=(28, 28, 1), num_classes=10)
+    ladders.ladder_configs("mnst", image_shape=(28, 28, 1), num_classes=10)
 
 
 @pytest.mark.parametrize(

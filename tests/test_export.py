@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from mamba_pkd import checkpoints, ensemble, export, flops, manifest, models, predict, runs
-from mamba_pkd.models import init_params, ladder_configs
+from mamba_pkd.models import init_params
+from mamba_pkd.ladders import ladder_configs
 from mamba_pkd.preprocessing import Preprocessing
 
 H, W, C, K = 16, 16, 1, 4

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from mamba_pkd import flops, models
+from mamba_pkd import flops, ladders, models
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_flops_grow_linearly_with_tokens():
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])
 def test_ladder_param_counts_match_initialised_models(family, shape):
-  for name, config in models.ladder_configs(
+  for name, config in ladders.ladder_configs(
       family, image_shape=shape, num_classes=10, bidirectional=True
   ).items():
     params = jax.eval_shape(lambda c=config: models.init_params(c, jax.random.key(0)))
@@ -64,7 +64,7 @@ def test_ladder_param_counts_match_initialised_models(family, shape):
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])
 def test_ladder_climbs_from_about_one_percent(family, shape):
-  sizes = models.ladder_configs(family, image_shape=shape, num_classes=10)
+  sizes = ladders.ladder_configs(family, image_shape=shape, num_classes=10)
   teacher = flops.count_flops(sizes.pop("teacher"))
   pct = [100 * flops.count_flops(c) / teacher for c in sizes.values()]
   assert len(pct) >= 7 and 0.5 <= pct[0] <= 1.5

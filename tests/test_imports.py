@@ -183,15 +183,10 @@ def test_no_import_cycle_through_ssm():
 
 
 def test_no_import_cycle_in_mamba_pkd():
-  """No cycle anywhere; one outside mamba_pkd.ssm is an xfail naming it (being removed)."""
   cycles = find_cycles(import_graph())
-  in_ssm = [c for c in cycles if any(m.startswith("mamba_pkd.ssm") for m in c)]
-  assert not in_ssm, f"import cycles through mamba_pkd.ssm: {_describe(in_ssm)}"
-  if cycles:
-    pytest.xfail(f"import cycles outside mamba_pkd.ssm (being removed): {_describe(cycles)}")
+  assert not cycles, f"import cycles: {_describe(cycles)}"
 
 
-@pytest.mark.xfail(strict=False, reason="modules being split (issue 11)")
 def test_no_module_exceeds_the_line_limit():
   too_long = {}
   for name, path in module_files(ROOT, PACKAGE).items():

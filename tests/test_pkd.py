@@ -392,9 +392,9 @@ def test_chain_ends_at_the_smallest_rung_within_the_budget():
   student is the smallest rung; a budget the smallest cannot meet fails before training."""
   import types  # pylint: disable=g-import-not-at-top
 
-  from mamba_pkd import flops, models, pkd  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import flops, ladders, pkd  # pylint: disable=g-import-not-at-top
 
-  sizes = models.ladder_configs("mnist", image_shape=(28, 28, 1), num_classes=10)
+  sizes = ladders.ladder_configs("mnist", image_shape=(28, 28, 1), num_classes=10)
   ladder = ("s4", "s1", "s8", "s2", "s3")  # any order: the chain sorts by FLOPs
   ctx = types.SimpleNamespace(
       sizes=sizes,
