@@ -48,11 +48,11 @@ then skips every cross-process barrier (a barrier over a one-process set is a
 no-op), so a save on process 0 never waits for processes that do not call it,
 and nothing can deadlock. Non-writers open the directory ``read_only`` and
 write nothing. Ordering between processes is the caller's: after process 0's
-``save``/``mark_complete``, a barrier (e.g.
-``jax.experimental.multihost_utils.sync_global_devices(name)``) before the
-others read; after ``restore_latest``, checking that every process restored
-the same step (``multihost_utils.assert_equal``) guards against a file that
-only some hosts could read.
+``save``/``mark_complete`` the stage loop calls ``parallel.sync(name)`` (a
+barrier on the coordination service of ``jax.distributed``) before the others
+read, and after ``restore_latest`` it makes every process agree on the restored
+step with ``parallel.agree`` (which also guards against a file that only some
+hosts could read).
 """
 
 from __future__ import annotations
