@@ -1,7 +1,7 @@
 """Results of a PKD run: table, JSON and the accuracy-vs-FLOPs plot.
 
 One :class:`Row` per evaluated classifier (the teacher, each student alone,
-each ensemble prefix, baselines). :func:`write_report` writes, into the
+each ensemble prefix, baselines, each early-exit cascade budget). :func:`write_report` writes, into the
 workdir given by the caller (the caller decides which process writes):
 
 * ``results.json``: ``{"meta": ..., "rows": [...]}`` and, only when some
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline")
+KINDS = ("teacher", "student", "prefix", "baseline", "cascade")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
@@ -89,7 +89,8 @@ class Row:
   Attributes:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
-    kind: one of "teacher", "student", "prefix", "baseline".
+    kind: one of "teacher", "student", "prefix", "baseline", "cascade" (early exit
+      under a budget; its FLOPs are the measured mean per test image).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
       joined with "+").
     params: number of parameters (int).
@@ -309,7 +310,8 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
   """Saves accuracy (%) vs % of teacher FLOPs (log x) as an 800x500 PNG.
 
   Teacher: star; students alone: circles; ensemble prefixes: a line through
-  the prefixes in order of FLOPs; baselines: squares. Rows with 0 FLOPs cannot
+  the prefixes in order of FLOPs; baselines: squares; early-exit cascades: a
+  dashed line through their measured mean FLOPs. Rows with 0 FLOPs cannot
   sit on a log axis and are left out of the plot (not of the table).
   """
   # The object-oriented API with the Agg canvas: no pyplot global state and no
@@ -326,6 +328,9 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       "student": dict(marker="o", linestyle="none", color="tab:orange", label="student alone"),
       "baseline": dict(
           marker="s", linestyle="none", color="tab:green", label="baseline (single model)"
+      ),
+      "cascade": dict(
+          marker="D", linestyle="--", color="tab:purple", label="early-exit cascade (mean FLOPs)"
       ),
       "teacher": dict(
           marker="*", markersize=14, linestyle="none", color="tab:red", label="teacher"
