@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mamba_pkd import combine
-from mamba_pkd.ensemble import AnytimeResult, Ensemble, exit_flops
+from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, exit_flops
 
 NEVER = 2.0  # a threshold above every probability: no early exit
 TEACHER_CHOICES = ("auto", "on", "off")
@@ -221,6 +221,33 @@ def bootstrap_rule(
         [100.0 * r["mean_flops"] / teacher_flops for r in results]
     )
   return out
+
+
+def rule_for_budget(
+    combination: combine.Combination | None, budget_pct: float, *, asked: str = ""
+) -> dict:
+  """The stored rule of the largest stored budget <= ``budget_pct``.
+
+  Raises:
+    BudgetError: no combination, or every stored rule is over the budget (the
+      stored ones are named).
+  """
+  if combination is None:
+    raise BudgetError(
+        "this model stores no early-exit cascade (a run's workdir or an export of all its "
+        "students, written by this version, has one); use --max_flops instead"
+    )
+  rules = sorted(
+      (r for r in combination.cascades.values() if r is not None), key=lambda r: r["budget_pct"]
+  )
+  fits = [r for r in rules if r["budget_pct"] <= budget_pct * (1 + 1e-9)]
+  if not fits:
+    stored = ", ".join(budget_label(r["budget_pct"]) for r in rules) or "none"
+    raise BudgetError(
+        f"no stored cascade fits {asked or budget_label(budget_pct)} ({budget_pct:.3g}% of the "
+        f"teacher's FLOPs); stored: {stored}"
+    )
+  return fits[-1]
 
 
 def cascade_predict(

@@ -383,27 +383,10 @@ def _validate_args(args) -> tuple[float | None, float | None]:
 
 
 def choose_rule(ensemble: Ensemble, budget: str) -> dict:
-  """The stored cascade rule for ``budget``: the largest stored budget within it.
-
-  Raises:
-    BudgetError: no combination stored, or every stored rule is over the budget.
-  """
+  """The stored cascade rule for ``budget`` (``"2%"`` or FLOPs per image; raises BudgetError)."""
   absolute, pct = ensemble_lib.parse_flops(budget)
   pct = pct if pct is not None else 100.0 * absolute / ensemble.teacher_flops
-  combination = ensemble.combination
-  if combination is None:
-    raise BudgetError(
-        f"{ensemble.description} stores no early-exit cascade (a run's workdir or a bundle "
-        "of all its students, written by this version, has one); use --max_flops instead"
-    )
-  rules = sorted(
-      (r for r in combination.cascades.values() if r is not None), key=lambda r: r["budget_pct"]
-  )
-  fits = [r for r in rules if r["budget_pct"] <= pct * (1 + 1e-9)]
-  if not fits:
-    stored = ", ".join(cascade.budget_label(r["budget_pct"]) for r in rules) or "none"
-    raise BudgetError(f"no stored cascade fits --budget={budget} ({pct:.3g}%); stored: {stored}")
-  return fits[-1]
+  return cascade.rule_for_budget(ensemble.combination, pct, asked=f"--budget={budget}")
 
 
 def run_cascade(args, ensemble: Ensemble, names: list[str], x: np.ndarray) -> dict:
@@ -448,7 +431,9 @@ def run(args) -> dict:
     rule = choose_rule(ensemble, args.budget)  # before any file is read
     if rule["teacher_exit"] and ensemble.teacher_fn is None:
       raise BudgetError(f"{cascade.describe(rule)}, but {ensemble.description} has no teacher")
-    names, x = read_inputs(args.images, ensemble.preprocessing, invert=args.invert)
+    notes: list[str] = []
+    names, x = read_inputs(args.images, ensemble.preprocessing, invert=args.invert, notes=notes)
+    print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr, flush=True)
     out = run_cascade(args, ensemble, names, x)
     if args.output_json:
       pathlib.Path(args.output_json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
