@@ -119,7 +119,9 @@ def fit_scales(
       jac=True,
       method="L-BFGS-B",
       bounds=[_LOG_SCALE_BOUNDS] * len(u0),
-      options={"maxiter": max_iterations},
+      # Tight tolerances: the optimum, not where the optimiser happened to stop, so that
+      # runs whose logits differ by float rounding (1 vs 2 devices) store the same fit.
+      options={"maxiter": max_iterations, "ftol": 1e-14, "gtol": 1e-10},
   )
   start = loss_and_grad(u0)[0]
   if not np.isfinite(result.fun) or result.fun > start:
