@@ -23,7 +23,9 @@ def test_one_member_temperature_is_the_hand_optimum():
   labels = np.array([1] * 80 + [0] * 20)
   assert combine.fit_temperature(logits, labels, init=3.0) == pytest.approx(1 / np.log(4), 1e-4)
   (fit,) = combine.fit_prefixes([logits], labels)
-  assert fit.weights == pytest.approx((1.0,)) and fit.temperature == pytest.approx(1 / np.log(4), 1e-4)
+  assert fit.weights == pytest.approx((1.0,)) and fit.temperature == pytest.approx(
+      1 / np.log(4), 1e-4
+  )
 
 
 def test_one_member_temperature_matches_a_fine_grid():
