@@ -236,6 +236,9 @@ def _smoke_config():
         ("pkd.target", "boost", "pkd.target"),
         ("pkd.loss", "bdistil", "needs pkd.target='residual'"),
         ("student.cached_views", -1, "student.cached_views"),
+        ("report.cascade_budgets_pct", (2.0, -1.0), "report.cascade_budgets_pct"),
+        ("report.cascade_teacher", "maybe", "report.cascade_teacher"),
+        ("report.cascade_bootstrap", -1, "report.cascade_bootstrap"),
     ],
 )
 def test_bad_config_values_are_named(path, value, match):
