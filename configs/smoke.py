@@ -28,6 +28,8 @@ def get_config():
   config.teacher.augment = "none"
   config.student.epochs = 2
   config.student.batch_size = 32
+  config.teacher.min_steps = 0  # the epochs alone: 12 steps a stage
+  config.student.min_steps = 0
   config.pkd.ladder = ("s1", "s2", "s3")
   config.pkd.max_students = 2
   config.pkd.reseeds = 0

@@ -135,8 +135,9 @@ def main(argv=None) -> int:
         h, t = p["heldout"], p["test"]
         print(
             f"{'G_' + str(k) + ' [' + p['source'] + ']':<22} {100 * h['accuracy_after']:10.2f} "
-            f"{100 * t['accuracy_after']:7.2f}  held-out {h['nll_before']:.4f}/{h['ece_before']:.4f}"
-            f" -> {h['nll_after']:.4f}/{h['ece_after']:.4f}; test {t['nll_before']:.4f}/"
+            f"{100 * t['accuracy_after']:7.2f}  held-out {h['nll_before']:.4f}/"
+            f"{h['ece_before']:.4f} -> {h['nll_after']:.4f}/{h['ece_after']:.4f}; test "
+            f"{t['nll_before']:.4f}/"
             f"{t['ece_before']:.4f} -> {t['nll_after']:.4f}/{t['ece_after']:.4f}"
         )
       print(f"teacher temperature {comb.teacher_temperature:.4g}")

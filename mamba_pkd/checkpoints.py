@@ -31,6 +31,11 @@ Guarantees:
   cause is a changed config over an old ``--workdir``); when *no* step can be
   restored ``ValueError`` is raised too, naming every step and its error,
   rather than silently starting the stage again over the user's checkpoints.
+* **A failed write is one line, and the previous step survives.** An OSError
+  while writing (ENOSPC: the disk is full) raises :class:`CheckpointWriteError`
+  naming the stage, the step, the directory and the errno text; older steps
+  are not touched (Orbax deletes old steps only after a save succeeded), so
+  rerunning the command resumes from the newest intact step.
 * **Host NumPy in, host NumPy out.** Leaves are saved as NumPy arrays and
   restored as NumPy arrays with exactly the stored shape and dtype (no
   sharding is needed or used); the caller places them on devices.
@@ -52,6 +57,7 @@ only some hosts could read.
 
 from __future__ import annotations
 
+import errno as errno_module
 import json
 import os
 import pathlib
@@ -76,6 +82,29 @@ CORRUPTED_SUBDIR = "corrupted"
 ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
 _FINAL_STEP = 0
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, ...); one-line message.
+
+  Attributes:
+    errno: the underlying ``OSError.errno`` (e.g. ``errno.ENOSPC``), or None.
+  """
+
+  def __init__(self, message: str, errno_value: int | None = None):
+    super().__init__(message)
+    self.errno = errno_value
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+  """The first ``OSError`` in ``error``'s cause/context chain (itself included)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def stage_dir(workdir: str | os.PathLike, stage_name: str) -> pathlib.Path:
@@ -307,6 +336,10 @@ class StageCheckpointer:
     Raises:
       ValueError: if ``step`` is not an int >= 0, is older than the newest
         saved step, or ``state`` holds typed keys / non-addressable arrays.
+      CheckpointWriteError: the write failed with an OSError (e.g. ENOSPC, a
+        full disk); one line naming the stage, step, directory and error. The
+        half-written step is left in a temporary directory that the next
+        writer deletes; earlier steps are untouched, so a rerun resumes.
     """
     step = _check_step(step)
     if not self.is_writer:
@@ -321,9 +354,12 @@ class StageCheckpointer:
           f"step={step} is older than the newest saved step {latest} in "
           f"{self._steps_dir}; resume from restore_latest() before saving."
       )
-    if not self._steps.save(step, args=ocp.args.PyTreeSave(host_state)):
-      raise RuntimeError(f"Orbax declined to save step {step} in {self._steps_dir}.")
-    self._steps.wait_until_finished()  # no-op when synchronous; kept as a guard
+    try:
+      if not self._steps.save(step, args=ocp.args.PyTreeSave(host_state)):
+        raise RuntimeError(f"Orbax declined to save step {step} in {self._steps_dir}.")
+      self._steps.wait_until_finished()  # no-op when synchronous; kept as a guard
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_write_error(e, f"checkpoint step {step}", self._steps_dir, latest)
     logging.info("Saved step %d in %s.", step, self._steps_dir)
 
   def restore_latest(self, template: PyTree) -> tuple[int, PyTree] | None:
@@ -395,14 +431,17 @@ class StageCheckpointer:
           f"stage {self.directory} is already complete; a completed stage is "
           "never retrained or rewritten (delete its directory to redo it)."
       )
-    self._final.save(
-        _FINAL_STEP,
-        args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(host_params),
-            info=ocp.args.JsonSave(info),
-        ),
-    )
-    self._final.wait_until_finished()
+    try:
+      self._final.save(
+          _FINAL_STEP,
+          args=ocp.args.Composite(
+              params=ocp.args.PyTreeSave(host_params),
+              info=ocp.args.JsonSave(info),
+          ),
+      )
+      self._final.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._raise_write_error(e, "final parameters", self._final_dir, self.latest_step())
     logging.info("Stage %s complete: %s", self.directory, info)
 
   def is_complete(self) -> bool:
@@ -449,6 +488,27 @@ class StageCheckpointer:
     self.close()
 
   # -- internals --------------------------------------------------------------
+
+  def _raise_write_error(
+      self, error: Exception, what: str, directory: pathlib.Path, kept: int | None
+  ) -> None:
+    """Re-raises an OS-level failure of a save as one CheckpointWriteError line."""
+    os_error = _os_error_in(error)
+    if os_error is None:
+      raise error
+    reason = os.strerror(os_error.errno) if os_error.errno else str(os_error)
+    errno_name = errno_module.errorcode.get(os_error.errno, "") if os_error.errno else ""
+    previous = (
+        f"the previous checkpoint (step {kept}) is intact"
+        if kept is not None
+        else "no earlier checkpoint of this stage exists"
+    )
+    raise CheckpointWriteError(
+        f"stage {self.directory.name}: could not write {what} in {directory}: "
+        f"{errno_name + ': ' if errno_name else ''}{reason}; {previous}. Free space (or fix "
+        "the directory) and rerun the same command to resume.",
+        os_error.errno,
+    ) from error
 
   def _steps_all(self) -> list[int]:
     self._steps.reload()

@@ -1,4 +1,4 @@
-"""Post-hoc combination of a run's members: per-prefix weights and temperatures, fitted on held-out labels.
+"""Post-hoc combination of a run's members: per-prefix weights and temperatures (held-out fit).
 
 Training leaves member ``j`` with logits ``f_j`` (its ensemble weight ``eta_j``
 folded in, :mod:`mamba_pkd.ensemble`), and prefix ``k`` is the plain sum

@@ -81,9 +81,7 @@ def predict_dataset(
       mean=mean,
       std=std,
       batch_size=batch_size,
-      num_devices=parallel.local_device_count(),
-      process_index=parallel.process_index(),
-      process_count=parallel.process_count(),
+      **parallel.batch_layout(),
   ):
     index = batch["index"]
     if prev_features is not None:
@@ -112,16 +110,22 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, -1) == labels))
 
 
+@functools.lru_cache(maxsize=None)
+def _summed_forward(configs: tuple[ModelConfig, ...]) -> Callable:
+  """One jitted ``(params, images) -> F_k`` per member configs: the rows of one size (a
+  student, its prefix of one, its baseline) share the compiled program; params are an
+  argument, not constants baked into the program."""
+  return jax.jit(
+      lambda params, images: ensemble.prefix_logits(apply_members(configs, params, images)[0])
+  )
+
+
 def latency_ms(
     configs: Sequence[ModelConfig], params: Sequence[Any], image_shape, batch: int, repeats: int
 ) -> float:
   """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
-  configs, params = tuple(configs), jax.device_put(tuple(params))
-
-  @jax.jit
-  def forward(params, images):  # params are an argument, not constants baked into the program
-    return ensemble.prefix_logits(apply_members(configs, params, images)[0])
-
+  forward = _summed_forward(tuple(configs))
+  params = jax.device_put(tuple(params))
   images = jnp.zeros((batch, *image_shape), jnp.float32)
   ms = report.compute_latency_ms(
       functools.partial(forward, params), images, repeats=repeats, warmup=2
@@ -135,12 +139,14 @@ def build_rows(
     students: Sequence,
     baselines: Sequence,
     labels: np.ndarray,
+    direct: Sequence = (),
     image_shape: tuple[int, int, int],
     prefixes: bool,
     latency: bool,
     repeats: int,
 ) -> list[report.Row]:
-  """One row per model, per ensemble prefix (with ``prefixes``) and per baseline.
+  """One row per model, per ensemble prefix (with ``prefixes``), per baseline and per
+  ``direct`` model (chain mode: the deployed size distilled straight from the teacher).
 
   ``teacher``, ``students`` and ``baselines`` are trained models with
   ``name``, ``size``, ``config``, ``params`` and ``test_logits`` [N, K]
@@ -182,4 +188,6 @@ def build_rows(
       rows.append(row(f"prefix_1..{k}", "prefix", sizes, students[:k], logits))
   for m in baselines:
     rows.append(row(m.name, "baseline", m.size, [m], m.test_logits))
+  for m in direct:
+    rows.append(row(m.name, "direct", m.size, [m], m.test_logits))
   return rows

@@ -11,13 +11,18 @@ interrupted stage continues from its latest checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import logging as std_logging
+import pathlib
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from mamba_pkd import provenance
+from mamba_pkd import workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,18 +45,31 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "distributed_auto", False, "Multi-host: let jax.distributed.initialize() detect the cluster."
 )
+flags.DEFINE_bool(
+    "retrain_changed",
+    False,
+    "Over an existing --workdir whose stages were trained with a different config: retrain the "
+    "changed stages and those after them (default: stop with an error naming the changes).",
+)
 
 
 def ladder_table(config) -> str:
-  """Markdown table of the ladder sizes for the config's dataset shape."""
+  """Markdown table of the ladder sizes for the config's dataset shape.
+
+  Needs only the images' shape and class count (:func:`mamba_pkd.data.dataset_shape`), so it
+  works for any ``--config.dataset``, downloaded or not, and any ``--config.model.ladder``
+  (``auto`` included).
+  """
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
   from mamba_pkd import flops, models  # pylint: disable=g-import-not-at-top
 
-  ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir or None, seed=config.seed)
+  image_shape, num_classes = data_lib.dataset_shape(
+      config.dataset, data_dir=config.data_dir or None, seed=config.seed
+  )
   sizes = models.ladder_configs(
       config.model.ladder,
-      image_shape=ds.image_shape,
-      num_classes=ds.num_classes,
+      image_shape=image_shape,
+      num_classes=num_classes,
       bidirectional=config.model.bidirectional,
   )
   teacher_flops = flops.count_flops(sizes["teacher"])
@@ -100,15 +118,102 @@ def main(argv):
         auto=FLAGS.distributed_auto,
     )
   if FLAGS.ladder:
-    print(ladder_table(FLAGS.config))
+    try:
+      print(ladder_table(FLAGS.config))
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 2
     return 0
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/default")
-  from mamba_pkd import pkd  # pylint: disable=g-import-not-at-top
+  distributed = bool(FLAGS.coordinator_address or FLAGS.distributed_auto)
+  workdir = pathlib.Path(FLAGS.workdir)
+  existed = workdir.exists()
+  lock, refusal = None, ""
+  if not distributed or jax_process_index() == 0:  # multi-host: process 0 holds it
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      refusal = str(e)
+    except OSError as e:
+      refusal = (
+          f"workdir {str(workdir)!r} is not writable ({e.strerror}); pass a directory you can "
+          "write to with --workdir"
+      )
+  if distributed:
+    refusal = _from_process_0(refusal)  # every process stops, or none
+  if refusal:
+    print(f"error: {refusal}", file=sys.stderr, flush=True)
+    return 2
+  workdir_lock.install_sigterm_handler()  # kill <pid> still releases the lock
+  code = 1
+  history = None
+  try:
+    if lock is not None:  # every run's full config, next to the checkpoints it made
+      history = provenance.append_config_history(workdir, config)
+    code = run_job(config, FLAGS.workdir)
+    return code
+  finally:
+    if lock is not None:
+      if code == 2 and history is not None and history.ckpt_unchanged():
+        history.undo()  # a run refused before training leaves the workdir as it was
+      lock.release()
+      if code == 2 and not existed:
+        _remove_if_empty(workdir)
+
+
+def _remove_if_empty(directory: pathlib.Path) -> None:
+  try:
+    directory.rmdir()
+  except OSError:
+    pass
+
+
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.process_index()
+
+
+def _from_process_0(text: str, size: int = 1024) -> str:
+  """Process 0's ``text`` on every process (up to ``size`` UTF-8 bytes)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  encoded = np.frombuffer(text.encode()[:size].ljust(size), np.uint8)
+  shared = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+  return bytes(shared.astype(np.uint8)).decode(errors="replace").rstrip()
+
+
+def train_kwargs(train_and_evaluate, *, retrain_changed: bool) -> dict:
+  """Keyword arguments for ``train_and_evaluate`` from flags, those its signature accepts.
+
+  Raises:
+    app.UsageError: ``--retrain_changed`` was given but ``train_and_evaluate`` has no such
+      parameter (this version of pkd does not check stage fingerprints yet).
+  """
+  accepted = inspect.signature(train_and_evaluate).parameters
+  if "retrain_changed" in accepted:
+    return {"retrain_changed": bool(retrain_changed)}
+  if retrain_changed:
+    raise app.UsageError(
+        "--retrain_changed is not supported by this version of mamba_pkd.pkd (its "
+        "train_and_evaluate has no retrain_changed parameter)"
+    )
+  return {}
+
+
+def run_job(config, workdir: str) -> int:
+  """Runs the job; returns the exit code (errors users can fix: one line on stderr)."""
+  from mamba_pkd import checkpoints, pkd  # pylint: disable=g-import-not-at-top
 
   try:
-    pkd.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+    pkd.train_and_evaluate(
+        config,
+        workdir,
+        **train_kwargs(pkd.train_and_evaluate, retrain_changed=FLAGS.retrain_changed),
+    )
+  except (ValueError, FileNotFoundError, checkpoints.CheckpointWriteError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)  # one line, no traceback, no log prefix
     return 2
   except Exception as e:  # pylint: disable=broad-except

@@ -9,6 +9,7 @@ RMSNorm, pooled over tokens, and mapped to class logits.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -256,13 +257,146 @@ LADDERS: dict[str, dict] = {
 }
 
 
+# ----------------------------------------------------------------------------
+# The "auto" ladder: sizes derived from the image shape alone.
+# ----------------------------------------------------------------------------
+
+AUTO = "auto"
+AUTO_TEACHER_TOKENS = (16, 64)  # the teacher's token count is kept in this range
+AUTO_STUDENT_MIN_TOKENS = 16  # students read the coarsest patches with at least this many tokens
+AUTO_FIRST_PCT = 1.0  # the first student's FLOPs, % of the teacher's
+AUTO_GROWTH = 1.75  # FLOPs ratio between rungs
+AUTO_RUNGS = 8  # s1..s8
+AUTO_MIN_TOKENS = 4  # below this a patch is (nearly) the whole image
+AUTO_MAX_TOKENS = 1024  # beyond this the images need resizing (sequential scan length)
+
+
+def _divisors(h: int, w: int) -> list[int]:
+  return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+
+
+def auto_patch_sizes(image_shape: tuple[int, int, int]) -> tuple[int, int]:
+  """``(teacher_patch, student_patch)`` for the "auto" ladder.
+
+  Patch sizes always divide H and W (no padding). The teacher uses the patch
+  whose token count is the largest in :data:`AUTO_TEACHER_TOKENS` (28x28: 4 -> 49
+  tokens; 32x32: 4 -> 64; 8x8: 1 -> 64); when no common divisor lands in that
+  range, the one closest to it (in log scale). The students use the largest
+  patch that still leaves at least :data:`AUTO_STUDENT_MIN_TOKENS` tokens and no
+  more than the teacher's (28x28: 7 -> 16 tokens; 32x32: 8 -> 16; 8x8: 2 -> 16).
+
+  Raises:
+    ValueError: the teacher would read fewer than :data:`AUTO_MIN_TOKENS` or more
+      than :data:`AUTO_MAX_TOKENS` tokens (H and W have no suitable common
+      divisor, e.g. 1009x1009, a prime): resize, crop or pad the images.
+  """
+  h, w, _ = (int(v) for v in image_shape)
+  low, high = AUTO_TEACHER_TOKENS
+  divisors = _divisors(h, w)
+  tokens = {p: (h // p) * (w // p) for p in divisors}
+  in_range = [p for p in divisors if low <= tokens[p] <= high]
+  if in_range:
+    teacher = min(in_range, key=lambda p: -tokens[p])
+  else:
+    distance = lambda p: max(math.log(low / tokens[p]), math.log(tokens[p] / high))
+    teacher = min(divisors, key=lambda p: (distance(p), -p))
+  if not AUTO_MIN_TOKENS <= tokens[teacher] <= AUTO_MAX_TOKENS:
+    raise ValueError(
+        f"ladder 'auto': images of shape {tuple(image_shape)} have no patch size dividing both "
+        f"H and W that gives {AUTO_MIN_TOKENS}-{AUTO_MAX_TOKENS} tokens (patch sizes "
+        f"{divisors} give {sorted(set(tokens.values()))}); resize, crop or pad them to a size "
+        f"with more divisors (e.g. {h - h % 8 or h}x{w - w % 8 or w}), or pick a preset ladder"
+    )
+  coarse = [p for p in divisors if AUTO_STUDENT_MIN_TOKENS <= tokens[p] <= tokens[teacher]]
+  student = max(coarse) if coarse else teacher
+  return teacher, student
+
+
+def auto_student_shape(d_model: int) -> tuple[int, int, int]:
+  """``(d_model, n_layers, d_state)`` of the auto ladder's student family for a width.
+
+  Depth and state grow with the width as in the hand-made mnist ladder: 1 layer
+  below width 40, 2 below 56, 3 below 96, then 4; d_state 4 below width 24, 8
+  below 48, then 16. FLOPs grow monotonically with ``d_model`` along the family.
+  """
+  n_layers = 1 if d_model < 40 else 2 if d_model < 56 else 3 if d_model < 96 else 4
+  d_state = 4 if d_model < 24 else 8 if d_model < 48 else 16
+  return d_model, n_layers, d_state
+
+
+def auto_teacher_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+  """``(d_model, n_layers, d_state)`` of the auto teacher: the mnist teacher (64, 4, 16)
+  for images of up to 1,024 values (H*W*C), the cifar teacher (96, 6, 16) above."""
+  h, w, c = image_shape
+  return (64, 4, 16) if h * w * c <= 1024 else (96, 6, 16)
+
+
+def auto_ladder_spec(
+    image_shape: tuple[int, int, int], num_classes: int, **overrides
+) -> dict[str, dict]:
+  """The "auto" ladder for an image shape, in the format of :data:`LADDERS` entries.
+
+  The teacher: :func:`auto_teacher_shape` with :func:`auto_patch_sizes`' teacher
+  patch. Student ``k`` (s1..s8): the width (even, >= 4) along
+  :func:`auto_student_shape` whose FLOPs (``mamba_pkd.flops``, with
+  ``overrides`` such as ``bidirectional`` applied) are closest in log scale to
+  ``AUTO_FIRST_PCT% * AUTO_GROWTH**(k-1)`` of the teacher's, never above 1.5x
+  that target for s1, and strictly growing.
+  """
+  from mamba_pkd import flops  # pylint: disable=g-import-not-at-top  # flops imports models
+
+  image_shape = tuple(int(v) for v in image_shape)
+  teacher_patch, student_patch = auto_patch_sizes(image_shape)
+  teacher_size = auto_teacher_shape(image_shape)
+  base = dict(image_shape=image_shape, num_classes=num_classes, **overrides)
+  d, layers_, state = teacher_size
+  teacher_flops = flops.count_flops(
+      ModelConfig(patch_size=teacher_patch, d_model=d, n_layers=layers_, d_state=state, **base)
+  )
+  widths = list(range(4, 257, 2))
+  cost = {}
+  for width in widths:
+    d, layers_, state = auto_student_shape(width)
+    cost[width] = flops.count_flops(
+        ModelConfig(patch_size=student_patch, d_model=d, n_layers=layers_, d_state=state, **base)
+    )
+  sizes = {"teacher": teacher_size}
+  previous = 0
+  for k in range(AUTO_RUNGS):
+    target = teacher_flops * AUTO_FIRST_PCT / 100 * AUTO_GROWTH**k
+    choices = [w for w in widths if cost[w] > previous and (k or cost[w] <= 1.5 * target)]
+    if not choices:  # s1: even the narrowest student is dearer than 1.5x the target
+      choices = [widths[0]] if k == 0 else []
+    if not choices:
+      break
+    width = min(choices, key=lambda w: abs(math.log(cost[w] / target)))
+    previous = cost[width]
+    sizes[f"s{k + 1}"] = (*auto_student_shape(width), student_patch)
+  return {"patch_size": teacher_patch, "sizes": sizes}
+
+
+def ladder_families() -> tuple[str, ...]:
+  """Valid ``model.ladder`` values: the named presets and ``"auto"``."""
+  return (*sorted(LADDERS), AUTO)
+
+
+def ladder_size_names(family: str) -> tuple[str, ...]:
+  """The size names of a family (``"teacher"`` first); "auto" always has s1..s8."""
+  if family == AUTO:
+    return ("teacher", *(f"s{k + 1}" for k in range(AUTO_RUNGS)))
+  if family not in LADDERS:
+    raise ValueError(f"unknown ladder family {family!r}; valid: {list(ladder_families())}")
+  return tuple(LADDERS[family]["sizes"])
+
+
 def ladder_configs(
     family: str, *, image_shape: tuple[int, int, int], num_classes: int, **overrides
 ) -> dict[str, ModelConfig]:
   """The named sizes of a ladder family as ModelConfigs, teacher first.
 
   Args:
-    family: a key of :data:`LADDERS`.
+    family: a key of :data:`LADDERS`, or ``"auto"`` (:func:`auto_ladder_spec`:
+      sizes derived from ``image_shape``).
     image_shape: (H, W, C) of the dataset.
     num_classes: number of classes.
     **overrides: other ModelConfig fields for every size (e.g. ``scan_method``,
@@ -272,9 +406,12 @@ def ladder_configs(
     ValueError: unknown family (valid ones listed) or a size that does not fit
       the images.
   """
-  if family not in LADDERS:
-    raise ValueError(f"unknown ladder family {family!r}; valid: {sorted(LADDERS)}")
-  spec = LADDERS[family]
+  if family == AUTO:
+    spec = auto_ladder_spec(tuple(image_shape), num_classes, **overrides)
+  elif family in LADDERS:
+    spec = LADDERS[family]
+  else:
+    raise ValueError(f"unknown ladder family {family!r}; valid: {list(ladder_families())}")
   configs = {}
   for name, size in spec["sizes"].items():
     d_model, n_layers, d_state, *own_patch = size
@@ -289,3 +426,21 @@ def ladder_configs(
         **overrides,
     )
   return configs
+
+
+def stage_steps(num_train: int, batch_size: int, epochs: int, min_steps: int = 0) -> int:
+  """Training steps of a stage: ``max(epochs * ceil(num_train / batch_size), min_steps)``.
+
+  ``min_steps`` keeps a small dataset from being trained for only a handful of
+  steps (1,797 digits at batch 128 are 15 batches an epoch); ``0`` gives the
+  plain epoch count. Raises ValueError naming a bad argument.
+  """
+  for name, value, least in (
+      ("num_train", num_train, 1),
+      ("batch_size", batch_size, 1),
+      ("epochs", epochs, 0),
+      ("min_steps", min_steps, 0),
+  ):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+  return max(epochs * -(-num_train // batch_size), min_steps)

@@ -37,6 +37,14 @@ def process_count() -> int:
   return jax.process_count()
 
 
+def batch_layout() -> dict[str, int]:
+  """How this process slices global batches: ``num_devices``, ``process_index``,
+  ``process_count`` (keyword arguments of ``data.train_batches`` / ``data.eval_batches``)."""
+  return dict(
+      num_devices=local_device_count(), process_index=process_index(), process_count=process_count()
+  )
+
+
 def is_writer() -> bool:
   """True on the process that writes files (reports, checkpoints): process 0."""
   return jax.process_index() == 0

@@ -123,14 +123,15 @@ def student_tables(
   return tables
 
 
-def distil_ensemble(ctx: RunContext, teacher: Trained) -> tuple[list[Trained], list[dict]]:
+def distil_ensemble(
+    ctx: RunContext, teacher: Trained, pool: PoolTables
+) -> tuple[list[Trained], list[dict]]:
   """The ensemble (boosting) loop; returns accepted students and a decision log."""
   s, cfg = ctx.settings, ctx.config
   val = ctx.val_index
   teacher_flops = flops.count_flops(teacher.config)
   budget = s.flops_budget_pct / 100.0 * teacher_flops
   teacher_val_acc = accuracy(teacher.train_logits[val], ctx.val_labels)
-  pool = PoolTables(ctx)
   accepted: list[Trained] = []
   log: list[dict] = []
   used_flops = 0
@@ -227,12 +228,36 @@ def distil_ensemble(ctx: RunContext, teacher: Trained) -> tuple[list[Trained], l
   return accepted, log
 
 
-def distil_chain(ctx: RunContext, teacher: Trained) -> tuple[list[Trained], list[dict]]:
-  """Teacher-assistant chain: each size (largest first) distils the previous model."""
+def chain_sizes(ctx: RunContext) -> list[str]:
+  """The chain's sizes, largest first, ending at the smallest rung of ``pkd.ladder``.
+
+  The ``max_students`` smallest sizes: teacher -> assistants -> the deployed
+  (smallest) student, which must fit ``pkd.flops_budget_pct`` of the teacher.
+
+  Raises:
+    ValueError: the smallest size does not fit the budget (checked before any training).
+  """
+  s = ctx.settings
+  ascending = sorted(s.ladder, key=lambda n: flops.count_flops(ctx.sizes[n]))
+  teacher_flops = flops.count_flops(ctx.sizes["teacher"])
+  pct = 100.0 * flops.count_flops(ctx.sizes[ascending[0]]) / teacher_flops
+  if pct > s.flops_budget_pct:
+    raise ValueError(
+        f"pkd.mode='chain' deploys the smallest size {ascending[0]!r}, which needs "
+        f"{pct:.2f}% of the teacher's FLOPs > pkd.flops_budget_pct={s.flops_budget_pct}; "
+        "raise the budget or add a smaller size to pkd.ladder"
+    )
+  return ascending[: s.max_students][::-1]
+
+
+def distil_chain(
+    ctx: RunContext, teacher: Trained, pool: PoolTables
+) -> tuple[list[Trained], list[dict]]:
+  """Teacher assistants: each size (largest first, ending at the smallest) distils the
+  previous model; the last, smallest one is the deployed student."""
   s, cfg = ctx.settings, ctx.config
-  order = sorted(s.ladder, key=lambda n: -flops.count_flops(ctx.sizes[n]))[: s.max_students]
-  pool = PoolTables(ctx)
   previous, students = teacher, []
+  order = chain_sizes(ctx)
   for k, size in enumerate(order, start=1):
     member = run_stage(
         ctx,
@@ -254,6 +279,30 @@ def distil_chain(ctx: RunContext, teacher: Trained) -> tuple[list[Trained], list
     students.append(member)
     previous = member
   return students, [{"chain": [m.size for m in students]}]
+
+
+def distil_direct(
+    ctx: RunContext, teacher: Trained, pool: PoolTables, size: str, seed: int
+) -> Trained:
+  """``size`` distilled straight from the teacher with the chain's loss, steps and seed: what
+  the chain of assistants must beat (``direct_<size>`` row)."""
+  member = run_stage(
+      ctx,
+      f"direct_{size}",
+      size,
+      ctx.sizes[size],
+      stage_loss_for(ctx.settings, first=True),
+      ctx.student_optim,
+      seed=seed,
+      augment=ctx.config.student.augment,
+      tables=functools.partial(
+          student_tables, pool, teacher, (), with_prefix=False, connected=False
+      ),
+      spec=train.FrozenSpec(teacher=teacher.config),
+      frozen=train.Frozen(teacher=teacher.params),
+      views=ctx.views,
+  )
+  return dataclasses.replace(member, name=f"direct_{size}")
 
 
 def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Trained]:
@@ -321,21 +370,28 @@ def train_and_evaluate(
   """
   t0 = time.time()
   ctx = create_context(config, workdir)
+  if ctx.settings.mode == "chain":
+    chain_sizes(ctx)  # a budget the deployed student cannot meet fails before any training
   teacher = train_teacher(ctx)
   logging.info(
       "teacher: held-out accuracy %.4f, test accuracy %.4f",
       accuracy(teacher.train_logits[ctx.val_index], ctx.val_labels),
       accuracy(teacher.test_logits, ctx.dataset.y_test),
   )
+  pool = PoolTables(ctx)  # the frozen models' outputs on the view pool, computed once each
   if ctx.settings.mode == "ensemble":
-    students, decisions = distil_ensemble(ctx, teacher)
+    students, decisions = distil_ensemble(ctx, teacher, pool)
+    direct = []
   else:
-    students, decisions = distil_chain(ctx, teacher)
+    students, decisions = distil_chain(ctx, teacher, pool)
+    k = len(students)  # the deployed student, distilled directly with its own seed
+    direct = [distil_direct(ctx, teacher, pool, students[-1].size, config.seed + 1000 * k)]
   baselines = train_baselines(ctx, students) if config.baselines else []
   rows = build_rows(
       teacher=teacher,
       students=students,
       baselines=baselines,
+      direct=direct,
       labels=ctx.dataset.y_test,
       image_shape=ctx.dataset.image_shape,
       prefixes=ctx.settings.mode == "ensemble",

@@ -1,8 +1,9 @@
 """Results of a PKD run: table, JSON and the accuracy-vs-FLOPs plot.
 
 One :class:`Row` per evaluated classifier (the teacher, each student alone,
-each ensemble prefix, baselines, each early-exit cascade budget). :func:`write_report` writes, into the
-workdir given by the caller (the caller decides which process writes):
+each ensemble prefix, baselines, each early-exit cascade budget).
+:func:`write_report` writes, into the workdir given by the caller (the caller
+decides which process writes):
 
 * ``results.json``: ``{"meta": ..., "rows": [...]}`` and, only when some
   latency was measured, a separate ``"timing"`` section keyed by row name.
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline", "cascade")
+KINDS = ("teacher", "student", "prefix", "baseline", "direct", "cascade")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
@@ -89,8 +90,9 @@ class Row:
   Attributes:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
-    kind: one of "teacher", "student", "prefix", "baseline", "cascade" (early exit
-      under a budget; its FLOPs are the measured mean per test image).
+    kind: one of "teacher", "student", "prefix", "baseline", "direct" (chain mode: the
+      deployed size distilled straight from the teacher, for comparison), "cascade"
+      (early exit under a budget; its FLOPs are the measured mean per test image).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
       joined with "+").
     params: number of parameters (int).
@@ -329,8 +331,11 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       "baseline": dict(
           marker="s", linestyle="none", color="tab:green", label="baseline (single model)"
       ),
+      "direct": dict(
+          marker="D", linestyle="none", color="tab:purple", label="distilled from the teacher"
+      ),
       "cascade": dict(
-          marker="D", linestyle="--", color="tab:purple", label="early-exit cascade (mean FLOPs)"
+          marker="v", linestyle="--", color="tab:brown", label="early-exit cascade (mean FLOPs)"
       ),
       "teacher": dict(
           marker="*", markersize=14, linestyle="none", color="tab:red", label="teacher"

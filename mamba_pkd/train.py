@@ -284,9 +284,7 @@ def _stage_batches(data: StageData, *, batch_size: int, seed: int, epoch: int) -
       seed=seed,
       epoch=epoch,
       augment=augment,
-      num_devices=parallel.local_device_count(),
-      process_index=parallel.process_index(),
-      process_count=parallel.process_count(),
+      **parallel.batch_layout(),
   ):
     out = {"image": batch["image"], "label": batch["label"]}
     if data.uses_cache:

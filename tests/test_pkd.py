@@ -435,3 +435,25 @@ def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
       "prefix_1..1",
       "prefix_1..2",
   ]
+
+
+def test_chain_ends_at_the_smallest_rung_within_the_budget():
+  """Chain mode: the max_students smallest sizes, largest first, so the deployed (last)
+  student is the smallest rung; a budget the smallest cannot meet fails before training."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from mamba_pkd import flops, models, pkd  # pylint: disable=g-import-not-at-top
+
+  sizes = models.ladder_configs("mnist", image_shape=(28, 28, 1), num_classes=10)
+  ladder = ("s4", "s1", "s8", "s2", "s3")  # any order: the chain sorts by FLOPs
+  ctx = types.SimpleNamespace(
+      sizes=sizes,
+      settings=settings.PKDSettings(mode="chain", ladder=ladder, max_students=3),
+  )
+  assert pkd.chain_sizes(ctx) == ["s3", "s2", "s1"]
+  ctx.settings = settings.PKDSettings(mode="chain", ladder=ladder, max_students=9)
+  assert pkd.chain_sizes(ctx) == ["s8", "s4", "s3", "s2", "s1"]
+  pct = 100 * flops.count_flops(sizes["s1"]) / flops.count_flops(sizes["teacher"])
+  ctx.settings = settings.PKDSettings(mode="chain", ladder=ladder, flops_budget_pct=pct / 2)
+  with pytest.raises(ValueError, match=rf"deploys the smallest size 's1', which needs {pct:.2f}%"):
+    pkd.chain_sizes(ctx)

