@@ -126,8 +126,8 @@ def _candidates(variants, labels, weights=None):
   return rows
 
 
-def _pick(rows, budget_flops: float) -> tuple[int, float] | None:
-  """The (variant, threshold) with the best accuracy within budget (1-D rows)."""
+def _pick(rows, budget_flops: float) -> tuple[int, float, float, float] | None:
+  """(variant, threshold, accuracy, mean FLOPs) of the best accuracy within budget (1-D rows)."""
   best = None
   for v, (acc, cost, thresholds, teacher_exit) in enumerate(rows):
     ok = np.nonzero(cost <= budget_flops * (1 + 1e-9))[0]
