@@ -89,4 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.report = ml_collections.ConfigDict()
   config.report.latency = True  # measure CPU latency per image (batch 1 and 256)
   config.report.repeats = 10
+  # Early-exit cascade rows: target mean FLOPs (% of the teacher), thresholds chosen on held-out.
+  config.report.cascade_budgets_pct = (1.5, 2.0, 3.0, 5.0, 10.0)
+  config.report.cascade_teacher = "auto"  # teacher as last exit: auto (held-out decides) | on | off
+  config.report.cascade_bootstrap = 200  # held-out redraws for the thresholds' spread (0: off)
   return config

@@ -35,5 +35,7 @@ def get_config():
   config.pkd.reseeds = 0
   config.pkd.max_accuracy_drop = 1.0
   config.report.latency = False
+  config.report.cascade_budgets_pct = (5.0, 10.0, 15.0, 25.0)  # tiny ladder: s1 is 7.5%
+  config.report.cascade_bootstrap = 50
   config.baselines = True
   return config

@@ -300,6 +300,11 @@ class Ensemble:
     prefix_accuracy: the run's test accuracy of each prefix (or None).
     batch_size: largest batch of one compiled call.
     description: where the members come from, for messages.
+    combination: the run's ``combine.Combination`` (per-prefix weights,
+      temperatures, early-exit rules per budget) when these are all its
+      students, else None.
+    teacher_fn: ``x (normalised) -> teacher logits`` when the teacher is
+      loaded (a cascade's last exit), else None.
   """
 
   preprocessing: Any
@@ -308,6 +313,8 @@ class Ensemble:
   prefix_accuracy: list[float | None]
   batch_size: int = DEFAULT_BATCH_SIZE
   description: str = ""
+  combination: Any = None
+  teacher_fn: Callable | None = None
 
   @property
   def num_members(self) -> int:

@@ -9,7 +9,12 @@ Bundle layout (one directory)::
     export.json          sidecar: preprocessing constants (mean, std, image
                          shape, class count), members (size, FLOPs, params,
                          config, weight, calibration scale), teacher FLOPs, the
-                         run's test accuracy per prefix
+                         run's test accuracy per prefix; for a bundle of all
+                         the run's students, the run's combination (per-prefix
+                         weights and temperatures, early-exit rule per budget,
+                         from the run manifest; else null)
+    teacher.stablehlo    only when a stored early-exit rule ends at the
+                         teacher: x -> (logits, features) of the teacher
     prefix.stablehlo     x f32[b, H, W, C] -> cumulative logits f32[b, k, K]
                          (F_1, ..., F_k in one call)
     member_<j>.stablehlo member j alone: x f32[b, H, W, C]
@@ -54,13 +59,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mamba_pkd import ensemble, manifest, metrics
+from mamba_pkd.combine import Combination
 from mamba_pkd.ensemble import BudgetError, Member  # pylint: disable=unused-import
 from mamba_pkd.preprocessing import Preprocessing
 
 FORMAT = "mamba_pkd.export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: "combination" and "teacher"
+READABLE_VERSIONS = (1, 2, 3)
 SIDECAR = "export.json"
 PREFIX_FILE = "prefix.stablehlo"
+TEACHER_FILE = "teacher.stablehlo"
 EXPORT_SCAN_METHODS = ("parallel", "sequential", "chunked")
 DEFAULT_EXPORT_SCAN_METHOD = "parallel"
 DEFAULT_BATCH_SIZE = ensemble.DEFAULT_BATCH_SIZE
@@ -89,6 +97,8 @@ def export_members(
     scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
     platforms: Sequence[str] | None = None,
     source: Mapping[str, Any] | None = None,
+    combination: Combination | None = None,
+    teacher: Member | None = None,
 ) -> pathlib.Path:
   """Serialises ``members`` (a prefix, one student or the teacher) into a bundle.
 
@@ -104,6 +114,9 @@ def export_members(
     platforms: lowering platforms, e.g. ``("cpu", "cuda")``; default: this
       machine's backend.
     source: extra provenance stored in the sidecar (workdir, dataset, mode).
+    combination: the run's combination (only for a bundle of all its students).
+    teacher: the teacher (config and params), exported as ``teacher.stablehlo``
+      for early-exit rules that end at it.
 
   Returns:
     The path of the sidecar ``export.json``.
@@ -163,6 +176,16 @@ def export_members(
     return jnp.stack(ensemble.cumulative(logits), axis=1)  # [b, k, K]
 
   exported = export_to(prefix_fn, (image_spec,), PREFIX_FILE)
+  teacher_entry = None
+  if teacher is not None:
+    t_model = models.create_model(teacher.config.replace(scan_method=scan_method))
+    t_params = jax.tree.map(jnp.asarray, teacher.params)
+    export_to(
+        lambda x: t_model.apply({"params": t_params}, x, return_features=True),
+        (image_spec,),
+        TEACHER_FILE,
+    )
+    teacher_entry = {**manifest.member_entry(teacher), "file": TEACHER_FILE}
   total = sum(m.flops for m in members)
   accuracy = (list(prefix_accuracy) + [None] * len(members))[: len(members)]
   sidecar = {
@@ -185,6 +208,8 @@ def export_members(
       "platforms": list(exported.platforms),
       "jax_version": jax.__version__,
       "source": dict(source or {}),
+      "combination": None if combination is None else combination.to_json(),
+      "teacher": teacher_entry,
   }
   path = out_dir / SIDECAR
   path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -221,7 +246,10 @@ def export_run(
         "a FLOPs budget picks the prefix itself: do not combine max_flops/"
         "max_flops_pct with prefix, student or teacher"
     )
-  run = runs.load_run(workdir, with_teacher=teacher)
+  combination = manifest.read_manifest(workdir).combination
+  rules = combination.cascades.values() if combination is not None else ()
+  needs_teacher = any(r and r["teacher_exit"] for r in rules)
+  run = runs.load_run(workdir, with_teacher=teacher or needs_teacher)
   if budget:
     everything = runs.select_members(run)
     prefix, _ = ensemble.largest_prefix_within(
@@ -233,6 +261,7 @@ def export_run(
     )
   members = runs.select_members(run, prefix=prefix, student=student, teacher=teacher)
   accuracy = run.prefix_accuracy if members[0].name == "student_1" else []
+  whole = [m.name for m in members] == [m.name for m in run.students]
   path = export_members(
       members,
       out_dir,
@@ -242,6 +271,8 @@ def export_run(
       scan_method=scan_method,
       platforms=platforms,
       source={"workdir": str(run.workdir), "dataset": run.dataset, "mode": run.mode},
+      combination=combination if whole else None,
+      teacher=run.teacher if whole and needs_teacher else None,
   )
   return path, members
 
@@ -262,7 +293,7 @@ def _read_sidecar(directory: pathlib.Path) -> dict:
     meta = json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); export the bundle again") from None
-  if meta.get("format") != FORMAT or meta.get("version") not in (1, FORMAT_VERSION):
+  if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
     raise ValueError(
         f"{path} is not a {FORMAT} v{FORMAT_VERSION} sidecar "
         f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
@@ -294,6 +325,11 @@ class ExportedEnsemble(ensemble.Ensemble):
     self._fused = jax.jit(self._deserialize(meta["prefix_file"]).call)  # x -> [b, k, K]
     self._member_fns = {}
     self._prefix_fns = {}
+    if meta.get("combination"):
+      self.combination = Combination.from_json(meta["combination"])
+    if meta.get("teacher"):
+      teacher_call = jax.jit(self._deserialize(meta["teacher"]["file"]).call)
+      self.teacher_fn = lambda x: self._run_padded(teacher_call, [x])[0]
 
   def _deserialize(self, filename: str):
     file = self.directory / filename
@@ -420,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(
       f"  files: {SIDECAR}, {PREFIX_FILE}, "
       + ", ".join(m["file"] for m in meta["members"])
+      + (f", {TEACHER_FILE} (a cascade's last exit)" if meta.get("teacher") else "")
       + f" (platforms {meta['platforms']})"
   )
   return 0

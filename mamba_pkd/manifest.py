@@ -5,22 +5,34 @@ only, at the end of ``pkd.train_and_evaluate``; :func:`read_manifest` is its
 only reader (export, predict, the run loader in :mod:`mamba_pkd.runs`,
 notebooks). Readers never reload the dataset and never parse logs.
 
-Schema (``"version": 1``)::
+Schema (``"version": 2``)::
 
-    {"format": "mamba_pkd.run_manifest", "version": 1,
+    {"format": "mamba_pkd.run_manifest", "version": 2,
      "mode": "ensemble" | "chain",
      "dataset": {"name", "seed", "num_train", "num_heldout", "num_test"},
      "preprocessing": {"image_shape", "num_classes", "mean", "std", "formula"},
      "teacher": MEMBER,
      "students": [MEMBER, ...],    # ensemble order: prefix k = students[:k]
      "baselines": [MEMBER, ...],   # the same sizes trained alone with CE
-     "stop": "why the ladder ended"}
+     "stop": "why the ladder ended",
+     "combination": COMBINATION or null}   # new in version 2 (null: chain mode, no students)
 
     MEMBER = {"name", "stage", "size", "config" (models.ModelConfig fields),
               "flops", "params", "d_model", "connect_dim",
               "weight" (eta, NOT folded into the checkpoint: ckpt/<stage>/final holds f),
               "prefix_scale", "test_accuracy" (of the prefix ending here for a
               student in ensemble mode, of the model alone otherwise; or null)}
+
+    COMBINATION = {                 # fitted on held-out data after training (mamba_pkd.anytime)
+      "prefixes": [{"k", "weights" (k floats, sum k, relative to the folded members),
+                    "temperature", "source" ("fit" | "previous" | "member_<j>"),
+                    "heldout_nll"}, ...],       # G_k = sum_j weights[j] f_j / temperature
+      "teacher_temperature",
+      "cascades": {"<budget>%": {"budget_pct", "threshold", "teacher_exit",
+                                 "heldout_accuracy", "heldout_pct_teacher_flops"} or null},
+      "logits": "how G_k is formed"}
+
+Version 1 manifests (before the combination) are still read, with ``combination`` None.
 
 JSON and NumPy only: reading a manifest needs neither JAX nor Flax.
 """
@@ -33,12 +45,14 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from mamba_pkd.combine import Combination
 from mamba_pkd.ensemble import Member
 from mamba_pkd.preprocessing import Preprocessing
 
 FILENAME = "ensemble.json"
 FORMAT = "mamba_pkd.run_manifest"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no combination
 MODES = ("ensemble", "chain")
 
 
@@ -59,6 +73,7 @@ class Manifest:
   baselines: list[Member]
   stop: str
   test_accuracy: dict[str, float | None]  # by member name
+  combination: Combination | None = None  # per-prefix weights, temperatures, exit rules
 
   @property
   def teacher_flops(self) -> int:
@@ -106,6 +121,7 @@ def write_manifest(
     baselines: Sequence[Member] = (),
     stop: str = "",
     test_accuracy: Mapping[str, float] | None = None,
+    combination: Combination | None = None,
 ) -> pathlib.Path:
   """Writes ``<workdir>/ensemble.json`` atomically (a temporary file, then a rename)."""
   if mode not in MODES:
@@ -121,6 +137,7 @@ def write_manifest(
       "students": [member_entry(m, acc.get(m.name)) for m in students],
       "baselines": [member_entry(m, acc.get(m.name)) for m in baselines],
       "stop": stop,
+      "combination": None if combination is None else combination.to_json(),
   }
   path = pathlib.Path(workdir) / FILENAME
   tmp = path.with_suffix(".json.tmp")
@@ -176,7 +193,7 @@ def read_manifest(workdir: str | os.PathLike) -> Manifest:
     content = json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ManifestError(f"{path} is not valid JSON ({e}); {regenerate}") from None
-  if content.get("format") != FORMAT or content.get("version") != VERSION:
+  if content.get("format") != FORMAT or content.get("version") not in READABLE_VERSIONS:
     raise ManifestError(
         f"{path} is format {content.get('format')!r} version {content.get('version')!r}, "
         f"this code reads {FORMAT!r} version {VERSION}; {regenerate}"
@@ -196,6 +213,11 @@ def read_manifest(workdir: str | os.PathLike) -> Manifest:
         baselines=baselines,
         stop=str(content.get("stop", "")),
         test_accuracy={e["name"]: e.get("test_accuracy") for e in entries},
+        combination=(
+            Combination.from_json(content["combination"])
+            if content.get("combination") is not None
+            else None
+        ),
     )
   except (KeyError, TypeError, ValueError) as e:
     raise ManifestError(f"{path} is malformed ({type(e).__name__}: {e}); {regenerate}") from None

@@ -39,8 +39,9 @@ Where things live: the settings and their validation in :mod:`mamba_pkd.settings
 the weak-learner test (pure functions of held-out logits) in
 :mod:`mamba_pkd.weak_learner`, training or restoring one stage in
 :mod:`mamba_pkd.stages`, the ensemble arithmetic in :mod:`mamba_pkd.ensemble`,
-the rows in :mod:`mamba_pkd.evaluate`. This module holds the loops and
-:func:`train_and_evaluate`, which ends by writing the run manifest
+the rows in :mod:`mamba_pkd.evaluate`, the post-hoc per-prefix combination
+and early-exit cascade in :mod:`mamba_pkd.anytime`. This module holds the
+loops and :func:`train_and_evaluate`, which ends by writing the run manifest
 (:mod:`mamba_pkd.manifest`) and the report.
 """
 
@@ -57,8 +58,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from mamba_pkd import ensemble, flops, losses, manifest, parallel, provenance, report, sanity
-from mamba_pkd import train
+from mamba_pkd import anytime, ensemble, flops, losses, manifest, parallel, provenance, report
+from mamba_pkd import sanity, train
 from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig
 from mamba_pkd.preprocessing import Preprocessing
@@ -395,6 +396,7 @@ def write_run_manifest(
     baselines: Sequence[Trained],
     rows: Sequence[report.Row],
     stop: str,
+    combination=None,
 ) -> pathlib.Path:
   """The run's contract with export, predict and notebooks (see :mod:`mamba_pkd.manifest`)."""
   by_name = {r.name: r.accuracy for r in rows}
@@ -419,6 +421,7 @@ def write_run_manifest(
       baselines=[m.as_member() for m in baselines],
       stop=stop,
       test_accuracy=acc,
+      combination=combination,
   )
 
 
@@ -496,10 +499,18 @@ def train_and_evaluate(
   }
   if warnings:
     meta["warnings"] = warnings
+  combination = None
+  if ctx.settings.mode == "ensemble" and students:
+    # Post-hoc: held-out data only, then evaluated once on test (mamba_pkd.anytime).
+    combination = anytime.fit_anytime(ctx, teacher, students)
+    cascade_rows, meta["cascade"] = anytime.cascade_report(
+        ctx, combination, teacher, students, latency=config.report.latency and ctx.is_writer
+    )
+    rows = rows + cascade_rows
   write_config(ctx)
   if ctx.is_writer:
     stop = next((e["stop"] for e in reversed(decisions) if "stop" in e), "")
-    write_run_manifest(ctx, teacher, students, baselines, rows, stop)
+    write_run_manifest(ctx, teacher, students, baselines, rows, stop, combination)
     paths = report.write_report(ctx.workdir, rows, meta=meta)
     logging.info("report written: %s", ", ".join(str(p) for p in paths.values()))
   ctx.metrics.close()

@@ -21,6 +21,12 @@ Budget, anytime inference:
   softmax margin (top-1 minus top-2 probability of ``F_j``) is compared with
   ``c``; an image at or above it is not passed to member j+1. Each image's
   member count is printed.
+* ``--budget=2%`` (or FLOPs per image, ``--budget=60k``) runs the run's own
+  early-exit cascade: the rule the run chose on held-out data for the largest
+  stored budget within it (``report.cascade_budgets_pct``: per-prefix
+  weights and temperatures, one threshold on the calibrated top-1
+  probability, maybe the teacher as last exit). It needs a run's workdir or
+  a bundle of all its students, and excludes the other budget flags.
 
 The pure pieces (:func:`softmax_margin`, :func:`anytime_predict`, from
 :mod:`mamba_pkd.ensemble`,
@@ -41,7 +47,7 @@ import numpy as np
 
 from mamba_pkd import ensemble as ensemble_lib
 from mamba_pkd import export as export_lib
-from mamba_pkd import manifest, metrics
+from mamba_pkd import cascade, manifest, metrics
 from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, anytime_predict, softmax_margin
 from mamba_pkd.preprocessing import Preprocessing
 
@@ -252,7 +258,10 @@ def choose_prefix(
 
 
 def load_model(
-    path: str | pathlib.Path, *, batch_size: int = export_lib.DEFAULT_BATCH_SIZE
+    path: str | pathlib.Path,
+    *,
+    batch_size: int = export_lib.DEFAULT_BATCH_SIZE,
+    with_teacher: bool = False,
 ) -> Ensemble:
   """An export bundle (``export.json`` inside) or a finished run's workdir.
 
@@ -265,7 +274,8 @@ def load_model(
   if (path / manifest.FILENAME).is_file() or (path / "config.json").is_file():
     from mamba_pkd import runs  # pylint: disable=g-import-not-at-top  (Flax: in-process only)
 
-    return runs.ensemble_from_run(runs.load_run(path, with_teacher=False), batch_size=batch_size)
+    run = runs.load_run(path, with_teacher=with_teacher)
+    return runs.ensemble_from_run(run, batch_size=batch_size)
   raise ValueError(
       f"--model={str(path)!r} is neither an export bundle (a directory with "
       f"{export_lib.SIDECAR}, from `python -m mamba_pkd.export`) nor a finished "
@@ -313,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
       "(top1 - top2) reaches this value, in (0, 1]",
   )
   parser.add_argument(
+      "--budget",
+      help="early-exit cascade of the run under this mean budget: a percentage of the "
+      "teacher's FLOPs (2%%) or FLOPs per image (60k); uses the thresholds the run stored",
+  )
+  parser.add_argument(
       "--invert",
       action="store_true",
       help="invert uint8 pixels (255 - x), e.g. dark digits on white paper",
@@ -349,6 +364,17 @@ def _validate_args(args) -> tuple[float | None, float | None]:
     )
   if args.batch_size < 1:
     raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
+  if args.budget is not None:
+    ensemble_lib.parse_flops(args.budget)
+    others = [
+        f"--{n}"
+        for n in ("max_flops", "max_flops_pct", "max_latency_ms", "confidence")
+        if getattr(args, n) is not None
+    ]
+    if others:
+      raise ValueError(
+          f"--budget runs the run's stored cascade; do not combine it with {', '.join(others)}"
+      )
   if not args.images:
     raise ValueError(
         "no images given: pass PNG files or an .npz (key 'x' or 'images') " "after the flags"
@@ -356,9 +382,62 @@ def _validate_args(args) -> tuple[float | None, float | None]:
   return max_flops, max_flops_pct
 
 
+def choose_rule(ensemble: Ensemble, budget: str) -> dict:
+  """The stored cascade rule for ``budget`` (``"2%"`` or FLOPs per image; raises BudgetError)."""
+  absolute, pct = ensemble_lib.parse_flops(budget)
+  pct = pct if pct is not None else 100.0 * absolute / ensemble.teacher_flops
+  return cascade.rule_for_budget(ensemble.combination, pct, asked=f"--budget={budget}")
+
+
+def run_cascade(args, ensemble: Ensemble, names: list[str], x: np.ndarray) -> dict:
+  """``--budget``: the stored cascade on ``x``; prints and returns the predictions."""
+  rule = choose_rule(ensemble, args.budget)
+  result = cascade.cascade_predict(
+      ensemble, x, ensemble.combination, rule, teacher=ensemble.teacher_fn
+  )
+  n = ensemble.num_members
+  print(f"model: {ensemble.description}; {n} member(s), teacher {ensemble.teacher_flops:,} FLOPs")
+  print(f"using {cascade.describe(rule)}")
+  width = max(len("image"), *(len(name) for name in names))
+  print(f"{'image':<{width}}  class  confidence  exit")
+  stage = lambda u: "teacher" if u > n else f"{u}"  # noqa: E731
+  for name, cls, conf, used in zip(names, result.classes, result.margins, result.members_used):
+    print(f"{name:<{width}}  {int(cls):>5}  {float(conf):10.3f}  {stage(int(used)):>4}")
+  counts = np.bincount(result.members_used, minlength=n + 2)[1:]
+  print(
+      "exits: "
+      + ", ".join(f"{stage(j)}: {c}" for j, c in enumerate(counts, start=1) if j <= n or c)
+      + f"; mean {result.mean_flops:,.0f} FLOPs/image = "
+      f"{100 * result.mean_flops / ensemble.teacher_flops:.2f}% of the teacher"
+  )
+  return {
+      "model": str(args.model),
+      "budget": args.budget,
+      "rule": rule,
+      "mean_flops": result.mean_flops,
+      "pct_teacher_flops": 100 * result.mean_flops / ensemble.teacher_flops,
+      "predictions": [
+          {"image": nm, "class": int(c), "confidence": float(p), "exit": stage(int(u))}
+          for nm, c, p, u in zip(names, result.classes, result.margins, result.members_used)
+      ],
+  }
+
+
 def run(args) -> dict:
   """Everything :func:`main` does, returning the printed results as a dict."""
   max_flops, max_flops_pct = _validate_args(args)
+  if args.budget is not None:
+    ensemble = load_model(args.model, batch_size=args.batch_size, with_teacher=True)
+    rule = choose_rule(ensemble, args.budget)  # before any file is read
+    if rule["teacher_exit"] and ensemble.teacher_fn is None:
+      raise BudgetError(f"{cascade.describe(rule)}, but {ensemble.description} has no teacher")
+    notes: list[str] = []
+    names, x = read_inputs(args.images, ensemble.preprocessing, invert=args.invert, notes=notes)
+    print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr, flush=True)
+    out = run_cascade(args, ensemble, names, x)
+    if args.output_json:
+      pathlib.Path(args.output_json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return out
   ensemble = load_model(args.model, batch_size=args.batch_size)
   # The static FLOPs budget first: a budget nothing meets fails before any file is read.
   ensemble_lib.largest_prefix_within(

@@ -1,8 +1,9 @@
 """Results of a PKD run: table, JSON and the accuracy-vs-FLOPs plot.
 
 One :class:`Row` per evaluated classifier (the teacher, each student alone,
-each ensemble prefix, baselines). :func:`write_report` writes, into the
-workdir given by the caller (the caller decides which process writes):
+each ensemble prefix, baselines, each early-exit cascade budget).
+:func:`write_report` writes, into the workdir given by the caller (the caller
+decides which process writes):
 
 * ``results.json``: ``{"meta": ..., "rows": [...]}`` and, only when some
   latency was measured, a separate ``"timing"`` section keyed by row name.
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline", "direct", "pixels")
+KINDS = ("teacher", "student", "prefix", "baseline", "direct", "cascade", "pixels")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
@@ -90,8 +91,9 @@ class Row:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
     kind: one of "teacher", "student", "prefix", "baseline", "direct" (chain mode: the
-      deployed size distilled straight from the teacher, for comparison), "pixels" (the
-      sanity row: logistic regression on the pixels).
+      deployed size distilled straight from the teacher, for comparison), "cascade"
+      (early exit under a budget; its FLOPs are the measured mean per test image),
+      "pixels" (the sanity row: logistic regression on the pixels).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
       joined with "+").
     params: number of parameters (int).
@@ -311,7 +313,8 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
   """Saves accuracy (%) vs % of teacher FLOPs (log x) as an 800x500 PNG.
 
   Teacher: star; students alone: circles; ensemble prefixes: a line through
-  the prefixes in order of FLOPs; baselines: squares. Rows with 0 FLOPs cannot
+  the prefixes in order of FLOPs; baselines: squares; early-exit cascades: a
+  dashed line through their measured mean FLOPs. Rows with 0 FLOPs cannot
   sit on a log axis and are left out of the plot (not of the table).
   """
   # The object-oriented API with the Agg canvas: no pyplot global state and no
@@ -331,6 +334,9 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       ),
       "direct": dict(
           marker="D", linestyle="none", color="tab:purple", label="distilled from the teacher"
+      ),
+      "cascade": dict(
+          marker="v", linestyle="--", color="tab:brown", label="early-exit cascade (mean FLOPs)"
       ),
       "pixels": dict(
           marker="x", linestyle="none", color="tab:gray", label="logistic regression on pixels"

@@ -39,6 +39,8 @@ class RunModels:
       (ensemble mode) each weight folded into its head.
     prefix_accuracy: test accuracy of ``prefix_1..k`` (of each student in
       chain mode), one per student, from the manifest.
+    combination: the manifest's ``combine.Combination`` (None: chain mode or
+      a version-1 manifest).
   """
 
   workdir: pathlib.Path
@@ -48,6 +50,7 @@ class RunModels:
   teacher: Member
   students: list[Member]
   prefix_accuracy: list[float | None]
+  combination: Any = None
 
   @property
   def teacher_flops(self) -> int:
@@ -97,6 +100,7 @@ def load_run(workdir: str | pathlib.Path, *, with_teacher: bool = True) -> RunMo
       teacher=_loaded(workdir, m.teacher, with_teacher),
       students=[_loaded(workdir, s, True) for s in m.students],
       prefix_accuracy=m.prefix_accuracy,
+      combination=m.combination,
   )
 
 
@@ -207,7 +211,7 @@ def ensemble_from_run(
   """An :class:`InProcessEnsemble` of ``members`` (default: all students)."""
   members = select_members(run) if members is None else list(members)
   accuracy = run.prefix_accuracy if members and members[0].name == "student_1" else []
-  return InProcessEnsemble(
+  out = InProcessEnsemble(
       members,
       preprocessing=run.preprocessing,
       teacher_flops=run.teacher_flops,
@@ -215,3 +219,11 @@ def ensemble_from_run(
       batch_size=batch_size,
       description=f"workdir {run.workdir} (in-process)",
   )
+  if [m.name for m in members] == [m.name for m in run.students]:
+    out.combination = run.combination  # its rules are for the whole ensemble
+  if run.teacher.params is not None:
+    teacher = InProcessEnsemble(
+        [run.teacher], preprocessing=run.preprocessing, teacher_flops=run.teacher_flops
+    )
+    out.teacher_fn = lambda x: teacher.logits(x, normalized=True)
+  return out

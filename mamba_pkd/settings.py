@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from mamba_pkd import parallel, train
+from mamba_pkd import anytime, parallel, train
 from mamba_pkd import data as data_lib
 from mamba_pkd.ladders import ladder_families, ladder_size_names
 
@@ -148,4 +148,5 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   for field in ("teacher", "student"):
     parallel.check_batch_divisible(config[field].batch_size, f"{field}.batch_size")
   parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
+  anytime.settings(config)  # report.cascade_* fields
   return dict(settings=settings, teacher_optim=teacher_optim, student_optim=student_optim)

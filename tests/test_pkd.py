@@ -236,6 +236,9 @@ def _smoke_config():
         ("pkd.target", "boost", "pkd.target"),
         ("pkd.loss", "bdistil", "needs pkd.target='residual'"),
         ("student.cached_views", -1, "student.cached_views"),
+        ("report.cascade_budgets_pct", (2.0, -1.0), "report.cascade_budgets_pct"),
+        ("report.cascade_teacher", "maybe", "report.cascade_teacher"),
+        ("report.cascade_bootstrap", -1, "report.cascade_bootstrap"),
     ],
 )
 def test_bad_config_values_are_named(path, value, match):
@@ -323,6 +326,25 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   assert m.teacher.flops == teacher_flops and len(m.baselines) == len(students)
   assert m.preprocessing.mean == pytest.approx(list(ds.mean), rel=1e-6)
 
+  # The combination (manifest v2) and the cascade rows of the report agree.
+  assert m.combination is not None and len(m.combination.prefixes) == len(students)
+  config = _smoke_config()
+  budgets = [f"{b:g}%" for b in config.report.cascade_budgets_pct]
+  assert sorted(m.combination.cascades) == sorted(budgets)
+  cascades = {r["name"]: r for r in results["rows"] if r["kind"] == "cascade"}
+  stored = {k: v for k, v in m.combination.cascades.items() if v is not None}
+  assert stored and sorted(cascades) == sorted(f"cascade@{k}" for k in stored)
+  meta = results["meta"]["cascade"]
+  for label, rule in stored.items():
+    assert rule["heldout_pct_teacher_flops"] <= rule["budget_pct"] + 1e-9
+    row = cascades[f"cascade@{label}"]
+    assert row["flops"] == round(
+        meta["budgets"][label]["test_pct_teacher_flops"] / 100 * teacher_flops
+    )
+    assert sum(meta["budgets"][label]["test_exits"]) == ds.num_test
+  assert len(meta["prefixes"]) == len(students)
+  assert {"ece_before", "ece_after"} <= set(meta["prefixes"][0]["test"])
+
   # Without its dataset, the run is still exported and predicted from (manifest + checkpoints).
   data_file.rename(tmp_path / "moved.npz")
   bundle = tmp_path / "bundle"
@@ -353,6 +375,34 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
     assert len(classes) == 8 and set(classes) <= set(range(4))
+
+  # predict --budget runs the stored cascade: on the whole test split it reproduces the
+  # report's row (accuracy, mean FLOPs), from the workdir and from the export.
+  np.savez(tmp_path / "test.npz", x=ds.x_test)
+  label = max(stored, key=lambda k: stored[k]["budget_pct"])
+  for model in (bundle, workdir):
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mamba_pkd.predict",
+            f"--model={model}",
+            f"--budget={label}",
+            f"--output_json={tmp_path / 'c.json'}",
+            str(tmp_path / "test.npz"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    out = json.loads((tmp_path / "c.json").read_text())
+    classes = np.array([p["class"] for p in out["predictions"]])
+    assert np.mean(classes == ds.y_test) == pytest.approx(cascades[f"cascade@{label}"]["accuracy"])
+    assert out["pct_teacher_flops"] == pytest.approx(
+        meta["budgets"][label]["test_pct_teacher_flops"], rel=1e-6
+    )
 
 
 def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
