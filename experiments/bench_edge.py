@@ -16,7 +16,8 @@ per-image latency at batch 1 and batch ``--big_batch`` of
 * ``ort-int8``: the same after ``onnx_lower.quantize_int8``,
 
 timed side by side: ``--rounds`` rounds, each timing every variant in turn
-(mean of ``--calls`` calls after warm-up), the median over rounds printed with
+(mean of ``--calls`` calls after warm-up); printed per image: the minimum over
+rounds of the wall time and of the process CPU time (all threads), with
 ``os.getloadavg()`` at that row. It also prints model sizes on disk, the
 largest |ONNX - JAX| logit difference of each prefix, and test accuracy of
 JAX, ONNX float32 and ONNX int8 on the run's test set.
@@ -49,15 +50,20 @@ def _load():
   return "%.2f %.2f %.2f" % os.getloadavg()
 
 
-def _time_round(fn, calls: int) -> float:
-  start = time.perf_counter()
+def _time_round(fn, calls: int) -> tuple[float, float]:
+  """(wall, CPU) seconds per call, CPU = this process's time over all its threads."""
+  wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(calls):
     fn()
-  return (time.perf_counter() - start) / calls
+  return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
-def time_side_by_side(variants: dict, *, rounds: int, calls: int) -> dict[str, float]:
-  """Median over rounds of the mean seconds per call of each variant (interleaved)."""
+def time_side_by_side(variants: dict, *, rounds: int, calls: int) -> dict[str, tuple[float, float]]:
+  """Per variant (min wall, min CPU) seconds per call over interleaved rounds.
+
+  The minimum over rounds, not the median: on a shared machine a round is
+  slowed by other processes, never sped up.
+  """
   for fn in variants.values():  # warm-up (compiles, allocates)
     fn()
     fn()
@@ -65,7 +71,7 @@ def time_side_by_side(variants: dict, *, rounds: int, calls: int) -> dict[str, f
   for _ in range(rounds):
     for name, fn in variants.items():
       samples[name].append(_time_round(fn, calls))
-  return {name: statistics.median(s) for name, s in samples.items()}
+  return {name: (min(w for w, _ in s), min(c for _, c in s)) for name, s in samples.items()}
 
 
 def jax_prefix_fn(members, k: int, scan_method: str):
@@ -149,8 +155,8 @@ def bench_members(members, preprocessing, args, out_dir: pathlib.Path, title: st
       print(f"    prefix 1..{k}: " + ", ".join(row))
 
   print(
-      f"  latency per image, median of {args.rounds} interleaved rounds "
-      f"(each the mean of --calls calls):"
+      f"  latency per image: min over {args.rounds} interleaved rounds of the mean of a "
+      f"round's calls, wall (and CPU time of this process); Nx = jax[{methods[0]}] wall / wall:"
   )
   for batch in (1, args.big_batch):
     x_np = rng.standard_normal((batch, *shape)).astype(np.float32)
@@ -164,9 +170,10 @@ def bench_members(members, preprocessing, args, out_dir: pathlib.Path, title: st
       for name, ens in ensembles.items():
         variants[name] = lambda ens=ens: ens.logits(x_np, k, normalized=True)
       times = time_side_by_side(variants, rounds=args.rounds, calls=calls)
-      base = times[f"jax[{methods[0]}]"]
+      base = times[f"jax[{methods[0]}]"][0]
       cells = ", ".join(
-          f"{name} {t / batch * 1e3:.4f} ms ({base / t:.2f}x)" for name, t in times.items()
+          f"{name} {wall / batch * 1e3:.4f} ms (cpu {cpu / batch * 1e3:.4f}; {base / wall:.2f}x)"
+          for name, (wall, cpu) in times.items()
       )
       print(f"    batch {batch:>3} prefix 1..{k}: {cells}  [load {_load()}]", flush=True)
 

@@ -103,8 +103,10 @@ def test_auto_scan_form_by_length():
     onnx_lower.resolve_scan_form(short, "loop")
 
 
-def _chain(tmp_path: pathlib.Path):
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
   """Two members, the second connected to the first; their ONNX files and JAX outputs."""
+  tmp_path = tmp_path_factory.mktemp("chain")
   first = _config(image_shape=(8, 8, 1), patch_size=2, bidirectional=True)
   second = _config(image_shape=(8, 8, 1), patch_size=2, d_model=6, connect_dim=first.d_model)
   p1, p2 = _random_params(first, 7), _random_params(second, 8)
@@ -123,8 +125,8 @@ def _chain(tmp_path: pathlib.Path):
   return paths, meta, preprocessing, x, [l1, l1 + l2]
 
 
-def test_connected_member_has_second_input(tmp_path):
-  paths, _, _, x, _ = _chain(tmp_path)
+def test_connected_member_has_second_input(chain):
+  paths = chain[0]
   proto = onnx.load(str(paths[1]))
   assert [i.name for i in proto.graph.input] == ["x", "prev_features"]
   assert [o.name for o in proto.graph.output] == ["logits", "features"]
@@ -161,8 +163,8 @@ _BLOCKED_CHILD = textwrap.dedent("""
     """)
 
 
-def test_runtime_without_jax_matches_parent(tmp_path):
-  paths, meta, preprocessing, x, (f1, f2) = _chain(tmp_path)
+def test_runtime_without_jax_matches_parent(tmp_path, chain):
+  paths, meta, preprocessing, x, (f1, f2) = chain
   ens = runtime.OnnxEnsemble(paths, meta, preprocessing)
   np.testing.assert_allclose(ens.logits(x, 1, normalized=True), f1, atol=TOL, rtol=0)
   np.testing.assert_allclose(ens.logits(x, normalized=True), f2, atol=TOL, rtol=0)
