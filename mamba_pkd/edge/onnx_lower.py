@@ -35,8 +35,9 @@ with the kernel reversed, and an anti-causal scan). Two scan forms:
   but O(E * N * L^2) work;
 * ``"recurrent"`` (the scan unrolled over time): ``exp(dt * A)`` and
   ``dt * B * u`` for all steps at once, then ``h = dA_t * h + dBu_t`` for each of
-  the L steps (2 ops a step), the states concatenated and contracted with C in
-  one op: O(E * N * L) work, 2L + ~10 ops.
+  the L steps (2 ops a step, both branches at once: the reversed branch runs
+  on its time-flipped sequence), the states concatenated and contracted with C
+  in one op: O(E * N * L) work, 2L + ~15 ops.
 
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS``.
 Measured on the smoke run's members (``experiments/bench_edge.py``, see the
@@ -87,6 +88,7 @@ class _Graph:
     self.nodes: list[onnx.NodeProto] = []
     self.initializers: list[onnx.TensorProto] = []
     self._count = 0
+    self._shared: dict = {}
 
   def name(self, hint: str) -> str:
     self._count += 1
@@ -97,12 +99,18 @@ class _Graph:
     self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype), name))
     return name
 
+  def shared(self, key, make, hint: str) -> str:
+    """A constant built once by ``make()`` and reused by every node that asks for ``key``."""
+    if key not in self._shared:
+      self._shared[key] = self.const(make(), hint)
+    return self._shared[key]
+
   def ints(self, values, hint: str = "shape") -> str:
     return self.const(np.asarray(values, np.int64), hint, np.int64)
 
   def op(self, op_type: str, inputs, hint: str | None = None, n_out: int = 1, **attrs):
     outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
-    self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+    self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
     return outs[0] if n_out == 1 else outs
 
 
@@ -224,6 +232,18 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
   )
   u3 = _silu(g, conv, f"{hint}_u")  # [b, nb*E, L]
   u = g.op("Reshape", [u3, g.ints([-1, nb, e, length])], f"{hint}_u4")  # [b, nb, E, L]
+  # The recurrent form runs both branches in one loop over "scan time": the
+  # reversed branch's sequence is flipped here (x_proj, softplus and dt * u are
+  # pointwise in time) and its output flipped back below, each by a MatMul with
+  # a constant [nb, L, L] permutation (identity for the forward branch): exact.
+  flip = None
+  if form == "recurrent" and nb > 1:
+    flip = g.shared(
+        ("flip", length),
+        lambda: np.stack([np.eye(length), np.eye(length)[::-1]]).astype(np.float32),
+        "flip",
+    )
+    u = g.op("MatMul", [u, flip], f"{hint}_u4_scan_time")
   # x_proj then dt_proj, folded into one [E, E] matrix for the dt rows:
   # delta = (u^T Wx_dt) Wdt + bias = u^T (Wx_dt Wdt) + bias.
   w_x = []
@@ -245,8 +265,8 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
     mats = [_dual_matrices(length, reverse=bool(sfx)) for sfx in suffixes]
     num_pairs = mats[0]["P"].shape[1]
 
-    def stacked(key):
-      return g.const(np.stack([m[key] for m in mats]), f"{hint}_{key}")  # [nb, ., .]
+    def stacked(key):  # [nb, ., .], shared by all layers
+      return g.shared(("dual", key), lambda: np.stack([m[key] for m in mats]), f"dual_{key}")
 
     dsum = g.op("MatMul", [dt, stacked("P")], f"{hint}_dsum")  # [b, nb, E, T]
     dsum = g.op("Reshape", [dsum, g.ints([-1, nb, e, 1, num_pairs])], f"{hint}_dsum5")
@@ -270,35 +290,21 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
     dtu5 = g.op("Unsqueeze", [dtu, g.ints([3], "axes")], f"{hint}_dtu5")  # [b, nb, E, 1, L]
     b5 = g.op("Unsqueeze", [b_mat, g.ints([2], "axes")], f"{hint}_b5")  # [b, nb, 1, N, L]
     d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, E, N, L]
-    if nb > 1:
-      da_branches = g.op("Split", [d_a], f"{hint}_dA_br", n_out=nb, axis=1)
-      dbu_branches = g.op("Split", [d_bu], f"{hint}_dBu_br", n_out=nb, axis=1)
+    if length == 1:
+      states = d_bu
     else:
-      da_branches, dbu_branches = [d_a], [d_bu]
-    branch_states = []
-    for i, sfx in enumerate(suffixes):
-      if length == 1:
-        branch_states.append(dbu_branches[i])
-        continue
-      da_t = g.op("Split", [da_branches[i]], f"{hint}_dA_t", n_out=length, axis=4)
-      dbu_t = g.op("Split", [dbu_branches[i]], f"{hint}_dBu_t", n_out=length, axis=4)
-      order = range(length - 1, -1, -1) if sfx else range(length)
-      h, hs = None, {}
-      for t in order:
-        h = (
-            dbu_t[t]
-            if h is None
-            else g.op("Add", [g.op("Mul", [da_t[t], h]), dbu_t[t]], f"{hint}_h")
-        )
-        hs[t] = h
-      branch_states.append(g.op("Concat", [hs[t] for t in range(length)], f"{hint}_H", axis=4))
-    states = (
-        branch_states[0] if nb == 1 else g.op("Concat", branch_states, f"{hint}_H_br", axis=1)
-    )  # [b, nb, E, N, L]
+      da_t = g.op("Split", [d_a], f"{hint}_dA_t", n_out=length, axis=4)
+      dbu_t = g.op("Split", [d_bu], f"{hint}_dBu_t", n_out=length, axis=4)
+      hs = [dbu_t[0]]
+      for t in range(1, length):
+        hs.append(g.op("Add", [g.op("Mul", [da_t[t], hs[-1]]), dbu_t[t]], f"{hint}_h"))
+      states = g.op("Concat", hs, f"{hint}_H", axis=4)  # [b, nb, E, N, L]
     c5 = g.op("Unsqueeze", [c_mat, g.ints([2], "axes")], f"{hint}_c5")  # [b, nb, 1, N, L]
     y = g.op(
         "ReduceSum", [g.op("Mul", [states, c5]), g.ints([3], "axes")], f"{hint}_y4", keepdims=0
     )  # [b, nb, E, L]
+    if flip is not None:
+      y = g.op("MatMul", [y, flip], f"{hint}_y4_time")
   else:
     raise ValueError(f"scan form {form!r} is not 'dual' or 'recurrent'")
   y = g.op("Reshape", [y, g.ints([-1, nb * e, length])], f"{hint}_y3")
@@ -424,15 +430,39 @@ def save(model: onnx.ModelProto, path: str | pathlib.Path) -> pathlib.Path:
   return path
 
 
-def quantize_int8(src: str | pathlib.Path, dst: str | pathlib.Path) -> pathlib.Path:
-  """Dynamic int8 quantisation of an ONNX member (weights int8, activations per call).
+# Initializers of the scan's structure (0/1 pair matrices, time flips): never quantized.
+_STRUCTURAL_PREFIXES = ("dual_", "flip")
 
-  Uses ``onnxruntime.quantization.quantize_dynamic`` on the MatMul weights (the
-  Conv and the scan stay float32). Needs onnxruntime. Returns ``dst``.
+
+def quantize_int8(src: str | pathlib.Path, dst: str | pathlib.Path) -> pathlib.Path:
+  """Dynamic int8 quantisation of an ONNX member; writes ``dst`` and returns it.
+
+  ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
+  quantised per call) on the ``MatMul`` nodes whose *second* input is a weight:
+  with this lowering's channels-first layout that is the classifier ``head``
+  (and ``connect``) only. The projections inside the blocks multiply a
+  constant from the left, which ``quantize_dynamic`` does not quantise, and the
+  scan's constant 0/1 matrices are excluded on purpose (quantising them would
+  quantise the step sizes). Needs onnxruntime.
   """
   from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=g-import-not-at-top
 
+  model = onnx.load(str(src))
+  structural = {
+      init.name for init in model.graph.initializer if init.name.startswith(_STRUCTURAL_PREFIXES)
+  }
+  exclude = [
+      node.name
+      for node in model.graph.node
+      if node.op_type == "MatMul" and any(i in structural for i in node.input)
+  ]
   dst = pathlib.Path(dst)
   dst.parent.mkdir(parents=True, exist_ok=True)
-  quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+  quantize_dynamic(
+      str(src),
+      str(dst),
+      weight_type=QuantType.QInt8,
+      op_types_to_quantize=["MatMul"],
+      nodes_to_exclude=exclude,
+  )
   return dst
