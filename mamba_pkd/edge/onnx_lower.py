@@ -18,12 +18,12 @@ Graph contract (``b`` is a symbolic batch dimension, opset :data:`OPSET` = 17):
 * output ``features``: float32 [b, d_model], the pooled penultimate features
   (what the next connected student reads).
 
-Why written by hand and not with jax2onnx: the lowering chooses the form of the
-selective scan, which decides the latency. The graph keeps every Mamba block in
+The graph keeps every Mamba block in
 channels-first layout ``[b, channels, L]`` (one Transpose at the input, no other),
 so the depthwise causal conv is one grouped ``Conv`` and every projection is one
-``MatMul``; the bidirectional branch needs no flips (an anti-causal ``Conv``
-with the kernel reversed, and an anti-causal scan). Two scan forms:
+``MatMul``; both branches of a bidirectional block share these ops (stacked
+on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
+``Conv`` with 2K-1 taps serves both). Two scan forms:
 
 * ``"dual"`` (quadratic, for short sequences): over the T = L(L+1)/2 causal
   pairs (t, s) (s <= t; s >= t for the reversed branch),
@@ -39,10 +39,29 @@ with the kernel reversed, and an anti-causal scan). Two scan forms:
   on its time-flipped sequence), the states concatenated and contracted with C
   in one op: O(E * N * L) work, 2L + ~15 ops.
 
-``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS``.
-Measured on the smoke run's members (``experiments/bench_edge.py``, see the
-README table of issue 15 in the report; 2 shared CPU cores): see
-:data:`DUAL_MAX_TOKENS` for the numbers behind the threshold.
+``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
+and ``"recurrent"`` above. Measured with ``experiments/bench_edge.py`` on the
+smoke run (configs/smoke.py) and random-init members of the mnist ladder
+(bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
+project's shared 2-core machine at load average 7-9 (so +-30% noise; min over
+7 interleaved rounds), per image at batch 1:
+
+=====================  ==============  ===============  ===============
+member                 jax[parallel]   ort f32 dual     ort f32 recurr.
+=====================  ==============  ===============  ===============
+smoke s1 (d 4)         0.042 ms        0.036 ms         0.041 ms
+smoke teacher (d 16)   0.079 ms        0.116 ms         0.443 ms
+mnist s1 (d 20)        0.082 ms        0.074 ms         0.113 ms
+=====================  ==============  ===============  ===============
+
+The dual form wins at batch 1 for the smallest members (fewer nodes: about
+0.4 us of onnxruntime overhead per node) and loses for wider ones (its
+[b, nb, E, N, L(L+1)/2] elementwise work); at batch 256 both forms are slower
+than JAX (smoke s1: 0.013 ms vs 0.007 ms per image). Why written by hand and
+not with jax2onnx: the converter's graph of the sequential scan was slower in
+onnxruntime than JAX at batch 1 (0.36 ms vs 0.12 ms, measured before this
+module by the project), and writing the graph directly chooses the scan form,
+the layout and the op count.
 
 This module needs ``numpy`` and ``onnx`` only: ``config`` is read by attribute
 (a :class:`mamba_pkd.models.ModelConfig`) and ``params`` may hold numpy or JAX
