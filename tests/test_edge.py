@@ -99,6 +99,8 @@ def test_auto_scan_form_by_length():
   long = _config(image_shape=(8, 8, 1), patch_size=1)
   assert onnx_lower.resolve_scan_form(short) == "dual"
   assert onnx_lower.resolve_scan_form(long) == "recurrent"
+  wide = _config(image_shape=(16, 16, 1), patch_size=4, d_model=96, d_state=16)
+  assert onnx_lower.resolve_scan_form(wide.replace(bidirectional=True)) == "recurrent"
   with pytest.raises(ValueError, match="scan_form"):
     onnx_lower.resolve_scan_form(short, "loop")
 

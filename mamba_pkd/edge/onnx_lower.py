@@ -40,7 +40,11 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
   in one op: O(E * N * L) work, 2L + ~15 ops.
 
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
-and ``"recurrent"`` above. Measured with ``experiments/bench_edge.py`` on the
+with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (200k) per image and layer
+(mnist ladder, bidirectional: s1 44k, s4 174k, s8 836k), ``"recurrent"``
+otherwise. Process CPU time at batch 1 (load ~9; JAX parallel / ORT dual /
+ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 / 313 / 307 us, s8 1136 /
+2425 / 1771 us. Measured with ``experiments/bench_edge.py`` on the
 smoke run (configs/smoke.py) and random-init members of the mnist ladder
 (bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
 project's shared 2-core machine at load average 7-9 (so +-30% noise; min over
@@ -82,8 +86,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 OPSET = 17
 SCAN_FORMS = ("auto", "dual", "recurrent")
-# "auto" uses the dual form up to this many tokens (see the module docstring).
+# "auto" uses the dual form up to this many tokens and this many elements of
+# its [nb, E, N, L(L+1)/2] decay tensor per image and layer (see the module docstring).
 DUAL_MAX_TOKENS = 32
+DUAL_MAX_ELEMENTS = 200_000
 RMS_EPS = 1e-5  # layers.RMSNorm's default, used by every block and the final norm
 INPUT = "x"
 PREV_INPUT = "prev_features"
@@ -96,7 +102,11 @@ def resolve_scan_form(config: "ModelConfig", scan_form: str = "auto") -> str:
   if scan_form not in SCAN_FORMS:
     raise ValueError(f"scan_form={scan_form!r} must be one of {SCAN_FORMS}")
   if scan_form == "auto":
-    return "dual" if config.num_tokens <= DUAL_MAX_TOKENS else "recurrent"
+    length = config.num_tokens
+    branches = 2 if config.bidirectional else 1
+    elements = branches * config.d_inner * config.d_state * length * (length + 1) // 2
+    short = length <= DUAL_MAX_TOKENS and elements <= DUAL_MAX_ELEMENTS
+    return "dual" if short else "recurrent"
   return scan_form
 
 
@@ -251,34 +261,25 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
   )
   u3 = _silu(g, conv, f"{hint}_u")  # [b, nb*E, L]
   u = g.op("Reshape", [u3, g.ints([-1, nb, e, length])], f"{hint}_u4")  # [b, nb, E, L]
-  # The recurrent form runs both branches in one loop over "scan time": the
-  # reversed branch's sequence is flipped here (x_proj, softplus and dt * u are
-  # pointwise in time) and its output flipped back below, each by a MatMul with
-  # a constant [nb, L, L] permutation (identity for the forward branch): exact.
-  flip = None
-  if form == "recurrent" and nb > 1:
-    flip = g.shared(
-        ("flip", length),
-        lambda: np.stack([np.eye(length), np.eye(length)[::-1]]).astype(np.float32),
-        "flip",
-    )
-    u = g.op("MatMul", [u, flip], f"{hint}_u4_scan_time")
   # x_proj then dt_proj, folded into one [E, E] matrix for the dt rows:
   # delta = (u^T Wx_dt) Wdt + bias = u^T (Wx_dt Wdt) + bias.
   w_x = []
   for sfx in suffixes:
     wx = _np(mixer, "x_proj" + sfx, "kernel")  # [E, R + 2N]
     wdt = _np(mixer, "dt_proj" + sfx, "kernel")  # [R, E]
-    w_x.append(np.concatenate([wx[:, :rank] @ wdt, wx[:, rank:]], axis=1).T)  # [E + 2N, E]
-  proj = g.op("MatMul", [g.const(np.stack(w_x), f"{hint}_xproj_w"), u], f"{hint}_xproj")
-  delta, b_mat, c_mat = g.op(
-      "Split", [proj, g.ints([e, n, n], "split")], f"{hint}_dbc", n_out=3, axis=2
-  )  # [b, nb, E, L], [b, nb, N, L], [b, nb, N, L]
-  dt_bias = np.stack([_np(mixer, "dt_proj" + sfx, "bias") for sfx in suffixes])[..., None]
-  dt = _softplus(g, g.op("Add", [delta, g.const(dt_bias, f"{hint}_dt_b")]), f"{hint}_dt")
+    w_x.append(np.concatenate([wx[:, :rank] @ wdt, wx[:, rank:]], axis=1))  # [E, E + 2N]
+  w_x = np.stack(w_x)  # [nb, E, E + 2N]
+  dt_bias = np.stack([_np(mixer, "dt_proj" + sfx, "bias") for sfx in suffixes])  # [nb, E]
   a = -np.exp(np.stack([_np(mixer, "A_b_log" if sfx else "A_log") for sfx in suffixes]))
-  dtu = g.op("Mul", [dt, u], f"{hint}_dtu")  # [b, nb, E, L]
   if form == "dual":
+    proj = g.op("MatMul", [g.const(w_x.transpose(0, 2, 1), f"{hint}_xproj_w"), u], f"{hint}_xproj")
+    delta, b_mat, c_mat = g.op(
+        "Split", [proj, g.ints([e, n, n], "split")], f"{hint}_dbc", n_out=3, axis=2
+    )  # [b, nb, E, L], [b, nb, N, L], [b, nb, N, L]
+    dt = _softplus(
+        g, g.op("Add", [delta, g.const(dt_bias[..., None], f"{hint}_dt_b")]), f"{hint}_dt"
+    )
+    dtu = g.op("Mul", [dt, u], f"{hint}_dtu")  # [b, nb, E, L]
     # y_t = sum_{k: t_k = t} v_{s_k} sum_n C_t[n] B_s[n] exp(A[n] delta_k) over the
     # causal pairs k = (t, s) (see _dual_matrices), v = dt * u: [b, nb, E, N, T] work.
     mats = [_dual_matrices(length, reverse=bool(sfx)) for sfx in suffixes]
@@ -302,28 +303,52 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
     v_s = g.op("MatMul", [dtu, stacked("Rs")], f"{hint}_v")  # [b, nb, E, T]
     y = g.op("MatMul", [g.op("Mul", [m, v_s]), stacked("St")], f"{hint}_y4")  # [b, nb, E, L]
   elif form == "recurrent":
-    dt5 = g.op("Unsqueeze", [dt, g.ints([3], "axes")], f"{hint}_dt5")  # [b, nb, E, 1, L]
+    # Time-major per branch, [b, nb, L, ...], so that the per-step Split and the
+    # Concat copy contiguous blocks. Both branches run in one loop over "scan
+    # time": the reversed branch's sequence is flipped (x_proj, softplus and
+    # dt * u are pointwise in time) and its output flipped back, each by a
+    # MatMul with a constant [nb, L, L] permutation (identity for the forward
+    # branch), which is exact.
+    u_t = g.op("Transpose", [u], f"{hint}_uT", perm=[0, 1, 3, 2])  # [b, nb, L, E]
+    flip = None
+    if nb > 1:
+      flip = g.shared(
+          ("flip", length),
+          lambda: np.stack([np.eye(length), np.eye(length)[::-1]]).astype(np.float32),
+          "flip",
+      )
+      u_t = g.op("MatMul", [flip, u_t], f"{hint}_uT_scan_time")
+    proj = g.op("MatMul", [u_t, g.const(w_x, f"{hint}_xproj_w")], f"{hint}_xproj")
+    delta, b_mat, c_mat = g.op(
+        "Split", [proj, g.ints([e, n, n], "split")], f"{hint}_dbc", n_out=3, axis=3
+    )  # [b, nb, L, E], [b, nb, L, N], [b, nb, L, N]
+    dt = _softplus(
+        g, g.op("Add", [delta, g.const(dt_bias[:, None, :], f"{hint}_dt_b")]), f"{hint}_dt"
+    )
+    dtu = g.op("Mul", [dt, u_t], f"{hint}_dtu")  # [b, nb, L, E]
+    dt5 = g.op("Unsqueeze", [dt, g.ints([4], "axes")], f"{hint}_dt5")  # [b, nb, L, E, 1]
     d_a = g.op(
-        "Exp", [g.op("Mul", [dt5, g.const(a[..., None], f"{hint}_A")])], f"{hint}_dA"
-    )  # [b, nb, E, N, L]
-    dtu5 = g.op("Unsqueeze", [dtu, g.ints([3], "axes")], f"{hint}_dtu5")  # [b, nb, E, 1, L]
-    b5 = g.op("Unsqueeze", [b_mat, g.ints([2], "axes")], f"{hint}_b5")  # [b, nb, 1, N, L]
-    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, E, N, L]
+        "Exp", [g.op("Mul", [dt5, g.const(a[:, None], f"{hint}_A")])], f"{hint}_dA"
+    )  # [b, nb, L, E, N]
+    dtu5 = g.op("Unsqueeze", [dtu, g.ints([4], "axes")], f"{hint}_dtu5")  # [b, nb, L, E, 1]
+    b5 = g.op("Unsqueeze", [b_mat, g.ints([3], "axes")], f"{hint}_b5")  # [b, nb, L, 1, N]
+    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, L, E, N]
     if length == 1:
       states = d_bu
     else:
-      da_t = g.op("Split", [d_a], f"{hint}_dA_t", n_out=length, axis=4)
-      dbu_t = g.op("Split", [d_bu], f"{hint}_dBu_t", n_out=length, axis=4)
+      da_t = g.op("Split", [d_a], f"{hint}_dA_t", n_out=length, axis=2)
+      dbu_t = g.op("Split", [d_bu], f"{hint}_dBu_t", n_out=length, axis=2)
       hs = [dbu_t[0]]
       for t in range(1, length):
         hs.append(g.op("Add", [g.op("Mul", [da_t[t], hs[-1]]), dbu_t[t]], f"{hint}_h"))
-      states = g.op("Concat", hs, f"{hint}_H", axis=4)  # [b, nb, E, N, L]
-    c5 = g.op("Unsqueeze", [c_mat, g.ints([2], "axes")], f"{hint}_c5")  # [b, nb, 1, N, L]
+      states = g.op("Concat", hs, f"{hint}_H", axis=2)  # [b, nb, L, E, N]
+    c5 = g.op("Unsqueeze", [c_mat, g.ints([3], "axes")], f"{hint}_c5")  # [b, nb, L, 1, N]
     y = g.op(
-        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([3], "axes")], f"{hint}_y4", keepdims=0
-    )  # [b, nb, E, L]
+        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([4], "axes")], f"{hint}_yT", keepdims=0
+    )  # [b, nb, L, E]
     if flip is not None:
-      y = g.op("MatMul", [y, flip], f"{hint}_y4_time")
+      y = g.op("MatMul", [flip, y], f"{hint}_yT_time")
+    y = g.op("Transpose", [y], f"{hint}_y4", perm=[0, 1, 3, 2])  # [b, nb, E, L]
   else:
     raise ValueError(f"scan form {form!r} is not 'dual' or 'recurrent'")
   y = g.op("Reshape", [y, g.ints([-1, nb * e, length])], f"{hint}_y3")
