@@ -42,26 +42,27 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
 with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (200k) per image and layer
 (mnist ladder, bidirectional: s1 44k, s4 174k, s8 836k), ``"recurrent"``
-otherwise. Process CPU time at batch 1 (load ~9; JAX parallel / ORT dual /
-ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 / 313 / 307 us, s8 1136 /
+otherwise. Process CPU time of one member alone at batch 1 (a separate run, load ~9;
+JAX parallel / ORT dual / ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 / 313 / 307 us, s8 1136 /
 2425 / 1771 us. Measured with ``experiments/bench_edge.py`` on the
 smoke run (configs/smoke.py) and random-init members of the mnist ladder
 (bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
-project's shared 2-core machine at load average 7-9 (so +-30% noise; min over
-7 interleaved rounds), per image at batch 1:
+project's shared 2-core machine at load average 8-9 (so the noise is large; min
+over 7 interleaved rounds; wall time, process CPU time in brackets), per image
+at batch 1:
 
-=====================  ==============  ===============  ===============
-member                 jax[parallel]   ort f32 dual     ort f32 recurr.
-=====================  ==============  ===============  ===============
-smoke s1 (d 4)         0.042 ms        0.036 ms         0.041 ms
-smoke teacher (d 16)   0.079 ms        0.116 ms         0.443 ms
-mnist s1 (d 20)        0.082 ms        0.074 ms         0.113 ms
-=====================  ==============  ===============  ===============
+=====================  ==================  ================  ================
+member                 jax[parallel]       ort f32 dual      ort f32 recurr.
+=====================  ==================  ================  ================
+smoke s1 (d 4)         0.124 (0.060) ms    0.033 (0.033) ms  0.053 (0.051) ms
+smoke teacher (d 16)   0.080 (0.080) ms    0.117 (0.117) ms  0.186 (0.146) ms
+mnist s1 (d 20)        0.225 (0.157) ms    0.087 (0.087) ms  0.157 (0.112) ms
+=====================  ==================  ================  ================
 
 The dual form wins at batch 1 for the smallest members (fewer nodes: about
 0.4 us of onnxruntime overhead per node) and loses for wider ones (its
 [b, nb, E, N, L(L+1)/2] elementwise work); at batch 256 both forms are slower
-than JAX (smoke s1: 0.013 ms vs 0.007 ms per image). Why written by hand and
+than JAX (smoke s1: 0.012 ms vs 0.007 ms per image). Why written by hand and
 not with jax2onnx: the converter's graph of the sequential scan was slower in
 onnxruntime than JAX at batch 1 (0.36 ms vs 0.12 ms, measured before this
 module by the project), and writing the graph directly chooses the scan form,
