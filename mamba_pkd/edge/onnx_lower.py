@@ -42,9 +42,10 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
 with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (200k) per image and layer
 (mnist ladder, bidirectional: s1 44k, s4 174k, s8 836k), ``"recurrent"``
-otherwise. Process CPU time of one member alone at batch 1 (a separate run, load ~9;
-JAX parallel / ORT dual / ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 / 313 / 307 us, s8 1136 /
-2425 / 1771 us. Measured with ``experiments/bench_edge.py`` on the
+otherwise. Process CPU time of one member alone at batch 1 (a separate run, load
+~9; JAX parallel / ORT dual / ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 /
+313 / 307 us, s8 1136 / 2425 / 1771 us.
+Measured with ``experiments/bench_edge.py`` on the
 smoke run (configs/smoke.py) and random-init members of the mnist ladder
 (bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
 project's shared 2-core machine at load average 8-9 (so the noise is large; min
