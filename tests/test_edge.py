@@ -170,6 +170,8 @@ def test_runtime_without_jax_matches_parent(tmp_path, chain):
   ens = runtime.OnnxEnsemble(paths, meta, preprocessing)
   np.testing.assert_allclose(ens.logits(x, 1, normalized=True), f1, atol=TOL, rtol=0)
   np.testing.assert_allclose(ens.logits(x, normalized=True), f2, atol=TOL, rtol=0)
+  chunked = runtime.OnnxEnsemble(paths, meta, preprocessing, max_batch=4)  # 6 images: 4 + 2
+  np.testing.assert_allclose(chunked.logits(x, normalized=True), f2, atol=TOL, rtol=0)
   threshold = float(np.median(runtime.confidence(f1, 1.0)))  # about half the images stop
   parent = ens.cascade(x, thresholds=threshold, normalized=True)
   np.save(tmp_path / "x.npy", x)

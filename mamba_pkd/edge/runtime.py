@@ -150,6 +150,9 @@ class OnnxEnsemble:
     preprocessing: dict with ``mean``, ``std`` (per channel), ``image_shape``
       (H, W, C) and ``num_classes`` (``export.json``'s ``preprocessing``).
     intra_op_threads: threads per op in each session (:func:`session_options`).
+    max_batch: largest batch one session call gets; bigger inputs are run in
+      chunks (the dual scan form holds [b, 2, E, N, L(L+1)/2] float32
+      temporaries: a wide member at b = 256 needs gigabytes).
   """
 
   def __init__(
@@ -159,6 +162,7 @@ class OnnxEnsemble:
       preprocessing: Mapping,
       *,
       intra_op_threads: int | None = 1,
+      max_batch: int = 256,
   ):
     if len(members) != len(member_meta) or not members:
       raise ValueError(
@@ -172,6 +176,9 @@ class OnnxEnsemble:
     self.num_classes = int(preprocessing["num_classes"])
     self.mean = np.asarray(preprocessing["mean"], np.float32)
     self.std = np.asarray(preprocessing["std"], np.float32)
+    if max_batch < 1:
+      raise ValueError(f"max_batch={max_batch!r} must be >= 1")
+    self.max_batch = int(max_batch)
     self.sessions = [load_session(m, intra_op_threads=intra_op_threads) for m in members]
     self.member_flops = [float(m["flops"]) for m in self.member_meta]
     self.prefix_scales = [float(m.get("prefix_scale", 1.0)) for m in self.member_meta]
@@ -206,8 +213,14 @@ class OnnxEnsemble:
       if prev_features is None:
         raise ValueError(f"member {j + 1} is connected: pass prev_features")
       feeds["prev_features"] = np.ascontiguousarray(prev_features, np.float32)
-    logits, features = self.sessions[j].run(None, feeds)
-    return logits, features
+    if len(x) <= self.max_batch:
+      logits, features = self.sessions[j].run(None, feeds)
+      return logits, features
+    parts = [
+        self.sessions[j].run(None, {k: v[i : i + self.max_batch] for k, v in feeds.items()})
+        for i in range(0, len(x), self.max_batch)
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
   def _resolve_k(self, num_members: int | None) -> int:
     k = self.num_members if num_members is None else num_members
