@@ -109,10 +109,10 @@ def bench_members(members, preprocessing, args, out_dir: pathlib.Path, title: st
     sizes[f"int8[{form}]"] = [p.stat().st_size for p in int8]
     for threads in args.threads:
       ensembles[f"ort-f32[{form},t{threads}]"] = runtime.OnnxEnsemble(
-          f32, meta, prep, intra_op_threads=threads
+          f32, meta, prep, intra_op_threads=threads, max_batch=args.max_batch
       )
     ensembles[f"ort-int8[{form},t{args.threads[0]}]"] = runtime.OnnxEnsemble(
-        int8, meta, prep, intra_op_threads=args.threads[0]
+        int8, meta, prep, intra_op_threads=args.threads[0], max_batch=args.max_batch
     )
   for m in members:
     print(
@@ -196,6 +196,13 @@ def main(argv=None) -> int:
   parser.add_argument("--scan_forms", default="auto", help="comma list of auto,dual,recurrent")
   parser.add_argument("--threads", default="1", help="comma list of ORT intra-op thread counts")
   parser.add_argument("--big_batch", type=int, default=256)
+  parser.add_argument(
+      "--max_batch",
+      type=int,
+      default=64,
+      help="OnnxEnsemble max_batch (the forced dual form of a wide member at batch 256 "
+      "was killed for memory at 20 GB)",
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=200, help="calls per round at batch 1")
   parser.add_argument("--teacher", action="store_true", help="also time the teacher alone")
