@@ -46,10 +46,43 @@ def smoke_cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
   ]
 
 
-def shared_reference_run(tmp_path_factory) -> pathlib.Path:
-  """The plain smoke run on 1 device, made once per test session and only read after.
+def smoke_data(tmp_path_factory) -> pathlib.Path:
+  """configs/smoke.py's synthetic arrays saved as an npz file, once per test session.
 
-  Used by tests/test_multihost.py and tests/test_resume.py as their common reference.
+  A run on ``npz:<this file>`` computes exactly what the synthetic run computes (same
+  arrays, same split, same normalisation); only the dataset's name differs (in
+  results.json's meta and results.md). Runs that are compared with the shared
+  reference run pass :func:`smoke_data_flag` too.
+  """
+  import runpy  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from mamba_pkd import data  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.getbasetemp() / "smoke_data" / "smoke.npz"
+  if not path.is_file():
+    config = runpy.run_path(str(REPO / "configs" / "smoke.py"))["get_config"]()
+    ds = data.load_dataset(config.dataset, seed=config.seed)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    tmp.rename(path)
+  return path
+
+
+def smoke_data_flag(tmp_path_factory) -> str:
+  """The flag that runs the smoke job on :func:`smoke_data`."""
+  return f"--config.dataset=npz:{smoke_data(tmp_path_factory)}"
+
+
+def shared_reference_run(tmp_path_factory) -> pathlib.Path:
+  """The smoke run on 1 device and :func:`smoke_data`, made once per test session and only
+  read after (a test that changes a run copies it first, ``shutil.copytree``).
+
+  Its stdout and stderr are kept beside it (:func:`reference_output`). Used by
+  tests/test_pkd.py (report, manifest, restore, export), tests/test_resume.py and
+  tests/test_multihost.py as their common reference.
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -58,11 +91,23 @@ def shared_reference_run(tmp_path_factory) -> pathlib.Path:
   if not (workdir / "results.json").is_file():
     shutil.rmtree(workdir, ignore_errors=True)
     out = subprocess.run(
-        smoke_cmd(workdir), cwd=REPO, env=smoke_env(1), capture_output=True, text=True, timeout=900
+        smoke_cmd(workdir, smoke_data_flag(tmp_path_factory)),
+        cwd=REPO,
+        env=smoke_env(1),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-5000:]
     assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
+    for name, text in (("stdout", out.stdout), ("stderr", out.stderr)):
+      workdir.with_name(f"{workdir.name}.{name}").write_text(text)
   return workdir
+
+
+def reference_output(workdir: pathlib.Path) -> tuple[str, str]:
+  """(stdout, stderr) of the shared reference run in ``workdir``."""
+  return tuple(workdir.with_name(f"{workdir.name}.{n}").read_text() for n in ("stdout", "stderr"))
 
 
 def small_dataset(n_train=50, n_test=23, shape=(6, 5, 2), num_classes=4, seed=0):

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import reference_output, shared_reference_run
+from conftest import smoke_cmd, smoke_data, smoke_data_flag, smoke_env
 from mamba_pkd import ensemble, manifest, settings, stages, weak_learner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -264,27 +267,20 @@ def test_views_without_augmentation_are_rejected():
     settings.validate_config(config)
 
 
-def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
-  """The smoke job on the user's own arrays (npz): report, manifest, resume; then the
-  dataset file is moved away and the run is still exported and predicted from."""
+def test_smoke_run_through_main_writes_a_consistent_report(tmp_path_factory, tmp_path):
+  """The smoke job on the user's own arrays (npz; conftest's shared reference run): report,
+  manifest, resume (on a copy); then the dataset file is moved away and the run is still
+  exported and predicted from."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import predict  # pylint: disable=g-import-not-at-top
 
-  ds = data_lib.load_dataset(_smoke_config().dataset, seed=0)
-  data_file = tmp_path / "data.npz"
-  np.savez(data_file, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-  workdir = tmp_path / "run"
-  cmd = [
-      sys.executable,
-      "-m",
-      "mamba_pkd.main",
-      "--config=configs/smoke.py",
-      f"--workdir={workdir}",
-      f"--config.dataset=npz:{data_file}",
-  ]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "| teacher |" in out.stdout
-  results = json.loads((workdir / "results.json").read_text())
+  reference = shared_reference_run(tmp_path_factory)
+  data_file = smoke_data(tmp_path_factory)
+  ds = data_lib.load_dataset(f"npz:{data_file}", seed=0)
+  stdout, _ = reference_output(reference)
+  assert "| teacher |" in stdout
+  results = json.loads((reference / "results.json").read_text())
+  assert results["meta"]["dataset"] == f"npz:{data_file}"
   rows = {r["name"]: r for r in results["rows"]}
   teacher_flops = rows["teacher"]["flops"]
   students = [r for r in results["rows"] if r["kind"] == "student"]
@@ -300,13 +296,23 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == len(students)
   for name in ("results.md", "accuracy_vs_flops.png", "config.json", "metrics.jsonl"):
-    assert (workdir / name).exists(), name
-  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert (reference / name).exists(), name
+  metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
   assert {m["stage"] for m in metrics} >= {"teacher"}
-  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
+  assert list((reference / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
 
-  # Re-running the same command restores every finished stage instead of training it.
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  # Re-running the same command (on a copy) restores every finished stage instead of
+  # training it.
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  again = subprocess.run(
+      smoke_cmd(workdir, smoke_data_flag(tmp_path_factory)),
+      cwd=REPO,
+      env=smoke_env(1),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already complete, not retrained" in again.stderr
   assert "compiled in" not in again.stderr  # no train step was built
@@ -323,26 +329,29 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   assert m.teacher.flops == teacher_flops and len(m.baselines) == len(students)
   assert m.preprocessing.mean == pytest.approx(list(ds.mean), rel=1e-6)
 
-  # Without its dataset, the run is still exported and predicted from (manifest + checkpoints).
-  data_file.rename(tmp_path / "moved.npz")
-  bundle = tmp_path / "bundle"
-  exported = subprocess.run(
-      [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert exported.returncode == 0, exported.stderr[-3000:]
+  # Without its dataset, the run is still exported and predicted from (manifest +
+  # checkpoints). The shared data file is put back afterwards for the other tests.
+  moved = data_file.with_name("moved_away.npz")
   np.savez(tmp_path / "x.npz", x=ds.x_test[:8])
-  for model in (bundle, workdir):
+  bundle = tmp_path / "bundle"
+  data_file.rename(moved)
+  try:
+    exported = subprocess.run(
+        [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    # From the bundle through the command line; from the run directory in this process.
     predicted = subprocess.run(
         [
             sys.executable,
             "-m",
             "mamba_pkd.predict",
-            f"--model={model}",
-            f"--output_json={tmp_path / 'p.json'}",
+            f"--model={bundle}",
+            f"--output_json={tmp_path / 'bundle.json'}",
             str(tmp_path / "x.npz"),
         ],
         cwd=REPO,
@@ -351,15 +360,18 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
         timeout=600,
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
-    classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
-    assert len(classes) == 8 and set(classes) <= set(range(4))
+    args = [f"--output_json={tmp_path / 'workdir.json'}", str(tmp_path / "x.npz")]
+    assert predict.main([f"--model={workdir}", *args]) == 0
+  finally:
+    moved.rename(data_file)
+  for output in ("bundle.json", "workdir.json"):
+    classes = [p["class"] for p in json.loads((tmp_path / output).read_text())["predictions"]]
+    assert len(classes) == 8 and set(classes) <= set(range(4)), output
 
 
 def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
   features, with the prefix logits and features computed on the view pool."""
-  from conftest import smoke_cmd, smoke_env  # pylint: disable=g-import-not-at-top
-
   workdir = tmp_path / "run"
   out = subprocess.run(
       smoke_cmd(

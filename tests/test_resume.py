@@ -1,7 +1,9 @@
 """Surviving faults: determinism, SIGKILL + rerun, a corrupted checkpoint, NaN losses.
 
 Every run is ``python -m mamba_pkd.main --config=configs/smoke.py`` in a
-subprocess on one CPU device. On CPU the same command gives the same bytes:
+subprocess on one CPU device; the reference is conftest's shared run (on the
+smoke arrays saved as an npz file), and the runs compared with it read the
+same file. On CPU the same command gives the same bytes:
 the order of an epoch and every draw depend only on (seed, epoch, step), XLA's
 CPU reductions are deterministic, and a resumed stage restores the exact
 optimizer state and skips the batches already seen, so kill + rerun must
@@ -25,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import shared_reference_run, smoke_cmd, smoke_env
+from conftest import shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -75,8 +77,14 @@ def reference(tmp_path_factory):
   return shared_reference_run(tmp_path_factory)
 
 
-def test_same_seed_same_command_gives_identical_results(reference, tmp_path):
-  out = _run(tmp_path)
+@pytest.fixture(scope="module")
+def data_flag(tmp_path_factory):
+  """The reference's dataset flag (its npz file)."""
+  return smoke_data_flag(tmp_path_factory)
+
+
+def test_same_seed_same_command_gives_identical_results(reference, data_flag, tmp_path):
+  out = _run(tmp_path, data_flag)
   assert out.returncode == 0, out.stderr[-5000:]
   for name in ("results.json", "results.md"):
     assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
@@ -84,12 +92,12 @@ def test_same_seed_same_command_gives_identical_results(reference, tmp_path):
   assert _metric_records(tmp_path) == _metric_records(reference)
 
 
-def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tmp_path):
+def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, data_flag, tmp_path):
   log = tmp_path / "killed.log"
   workdir = tmp_path / "run"
   with open(log, "w") as f:
     proc = subprocess.Popen(
-        smoke_cmd(workdir, *EVERY_STEP),
+        smoke_cmd(workdir, data_flag, *EVERY_STEP),
         cwd=REPO,
         env=smoke_env(1),
         stdout=f,
@@ -121,7 +129,7 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   *_, previous, newest = _steps(stage)
   assert _truncate_data_files(stage / "steps" / str(newest)) > 0
 
-  out = _run(workdir, *EVERY_STEP)  # the same command again
+  out = _run(workdir, data_flag, *EVERY_STEP)  # the same command again
   assert out.returncode == 0, out.stderr[-5000:]
   err = out.stderr
   assert "stage teacher: already complete, not retrained" in err
