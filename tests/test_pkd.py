@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import reference_output, shared_reference_run
-from conftest import smoke_cmd, smoke_data, smoke_data_flag, smoke_env
+from conftest import reference_output, shared_reference_run, smoke_data, smoke_data_flag, smoke_runs
 from mamba_pkd import ensemble, manifest, settings, stages, weak_learner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -267,7 +266,36 @@ def test_views_without_augmentation_are_rejected():
     settings.validate_config(config)
 
 
-def test_smoke_run_through_main_writes_a_consistent_report(tmp_path_factory, tmp_path):
+RESIDUAL = (
+    "--config.pkd.target=residual",
+    "--config.pkd.connect=True",
+    "--config.baselines=False",
+    "--config.pkd.margin=-1000.0",
+)
+
+
+@pytest.fixture(scope="module")
+def rerun_and_residual(tmp_path_factory):
+  """Two runs of `main`, made side by side (they compile different programs):
+
+  * the shared reference's command again, on a copy of its workdir (which it rewrites);
+  * the residual-target run with connections (``RESIDUAL``), in its own workdir.
+
+  Returns ((workdir, CompletedProcess), (workdir, CompletedProcess)).
+  """
+  reference = shared_reference_run(tmp_path_factory)
+  rerun = tmp_path_factory.mktemp("rerun") / "run"
+  shutil.copytree(reference, rerun)
+  residual = tmp_path_factory.mktemp("residual") / "run"
+  outs = smoke_runs(
+      tmp_path_factory, [(rerun, 1, (smoke_data_flag(tmp_path_factory),)), (residual, 1, RESIDUAL)]
+  )
+  return (rerun, outs[0]), (residual, outs[1])
+
+
+def test_smoke_run_through_main_writes_a_consistent_report(
+    tmp_path_factory, tmp_path, rerun_and_residual
+):
   """The smoke job on the user's own arrays (npz; conftest's shared reference run): report,
   manifest, resume (on a copy); then the dataset file is moved away and the run is still
   exported and predicted from."""
@@ -303,16 +331,7 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path_factory, tmp
 
   # Re-running the same command (on a copy) restores every finished stage instead of
   # training it.
-  workdir = tmp_path / "run"
-  shutil.copytree(reference, workdir)
-  again = subprocess.run(
-      smoke_cmd(workdir, smoke_data_flag(tmp_path_factory)),
-      cwd=REPO,
-      env=smoke_env(1),
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  (workdir, again), _ = rerun_and_residual
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already complete, not retrained" in again.stderr
   assert "compiled in" not in again.stderr  # no train step was built
@@ -369,24 +388,10 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path_factory, tmp
     assert len(classes) == 8 and set(classes) <= set(range(4)), output
 
 
-def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
+def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual):
   """The B-DISTIL path: students fit the residual and read the previous student's
   features, with the prefix logits and features computed on the view pool."""
-  workdir = tmp_path / "run"
-  out = subprocess.run(
-      smoke_cmd(
-          workdir,
-          "--config.pkd.target=residual",
-          "--config.pkd.connect=True",
-          "--config.baselines=False",
-          "--config.pkd.margin=-1000.0",
-      ),
-      cwd=REPO,
-      env=smoke_env(1),
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  _, (workdir, out) = rerun_and_residual  # RESIDUAL
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
   assert "student_1: outputs on the 1536 pooled views" in out.stderr
