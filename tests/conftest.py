@@ -90,10 +90,11 @@ def run_smoke(workdir: pathlib.Path, devices: int = 1, *flags: str, timeout: int
   )
 
 
-def smoke_runs(tmp_path_factory, jobs=(), parallel: int = 2) -> list:
-  """Runs smoke jobs ``(workdir, devices, flags)`` side by side, ``parallel`` at a time (the
-  machine has 2 cores, and a job keeps about one busy), together with the shared reference
-  run if it is not made yet. Returns the jobs' CompletedProcess, in order.
+def smoke_runs(tmp_path_factory, jobs=(), parallel: int | None = None) -> list:
+  """Runs smoke jobs ``(workdir, devices, flags)`` side by side, ``parallel`` at a time
+  (default: $MAMBA_PKD_TEST_JOBS, else 2: the machine has 2 cores; 1 runs them one after
+  the other), together with the shared reference run if it is not made yet. Returns the
+  jobs' CompletedProcess, in order.
 
   Run side by side only jobs that compile different programs (other device counts, other
   settings): two jobs of the same programs would both compile them instead of the second
@@ -102,6 +103,8 @@ def smoke_runs(tmp_path_factory, jobs=(), parallel: int = 2) -> list:
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
 
+  if parallel is None:
+    parallel = int(os.environ.get("MAMBA_PKD_TEST_JOBS", "2"))
   reference = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
   todo = [(pathlib.Path(w), d, tuple(f)) for w, d, f in jobs]
   make_reference = not (reference / "results.json").is_file()
