@@ -1,14 +1,22 @@
-"""Bad inputs, tried the way a new user would: through `python -m mamba_pkd.main`.
+"""Bad inputs, tried the way a new user would: a bad flag, file or workdir.
 
-Every case must end with exit code 2 and exactly one ``error: ...`` line on
-stderr that names the bad value and what would be valid, before the run trains
-or predicts anything (probes stand in for ``train.train_stage`` and
-``train.predict_dataset``, the first expensive calls of a run, and record any
-call; none may happen), before XLA compiles anything (``JAX_LOG_COMPILES=1``
-makes JAX log every compilation as ``Compiling ...``; none may appear), and must
-leave the files already in the workdir byte-for-byte as they were. The table of
-cases and messages is in ``docs/scale_and_faults.md``; its wall times are
-printed, not asserted (they depend on the machine's load).
+Every case must be refused before the run trains or predicts anything (probes
+stand in for ``train.train_stage`` and ``evaluate.predict_dataset``, the first
+expensive calls of a run, and record any call; none may happen), with an error
+that names the bad value and what would be valid, leaving the files already in
+the workdir byte-for-byte as they were.
+
+Every case is checked in-process: ``pkd.train_and_evaluate`` on the config that
+``main`` would parse from the same flags (absl + ``config_flags``), which must
+raise ``ValueError`` or ``FileNotFoundError`` (the two that ``main`` turns into
+exit code 2). A few cases (``CLI_CASES``: one per kind of check) also run
+through ``python -m mamba_pkd.main``, for the command-line contract: exit code
+2, exactly one ``error: ...`` line on stderr, no traceback, nothing on stdout,
+and nothing compiled by XLA before the error (``JAX_LOG_COMPILES=1`` makes JAX
+log every compilation as ``Compiling ...``; none may appear). The table of
+cases and messages is in ``docs/scale_and_faults.md``; ``pytest -s`` prints it
+(wall times of the command-line cases are printed, not asserted: they depend on
+the machine's load).
 """
 
 import concurrent.futures
@@ -25,11 +33,12 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROBE_EXIT = 97  # exit code of a run stopped by a probe
 CONTROL = "control: a valid run"
-# `python -m mamba_pkd.main`, with the first expensive calls of a run replaced by probes:
-# a call appends its name to the file $MAMBA_PKD_PROBE_EVENTS and ends the process.
+# The first expensive calls of a run: (module of mamba_pkd, function) replaced by probes.
+PROBES = (("train", "train_stage"), ("evaluate", "predict_dataset"))
+# `python -m mamba_pkd.main`, with the PROBES replaced: a call appends its name to the file
+# $MAMBA_PKD_PROBE_EVENTS and ends the process.
 PROBED_MAIN = f"""
-import os, runpy, sys
-from mamba_pkd import train
+import importlib, os, runpy, sys
 
 
 def record(event):
@@ -45,8 +54,10 @@ def probe(name):
   return refuse
 
 
-train.train_stage = probe("train_stage")
-train.predict_dataset = probe("predict_dataset")
+for module, name in {PROBES!r}:
+  module = importlib.import_module("mamba_pkd." + module)
+  assert callable(getattr(module, name)), (module, name)  # a renamed function fails here
+  setattr(module, name, probe(name))
 record("probes installed")
 sys.argv[0] = "mamba_pkd.main"
 runpy.run_module("mamba_pkd.main", run_name="__main__", alter_sys=True)
@@ -80,6 +91,16 @@ CASE_NAMES = (
     "TFDS dataset not downloadable (offline)",
     "batch size not divisible by 4 devices",
     "eval batch not divisible by 4 devices",
+)
+# Also run through `python -m mamba_pkd.main`: one case per kind of check (settings, dataset
+# name, workdir, TFDS with its remedy lines, device count; the npz files are read by the
+# same loader as the dataset name, the other settings by the same validation).
+CLI_CASES = (
+    "alpha above 1",
+    "unknown dataset name",
+    "workdir not writable",
+    "TFDS dataset not downloadable (offline)",
+    "batch size not divisible by 4 devices",
 )
 
 
@@ -235,12 +256,19 @@ def _run_case(
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-  """Runs every case (two at a time: the machine has 2 cores); returns per-case results."""
+def cases(tmp_path_factory) -> dict[str, tuple[Case, pathlib.Path]]:
+  """Every case by name, with the root its files and workdirs are made under."""
   root = tmp_path_factory.mktemp("bad_inputs")
-  cases = _cases(root)
-  assert tuple(c.name for c in cases) == CASE_NAMES
-  prepared = [(case, _prepare_workdir(case, root)) for case in cases]
+  table = _cases(root)
+  assert tuple(c.name for c in table) == CASE_NAMES
+  return {c.name: (c, root) for c in table}
+
+
+@pytest.fixture(scope="module")
+def outcomes(cases, tmp_path_factory):
+  """Runs the CLI_CASES through the CLI (two at a time: the machine has 2 cores)."""
+  root = tmp_path_factory.mktemp("bad_inputs_cli")
+  prepared = [(case, _prepare_workdir(case, root)) for case, _ in map(cases.get, CLI_CASES)]
   before = {case.name: _snapshot(wd) for case, wd in prepared}
   events = root / "probe_events"
   events.mkdir()
@@ -259,29 +287,115 @@ def outcomes(tmp_path_factory):
         before=before.get(case.name),
         after=_snapshot(workdir),
     )
-  # The table of docs/scale_and_faults.md (shown with `pytest -s`).
+  # The command-line rows of the table of docs/scale_and_faults.md (shown with `pytest -s`;
+  # test_bad_input_fails_before_training_and_names_the_value prints the other rows).
   print("\n| case | flags | exit | s | message on stderr |\n|---|---|---:|---:|---|")
-  for name in CASE_NAMES:
+  for name in CLI_CASES:
     r = table[name]
     lines = [l for l in r["out"].stderr.splitlines() if l.startswith("error:")]
     line = lines[0] if lines else r["out"].stderr[-300:]
     flags = " ".join(r["case"].flags) or f"--workdir={r['case'].workdir}"
     print(
         f"| {name} | `{flags}` | {r['out'].returncode} | {r['seconds']:.1f} | "
-        f"`{line}` |".replace(str(root), "<tmp>")
+        f"`{line}` |".replace(str(root), "<tmp>").replace(str(cases[name][1]), "<tmp>")
     )
   return table
 
 
-def test_probes_stop_a_valid_run_at_its_first_training_call(outcomes):
-  """The control: the probes are installed and do see a run that gets past its checks."""
+def _parse_config(case: Case):
+  """The config `main` parses from ``--config=configs/smoke.py`` and the case's flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = ["main", f"--config={REPO / 'configs' / 'smoke.py'}", *case.flags]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+  )
+  values(argv)
+  return values.config
+
+
+@pytest.fixture
+def probes(monkeypatch) -> list[str]:
+  """The PROBES, in this process: a call records its name and raises ``_Probed``."""
+  from mamba_pkd import evaluate, train  # pylint: disable=g-import-not-at-top
+
+  modules = {"train": train, "evaluate": evaluate}
+  events = []
+
+  def probe(name):
+    def refuse(*args, **kwargs):
+      events.append(name)
+      raise _Probed(name)
+
+    return refuse
+
+  for module, name in PROBES:
+    assert callable(getattr(modules[module], name)), (module, name)
+    monkeypatch.setattr(modules[module], name, probe(name))
+  return events
+
+
+class _Probed(Exception):
+  """Raised by an in-process probe: the run got as far as a training or prediction call."""
+
+
+def _devices(monkeypatch, n: int) -> None:
+  """``n`` devices, as the batch checks (``parallel.check_batch_divisible``) count them."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if n != jax.device_count():
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: n)
+    monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: n)
+
+
+def _error_in_process(case: Case, root: pathlib.Path, monkeypatch, probes) -> str:
+  """``pkd.train_and_evaluate`` on the case; returns the message of the error it raised."""
+  from mamba_pkd import pkd  # pylint: disable=g-import-not-at-top
+
+  workdir = _prepare_workdir(case, root)
+  before = _snapshot(workdir)
+  _devices(monkeypatch, case.devices)
+  with pytest.raises((ValueError, FileNotFoundError)) as error:  # main: exit code 2
+    pkd.train_and_evaluate(_parse_config(case), workdir)
+  assert probes == [], f"the run got as far as {probes}"
+  assert _snapshot(workdir) == before, "files in the workdir changed"
+  return str(error.value)
+
+
+def test_probes_stop_a_valid_run_at_its_first_training_call(outcomes, tmp_path, probes):
+  """The control: the probes are installed and do see a run that gets past its checks,
+  in a subprocess of `main` and in this process."""
   r = outcomes[CONTROL]
   assert r["out"].returncode == PROBE_EXIT, (r["out"].returncode, r["out"].stderr[-3000:])
   assert r["events"] == ["probes installed", "train_stage"], r["events"]
+  from mamba_pkd import pkd  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(_Probed):
+    pkd.train_and_evaluate(_parse_config(Case(CONTROL, (), ())), tmp_path)
+  assert probes == ["train_stage"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_bad_input_fails_before_training_with_one_clear_line(outcomes, name):
+def test_bad_input_fails_before_training_and_names_the_value(
+    cases, name, tmp_path, monkeypatch, probes
+):
+  case, root = cases[name]
+  message = _error_in_process(case, tmp_path, monkeypatch, probes)
+  for part in case.expect:
+    assert part in message, (part, message)
+  flags = " ".join(case.flags) or f"--workdir={case.workdir}"
+  line = f"error: {message}".splitlines()[0]  # as `main` prints it
+  print(
+      f"| {name} | `{flags}` | 2 (in-process) | - | `{line}` |".replace(str(root), "<tmp>").replace(
+          str(tmp_path), "<tmp>"
+      )
+  )
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_bad_input_through_the_cli_is_one_clear_line(outcomes, name):
   r = outcomes[name]
   case, out = r["case"], r["out"]
   stderr = out.stderr

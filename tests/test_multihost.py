@@ -1,8 +1,10 @@
 """Scaling out: 1, 2 and 4 devices, and two processes through `jax.distributed`.
 
 Every run is the real entry point, ``python -m mamba_pkd.main
---config=configs/smoke.py``, in a subprocess; the global batch is the same in
-all of them (32), so the runs must agree:
+--config=configs/smoke.py``, in a subprocess, on the smoke arrays saved as an
+npz file (conftest's ``smoke_data``; the 1-device run is conftest's shared
+reference run); the global batch is the same in all of them (32), so the runs
+must agree:
 
 * 2 devices in one process and 2 processes with 1 device each give the SAME
   ``results.json`` bytes: the only difference is who averages the gradients,
@@ -28,7 +30,7 @@ import subprocess
 
 import pytest
 
-from conftest import shared_reference_run, smoke_cmd, smoke_env
+from conftest import shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env, smoke_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-4  # floats in results.json, 1 vs 2 vs 4 devices (see the module docstring)
@@ -36,18 +38,9 @@ TIMEOUT_S = 900
 _NUMBER = re.compile(r"-?\d+\.\d+")
 
 
-def _single_process_run(workdir: pathlib.Path, devices: int) -> str:
-  out = subprocess.run(
-      smoke_cmd(workdir),
-      cwd=REPO,
-      env=smoke_env(devices),
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT_S,
-  )
+def _check_single_process_run(out: subprocess.CompletedProcess, devices: int) -> None:
   assert out.returncode == 0, out.stderr[-5000:]
   assert f"{devices} local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
-  return out.stderr
 
 
 def _free_port() -> int:
@@ -56,7 +49,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path) -> list[str]:
+def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path, data_flag: str) -> list[str]:
   """Starts processes 0 and 1 of one run; returns their logs (stdout + stderr)."""
   port = _free_port()
   procs, files = [], []
@@ -67,6 +60,7 @@ def _two_process_run(workdir: pathlib.Path, logs: pathlib.Path) -> list[str]:
           subprocess.Popen(
               smoke_cmd(
                   workdir,
+                  data_flag,
                   f"--coordinator_address=127.0.0.1:{port}",
                   "--num_processes=2",
                   f"--process_id={i}",
@@ -127,22 +121,32 @@ def _stage_names(workdir: pathlib.Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-  return shared_reference_run(tmp_path_factory)
+def single_process_runs(tmp_path_factory) -> dict[int, pathlib.Path]:
+  """Workdirs of the runs on 1, 2 and 4 devices in one process, made side by side (each
+  compiles its own programs: the device count is part of them)."""
+  workdirs = {n: tmp_path_factory.mktemp(f"{n}_devices") for n in (2, 4)}
+  flag = smoke_data_flag(tmp_path_factory)
+  outs = smoke_runs(tmp_path_factory, [(workdirs[n], n, (flag,)) for n in (2, 4)])
+  for n, out in zip((2, 4), outs):
+    _check_single_process_run(out, n)
+  return {1: shared_reference_run(tmp_path_factory), **workdirs}
 
 
 @pytest.fixture(scope="module")
-def two_devices(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_devices")
-  _single_process_run(workdir, 2)
-  return workdir
+def one_device(single_process_runs):
+  return single_process_runs[1]
+
+
+@pytest.fixture(scope="module")
+def two_devices(single_process_runs):
+  return single_process_runs[2]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("two_processes")
   logs = tmp_path_factory.mktemp("two_processes_logs")
-  return workdir, _two_process_run(workdir, logs)
+  return workdir, _two_process_run(workdir, logs, smoke_data_flag(tmp_path_factory))
 
 
 # -- tests ------------------------------------------------------------------------
@@ -161,9 +165,8 @@ def test_assert_results_close_can_fail():
       assert_results_close(bad, want)
 
 
-def test_one_two_and_four_devices_give_the_same_results(one_device, two_devices, tmp_path_factory):
-  four_devices = tmp_path_factory.mktemp("four_devices")
-  _single_process_run(four_devices, 4)
+def test_one_two_and_four_devices_give_the_same_results(single_process_runs):
+  one_device, two_devices, four_devices = (single_process_runs[n] for n in (1, 2, 4))
   want = _results(one_device)
   assert want["meta"]["decisions"] and len(want["rows"]) >= 3
   assert_results_close(_results(two_devices), want)
@@ -206,7 +209,11 @@ def test_two_processes_restore_everything_and_resume_the_last_stage(
   shutil.rmtree(last / "final")  # as if both processes were killed after step `previous`
   shutil.rmtree(last / "steps" / str(total))
   (workdir / "results.json").unlink()
-  logs = _two_process_run(workdir, tmp_path_factory.mktemp("two_processes_resumed_logs"))
+  logs = _two_process_run(
+      workdir,
+      tmp_path_factory.mktemp("two_processes_resumed_logs"),
+      smoke_data_flag(tmp_path_factory),
+  )
   complete = [s for s in _stage_names(first) if s != last_name]
   for log in logs:
     for stage in complete:

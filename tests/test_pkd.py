@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import reference_output, shared_reference_run, smoke_data, smoke_data_flag, smoke_runs
 from mamba_pkd import ensemble, manifest, settings, stages, weak_learner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -267,27 +269,49 @@ def test_views_without_augmentation_are_rejected():
     settings.validate_config(config)
 
 
-def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
-  """The smoke job on the user's own arrays (npz): report, manifest, resume; then the
-  dataset file is moved away and the run is still exported and predicted from."""
-  from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
+RESIDUAL = (
+    "--config.pkd.target=residual",
+    "--config.pkd.connect=True",
+    "--config.baselines=False",
+    "--config.pkd.margin=-1000.0",
+)
 
-  ds = data_lib.load_dataset(_smoke_config().dataset, seed=0)
-  data_file = tmp_path / "data.npz"
-  np.savez(data_file, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-  workdir = tmp_path / "run"
-  cmd = [
-      sys.executable,
-      "-m",
-      "mamba_pkd.main",
-      "--config=configs/smoke.py",
-      f"--workdir={workdir}",
-      f"--config.dataset=npz:{data_file}",
-  ]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "| teacher |" in out.stdout
-  results = json.loads((workdir / "results.json").read_text())
+
+@pytest.fixture(scope="module")
+def rerun_and_residual(tmp_path_factory):
+  """Two runs of `main`, made side by side (they compile different programs):
+
+  * the shared reference's command again, on a copy of its workdir (which it rewrites);
+  * the residual-target run with connections (``RESIDUAL``), in its own workdir.
+
+  Returns ((workdir, CompletedProcess), (workdir, CompletedProcess)).
+  """
+  reference = shared_reference_run(tmp_path_factory)
+  rerun = tmp_path_factory.mktemp("rerun") / "run"
+  shutil.copytree(reference, rerun)
+  residual = tmp_path_factory.mktemp("residual") / "run"
+  outs = smoke_runs(
+      tmp_path_factory, [(rerun, 1, (smoke_data_flag(tmp_path_factory),)), (residual, 1, RESIDUAL)]
+  )
+  return (rerun, outs[0]), (residual, outs[1])
+
+
+def test_smoke_run_through_main_writes_a_consistent_report(
+    tmp_path_factory, tmp_path, rerun_and_residual
+):
+  """The smoke job on the user's own arrays (npz; conftest's shared reference run): report,
+  manifest, resume (on a copy); then the dataset file is moved away and the run is still
+  exported and predicted from."""
+  from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import predict  # pylint: disable=g-import-not-at-top
+
+  reference = shared_reference_run(tmp_path_factory)
+  data_file = smoke_data(tmp_path_factory)
+  ds = data_lib.load_dataset(f"npz:{data_file}", seed=0)
+  stdout, _ = reference_output(reference)
+  assert "| teacher |" in stdout
+  results = json.loads((reference / "results.json").read_text())
+  assert results["meta"]["dataset"] == f"npz:{data_file}"
   rows = {r["name"]: r for r in results["rows"]}
   teacher_flops = rows["teacher"]["flops"]
   students = [r for r in results["rows"] if r["kind"] == "student"]
@@ -303,13 +327,14 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == len(students)
   for name in ("results.md", "accuracy_vs_flops.png", "config.json", "metrics.jsonl"):
-    assert (workdir / name).exists(), name
-  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert (reference / name).exists(), name
+  metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
   assert {m["stage"] for m in metrics} >= {"teacher"}
-  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
+  assert list((reference / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
 
-  # Re-running the same command restores every finished stage instead of training it.
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  # Re-running the same command (on a copy) restores every finished stage instead of
+  # training it.
+  (workdir, again), _ = rerun_and_residual
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already complete, not retrained" in again.stderr
   assert "compiled in" not in again.stderr  # no train step was built
@@ -345,26 +370,29 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
   assert len(meta["prefixes"]) == len(students)
   assert {"ece_before", "ece_after"} <= set(meta["prefixes"][0]["test"])
 
-  # Without its dataset, the run is still exported and predicted from (manifest + checkpoints).
-  data_file.rename(tmp_path / "moved.npz")
-  bundle = tmp_path / "bundle"
-  exported = subprocess.run(
-      [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert exported.returncode == 0, exported.stderr[-3000:]
+  # Without its dataset, the run is still exported and predicted from (manifest +
+  # checkpoints). The shared data file is put back afterwards for the other tests.
+  moved = data_file.with_name("moved_away.npz")
   np.savez(tmp_path / "x.npz", x=ds.x_test[:8])
-  for model in (bundle, workdir):
+  bundle = tmp_path / "bundle"
+  data_file.rename(moved)
+  try:
+    exported = subprocess.run(
+        [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    # From the bundle through the command line; from the run directory in this process.
     predicted = subprocess.run(
         [
             sys.executable,
             "-m",
             "mamba_pkd.predict",
-            f"--model={model}",
-            f"--output_json={tmp_path / 'p.json'}",
+            f"--model={bundle}",
+            f"--output_json={tmp_path / 'bundle.json'}",
             str(tmp_path / "x.npz"),
         ],
         cwd=REPO,
@@ -373,8 +401,13 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
         timeout=600,
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
-    classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
-    assert len(classes) == 8 and set(classes) <= set(range(4))
+    args = [f"--output_json={tmp_path / 'workdir.json'}", str(tmp_path / "x.npz")]
+    assert predict.main([f"--model={workdir}", *args]) == 0
+  finally:
+    moved.rename(data_file)
+  for output in ("bundle.json", "workdir.json"):
+    classes = [p["class"] for p in json.loads((tmp_path / output).read_text())["predictions"]]
+    assert len(classes) == 8 and set(classes) <= set(range(4)), output
 
   # predict --budget runs the stored cascade: on the whole test split it reproduces the
   # report's row (accuracy, mean FLOPs), from the workdir and from the export.
@@ -405,26 +438,10 @@ def test_smoke_run_through_main_writes_a_consistent_report(tmp_path):
     )
 
 
-def test_residual_target_with_connections_runs_on_the_view_pool(tmp_path):
+def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual):
   """The B-DISTIL path: students fit the residual and read the previous student's
   features, with the prefix logits and features computed on the view pool."""
-  from conftest import smoke_cmd, smoke_env  # pylint: disable=g-import-not-at-top
-
-  workdir = tmp_path / "run"
-  out = subprocess.run(
-      smoke_cmd(
-          workdir,
-          "--config.pkd.target=residual",
-          "--config.pkd.connect=True",
-          "--config.baselines=False",
-          "--config.pkd.margin=-1000.0",
-      ),
-      cwd=REPO,
-      env=smoke_env(1),
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  _, (workdir, out) = rerun_and_residual  # RESIDUAL
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
   assert "student_1: outputs on the 1536 pooled views" in out.stderr

@@ -1,7 +1,9 @@
 """Surviving faults: determinism, SIGKILL + rerun, a corrupted checkpoint, NaN losses.
 
 Every run is ``python -m mamba_pkd.main --config=configs/smoke.py`` in a
-subprocess on one CPU device. On CPU the same command gives the same bytes:
+subprocess on one CPU device; the reference is conftest's shared run (on the
+smoke arrays saved as an npz file), and the runs compared with it read the
+same file. On CPU the same command gives the same bytes:
 the order of an epoch and every draw depend only on (seed, epoch, step), XLA's
 CPU reductions are deterministic, and a resumed stage restores the exact
 optimizer state and skips the batches already seen, so kill + rerun must
@@ -25,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import shared_reference_run, smoke_cmd, smoke_env
+from conftest import shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env, smoke_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -75,21 +77,47 @@ def reference(tmp_path_factory):
   return shared_reference_run(tmp_path_factory)
 
 
-def test_same_seed_same_command_gives_identical_results(reference, tmp_path):
-  out = _run(tmp_path)
+@pytest.fixture(scope="module")
+def data_flag(tmp_path_factory):
+  """The reference's dataset flag (its npz file)."""
+  return smoke_data_flag(tmp_path_factory)
+
+
+# lr 1e30 after a 6-step linear warm-up from 0: step 1 makes no change, the update of
+# step 2 blows the parameters up, and the loss of step 3 is NaN.
+NON_FINITE = (
+    "--config.teacher.learning_rate=1e30",
+    "--config.teacher.warmup_fraction=0.5",
+    "--config.checkpoint_every=1",
+    "--config.log_every=1",
+)
+
+
+@pytest.fixture(scope="module")
+def same_and_non_finite(reference, data_flag, tmp_path_factory):
+  """(workdir, CompletedProcess) of the reference's command run again, and of the run with
+  the non-finite loss, made side by side: the second compiles its own teacher step (the
+  learning rate is part of it), the first reads the reference's programs from the cache."""
+  same, non_finite = (tmp_path_factory.mktemp(n) for n in ("same_command", "non_finite"))
+  outs = smoke_runs(tmp_path_factory, [(same, 1, (data_flag,)), (non_finite, 1, NON_FINITE)])
+  return (same, outs[0]), (non_finite, outs[1])
+
+
+def test_same_seed_same_command_gives_identical_results(reference, same_and_non_finite):
+  (workdir, out), _ = same_and_non_finite
   assert out.returncode == 0, out.stderr[-5000:]
   for name in ("results.json", "results.md"):
-    assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
+    assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
   # Every logged loss, accuracy and gradient norm of every stage, bit for bit.
-  assert _metric_records(tmp_path) == _metric_records(reference)
+  assert _metric_records(workdir) == _metric_records(reference)
 
 
-def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tmp_path):
+def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, data_flag, tmp_path):
   log = tmp_path / "killed.log"
   workdir = tmp_path / "run"
   with open(log, "w") as f:
     proc = subprocess.Popen(
-        smoke_cmd(workdir, *EVERY_STEP),
+        smoke_cmd(workdir, data_flag, *EVERY_STEP),
         cwd=REPO,
         env=smoke_env(1),
         stdout=f,
@@ -121,7 +149,7 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   *_, previous, newest = _steps(stage)
   assert _truncate_data_files(stage / "steps" / str(newest)) > 0
 
-  out = _run(workdir, *EVERY_STEP)  # the same command again
+  out = _run(workdir, data_flag, *EVERY_STEP)  # the same command again
   assert out.returncode == 0, out.stderr[-5000:]
   err = out.stderr
   assert "stage teacher: already complete, not retrained" in err
@@ -135,16 +163,10 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, tm
   assert (workdir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
 
 
-def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(tmp_path):
-  # lr 1e30 after a 6-step linear warm-up from 0: step 1 makes no change, the update of
-  # step 2 blows the parameters up, and the loss of step 3 is NaN.
-  out = _run(
-      tmp_path,
-      "--config.teacher.learning_rate=1e30",
-      "--config.teacher.warmup_fraction=0.5",
-      "--config.checkpoint_every=1",
-      "--config.log_every=1",
-  )
+def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(
+    same_and_non_finite,
+):
+  _, (workdir, out) = same_and_non_finite  # NON_FINITE
   assert out.returncode == 3, out.stderr[-5000:]
   assert "Traceback" not in out.stderr
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
@@ -158,9 +180,9 @@ def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(
   assert m, errors[0]
   good, bad, kept = map(int, m.groups())
   assert 0 < good == kept < bad
-  teacher = tmp_path / "ckpt" / "teacher"
+  teacher = workdir / "ckpt" / "teacher"
   assert _steps(teacher)[-1] == good and not _is_complete(teacher)
-  records = _metric_records(tmp_path)
+  records = _metric_records(workdir)
   assert records[-1]["step"] == good
   assert all(math.isfinite(v) for r in records for k, v in r.items() if k != "stage")
-  assert not (tmp_path / "results.json").exists()
+  assert not (workdir / "results.json").exists()

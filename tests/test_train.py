@@ -189,18 +189,29 @@ _MULTI_DEVICE_SCRIPT = r"""
 import json, sys, numpy as np, jax
 from mamba_pkd import losses, models, train
 from mamba_pkd import data as data_lib
-assert jax.local_device_count() == int(sys.argv[1]), jax.devices()
-ds = data_lib.load_dataset("synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3")
-cfg = models.ModelConfig(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_model=4, n_layers=1,
-                         d_state=2, scan_method="sequential")
-params = train.train_stage(name="s", model_config=cfg, stage_loss=losses.hard(), seed=0,
-                           optim=train.OptimConfig(epochs=2, batch_size=16),
-                           data=train.StageData(ds, np.arange(64), augment="shift"))
-print(json.dumps([float(np.sum(np.abs(x))) for x in jax.tree.leaves(params)]))
+
+
+def train_small():
+  ds = data_lib.load_dataset("synthetic:num_train=64,num_test=8,height=8,width=8,num_classes=3")
+  cfg = models.ModelConfig(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_model=4,
+                           n_layers=1, d_state=2, scan_method="sequential")
+  params = train.train_stage(name="s", model_config=cfg, stage_loss=losses.hard(), seed=0,
+                             optim=train.OptimConfig(epochs=2, batch_size=16),
+                             data=train.StageData(ds, np.arange(64), augment="shift"))
+  return [float(np.sum(np.abs(x))) for x in jax.tree.leaves(params)]
+
+
+if __name__ == "__main__":
+  assert jax.local_device_count() == int(sys.argv[1]), jax.devices()
+  print(json.dumps(train_small()))
 """
 
 
 def _run_on_devices(n):
+  if n == jax.local_device_count() == 1 and jax.default_backend() == "cpu":
+    namespace = {"__name__": "in_process"}  # this process already has one CPU device
+    exec(_MULTI_DEVICE_SCRIPT, namespace)  # pylint: disable=exec-used
+    return np.array(namespace["train_small"]())
   env = dict(
       os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
   )
@@ -217,6 +228,7 @@ def _run_on_devices(n):
 
 
 def test_two_devices_match_one_device():
-  """Same global batch on 1 and 2 (forced host) devices -> same parameters."""
+  """Same global batch on 1 and 2 (forced host) devices -> same parameters (1 device in this
+  process when it has exactly one CPU device, else in a subprocess too)."""
   one, two = _run_on_devices(1), _run_on_devices(2)
   np.testing.assert_allclose(two, one, rtol=2e-5)
