@@ -4,7 +4,7 @@ r"""Latency of every ensemble prefix: in-process JAX vs onnxruntime (float32, in
   PYTHONPATH=. python experiments/bench_edge.py --workdir=/tmp/smoke --random_ladder=mnist
 
 For each prefix 1..k of the run's accepted students (loaded with
-``mamba_pkd.export.load_run``, as the StableHLO export does) it prints the
+``mamba_pkd.runs.load_run``, as the StableHLO export does) it prints the
 per-image latency at batch 1 and batch ``--big_batch`` of
 
 * ``jax[<method>]``: ``jax.jit`` of the summed members in this process with the
@@ -42,7 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import export, input_pipeline, models
+from mamba_pkd import data as data_lib
+from mamba_pkd import flops, ladders, models, runs
+from mamba_pkd.ensemble import Member
+from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.edge import onnx_lower, runtime
 
 
@@ -79,7 +82,7 @@ def jax_prefix_fn(members, k: int, scan_method: str):
   chosen = [
       dataclasses.replace(m, config=m.config.replace(scan_method=scan_method)) for m in members[:k]
   ]
-  ens = export.InProcessEnsemble(chosen, preprocessing=None, teacher_flops=1)
+  ens = runs.InProcessEnsemble(chosen, preprocessing=None, teacher_flops=1)
   return ens.prefix_forward(k)
 
 
@@ -179,14 +182,26 @@ def bench_members(members, preprocessing, args, out_dir: pathlib.Path, title: st
 
 
 def random_members(family: str, bidirectional: bool, sizes: list[str]):
-  configs = models.ladder_configs(
+  configs = ladders.ladder_configs(
       family, image_shape=(28, 28, 1), num_classes=10, bidirectional=bidirectional
   )
   members = []
   for j, size in enumerate(sizes, start=1):
     cfg = configs[size]
     params = jax.device_get(models.init_params(cfg, jax.random.key(j)))
-    members.append(export.Member(f"random_{size}", "-", size, cfg, params))
+    members.append(
+        Member(
+            name=f"random_{size}",
+            stage="-",
+            size=size,
+            flops=flops.count_flops(cfg),
+            num_params=flops.count_params(cfg),
+            d_model=cfg.d_model,
+            connect_dim=cfg.connect_dim,
+            config=cfg,
+            params=params,
+        )
+    )
   return members
 
 
@@ -219,20 +234,20 @@ def main(argv=None) -> int:
       flush=True,
   )
   out_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench_edge_"))
-  run = export.load_run(args.workdir, with_teacher=args.teacher)
+  run = runs.load_run(args.workdir, with_teacher=args.teacher)
   data = None
   if not args.no_accuracy:
     import json  # pylint: disable=g-import-not-at-top
 
     config = json.loads((run.workdir / "config.json").read_text())
-    data = input_pipeline.load_dataset(config["dataset"], seed=int(config.get("seed", 0)))
-  students = export.select_members(run)
+    data = data_lib.load_dataset(config["dataset"], seed=int(config.get("seed", 0)))
+  students = runs.select_members(run)
   bench_members(students, run.preprocessing, args, out_dir, f"{run.workdir} students", data)
   if args.teacher:
     bench_members([run.teacher], run.preprocessing, args, out_dir / "t", "teacher", data)
   if args.random_ladder:
     members = random_members(args.random_ladder, args.bidirectional, args.random_sizes.split(","))
-    prep = export.Preprocessing((28, 28, 1), 10, (0.5,), (0.25,))
+    prep = Preprocessing((28, 28, 1), 10, (0.5,), (0.25,))
     bench_members(
         members,
         prep,

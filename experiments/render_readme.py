@@ -19,6 +19,8 @@ left alone. The blocks:
 
 * ``default-results``: the default run's table, ``mamba_pkd.report.format_table``
   of its ``results.json`` (the same function writes the run's ``results.md``);
+* ``digits8x8-results``: the same for the default config on 8x8 digits
+  (``docs/results/digits8x8/``, copied with ``--from_run=W --name=digits8x8``);
 * ``paper-comparison``: ``reproduce_paper.compare_table("default", summarize(results.json))``,
   what ``python experiments/reproduce_paper.py compare default --workdir=W`` prints;
 * ``default-ensemble``: one line of the ensemble's decisions (weights eta_k,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import re
 import shutil
@@ -77,11 +80,11 @@ def _run_file(results_root: pathlib.Path, run: str, filename: str) -> pathlib.Pa
   return path
 
 
-def render_results_table(results_root: pathlib.Path) -> str:
-  """The default run's results table, exactly as its results.md shows it."""
+def render_results_table(results_root: pathlib.Path, run: str = DEFAULT) -> str:
+  """A run's results table (``docs/results/<run>/``), exactly as its results.md shows it."""
   from mamba_pkd import report  # pylint: disable=g-import-not-at-top
 
-  rows, _ = report.read_results(_run_file(results_root, DEFAULT, "results.json"))
+  rows, _ = report.read_results(_run_file(results_root, run, "results.json"))
   return report.format_table(rows)
 
 
@@ -130,6 +133,7 @@ class Block:
 
 BLOCKS = (
     Block("default-results", render_results_table),
+    Block("digits8x8-results", functools.partial(render_results_table, run="digits8x8")),
     Block("default-ensemble", render_ensemble_decisions),
     Block("paper-comparison", render_paper_comparison),
 )
@@ -211,8 +215,10 @@ def check(readme: pathlib.Path = README, results_root: pathlib.Path = RESULTS_RO
   return problems
 
 
-def copy_run(workdir: pathlib.Path, results_root: pathlib.Path = RESULTS_ROOT) -> pathlib.Path:
-  """Copies a finished run's results.json and ensemble.json into ``results_root/default``."""
+def copy_run(
+    workdir: pathlib.Path, results_root: pathlib.Path = RESULTS_ROOT, name: str = DEFAULT
+) -> pathlib.Path:
+  """Copies a finished run's results.json and ensemble.json into ``results_root/<name>``."""
   from mamba_pkd import manifest  # pylint: disable=g-import-not-at-top
   from mamba_pkd import report  # pylint: disable=g-import-not-at-top
 
@@ -222,7 +228,7 @@ def copy_run(workdir: pathlib.Path, results_root: pathlib.Path = RESULTS_ROOT) -
       raise SourceError(f"{workdir / filename} does not exist: is {workdir} a finished run?")
   report.read_results(workdir / "results.json")  # both parse before anything is copied
   manifest.read_manifest(workdir)
-  dest = pathlib.Path(results_root) / DEFAULT
+  dest = pathlib.Path(results_root) / name
   dest.mkdir(parents=True, exist_ok=True)
   for filename in RUN_FILES:
     shutil.copyfile(workdir / filename, dest / filename)
@@ -233,6 +239,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
       "--from_run", default="", help="a finished run's workdir: copy its files in, then render"
+  )
+  parser.add_argument(
+      "--name",
+      default=DEFAULT,
+      help="with --from_run: the folder under docs/results/ (default: the default run; "
+      "'digits8x8' for the 8x8 digits run)",
   )
   parser.add_argument("--check", action="store_true", help="exit 1 if a block is stale")
   parser.add_argument("--readme", default=str(README))
@@ -250,7 +262,7 @@ def main(argv=None) -> int:
     return 0
   try:
     if args.from_run:
-      dest = copy_run(pathlib.Path(args.from_run), results_root)
+      dest = copy_run(pathlib.Path(args.from_run), results_root, args.name)
       print(f"copied {', '.join(RUN_FILES)} from {args.from_run} to {dest}")
     text = readme.read_text(encoding="utf-8")
     new = render_text(text, results_root, readme)
