@@ -96,10 +96,9 @@ def rendered(tmp_path, fake_run):
   readme = tmp_path / "README.md"
   readme.write_text(render_readme.README.read_text(encoding="utf-8"), encoding="utf-8")
   results_root = tmp_path / "results"
-  code = render_readme.main(
-      [f"--from_run={fake_run}", f"--readme={readme}", f"--results_dir={results_root}"]
-  )
-  assert code == 0
+  common = [f"--from_run={fake_run}", f"--readme={readme}", f"--results_dir={results_root}"]
+  render_readme.copy_run(fake_run, results_root, "digits8x8")  # the second run's block
+  assert render_readme.main(common) == 0
   return readme, results_root
 
 
