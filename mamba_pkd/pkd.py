@@ -288,43 +288,49 @@ def chain_sizes(ctx: RunContext) -> list[str]:
   return ascending[: s.max_students][::-1]
 
 
+def distil_from(
+    ctx: RunContext, pool: PoolTables, source: Trained, role: str, name: str, size: str, seed: int
+) -> Trained:
+  """Stage ``name``: ``size`` distilled from the frozen model ``source`` alone (chain mode),
+  whose fingerprint it records under ``role`` (``"previous"`` or ``"teacher"``)."""
+  fingerprint = stage_fingerprint(
+      ctx,
+      model_config=ctx.sizes[size],
+      sections=learned_sections(ctx, "student"),
+      optim=ctx.student_optim,
+      seed=seed,
+      frozen={role: source.fingerprint},
+  )
+  return run_stage(
+      ctx,
+      name,
+      size,
+      ctx.sizes[size],
+      stage_loss_for(ctx.settings, first=True),
+      ctx.student_optim,
+      seed=seed,
+      augment=ctx.config.student.augment,
+      tables=functools.partial(
+          student_tables, pool, source, (), with_prefix=False, connected=False
+      ),
+      spec=train.FrozenSpec(teacher=source.config),
+      frozen=train.Frozen(teacher=source.params),
+      views=ctx.views,
+      fingerprint=fingerprint,
+  )
+
+
 def distil_chain(
     ctx: RunContext, teacher: Trained, pool: PoolTables
 ) -> tuple[list[Trained], list[dict]]:
   """Teacher assistants: each size (largest first, ending at the smallest) distils the
   previous model; the last, smallest one is the deployed student."""
-  s, cfg = ctx.settings, ctx.config
   previous, students = teacher, []
-  order = chain_sizes(ctx)
-  for k, size in enumerate(order, start=1):
-    fingerprint = stage_fingerprint(
-        ctx,
-        model_config=ctx.sizes[size],
-        sections=learned_sections(ctx, "student"),
-        optim=ctx.student_optim,
-        seed=cfg.seed + 1000 * k,
-        frozen={"previous": previous.fingerprint},
-    )
-    member = run_stage(
-        ctx,
-        f"chain_{k}_{size}",
-        size,
-        ctx.sizes[size],
-        stage_loss_for(s, first=True),
-        ctx.student_optim,
-        seed=cfg.seed + 1000 * k,
-        augment=cfg.student.augment,
-        tables=functools.partial(
-            student_tables, pool, previous, (), with_prefix=False, connected=False
-        ),
-        spec=train.FrozenSpec(teacher=previous.config),
-        frozen=train.Frozen(teacher=previous.params),
-        views=ctx.views,
-        fingerprint=fingerprint,
-    )
-    member = dataclasses.replace(member, name=f"student_{k}")
-    students.append(member)
-    previous = member
+  for k, size in enumerate(chain_sizes(ctx), start=1):
+    seed = ctx.config.seed + 1000 * k
+    member = distil_from(ctx, pool, previous, "previous", f"chain_{k}_{size}", size, seed)
+    previous = dataclasses.replace(member, name=f"student_{k}")
+    students.append(previous)
   return students, [{"chain": [m.size for m in students]}]
 
 
@@ -333,31 +339,7 @@ def distil_direct(
 ) -> Trained:
   """``size`` distilled straight from the teacher with the chain's loss, steps and seed: what
   the chain of assistants must beat (``direct_<size>`` row)."""
-  fingerprint = stage_fingerprint(
-      ctx,
-      model_config=ctx.sizes[size],
-      sections=learned_sections(ctx, "student"),
-      optim=ctx.student_optim,
-      seed=seed,
-      frozen={"teacher": teacher.fingerprint},
-  )
-  member = run_stage(
-      ctx,
-      f"direct_{size}",
-      size,
-      ctx.sizes[size],
-      stage_loss_for(ctx.settings, first=True),
-      ctx.student_optim,
-      seed=seed,
-      augment=ctx.config.student.augment,
-      tables=functools.partial(
-          student_tables, pool, teacher, (), with_prefix=False, connected=False
-      ),
-      spec=train.FrozenSpec(teacher=teacher.config),
-      frozen=train.Frozen(teacher=teacher.params),
-      views=ctx.views,
-      fingerprint=fingerprint,
-  )
+  member = distil_from(ctx, pool, teacher, "teacher", f"direct_{size}", size, seed)
   return dataclasses.replace(member, name=f"direct_{size}")
 
 

@@ -3,39 +3,27 @@ the changed stages (issue 13). Both start from a copy of the shared smoke run.""
 
 import json
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import REPO, shared_reference_run, smoke_cmd, smoke_env
+from conftest import run_smoke, shared_reference_run, smoke_data_flag
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  return shared_reference_run(tmp_path_factory)
+  return shared_reference_run(tmp_path_factory), smoke_data_flag(tmp_path_factory)
 
 
 def _copy(reference, tmp_path):
   workdir = tmp_path / "run"
-  shutil.copytree(reference, workdir)
+  shutil.copytree(reference[0], workdir)
   return workdir
-
-
-def _run(workdir, *flags):
-  return subprocess.run(
-      smoke_cmd(workdir, *flags),
-      cwd=REPO,
-      env=smoke_env(1),
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
 
 
 def test_changed_config_stops_with_one_line_and_keeps_config_json(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   before = {p.name: p.read_bytes() for p in (workdir / "config.json", workdir / "results.json")}
-  out = _run(workdir, "--config.student.epochs=3", "--config.pkd.alpha=0.9")
+  out = run_smoke(workdir, 1, reference[1], "--config.student.epochs=3", "--config.pkd.alpha=0.9")
   assert out.returncode == 2, out.stderr[-3000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert errors == [
@@ -52,7 +40,7 @@ def test_changed_config_stops_with_one_line_and_keeps_config_json(reference, tmp
 
 def test_retrain_changed_retrains_exactly_the_changed_stages(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
-  out = _run(workdir, "--config.pkd.alpha=0.9", "--retrain_changed")
+  out = run_smoke(workdir, 1, reference[1], "--config.pkd.alpha=0.9", "--retrain_changed")
   assert out.returncode == 0, out.stderr[-3000:]
   trained = sorted(
       line.split("stage ")[1].split(":")[0]

@@ -296,6 +296,13 @@ def rerun_and_residual(tmp_path_factory):
   return (rerun, outs[0]), (residual, outs[1])
 
 
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+  """``python -m <module> <args>`` from the repository, output captured."""
+  return subprocess.run(
+      [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+  )
+
+
 def test_smoke_run_through_main_writes_a_consistent_report(
     tmp_path_factory, tmp_path, rerun_and_residual
 ):
@@ -377,28 +384,14 @@ def test_smoke_run_through_main_writes_a_consistent_report(
   bundle = tmp_path / "bundle"
   data_file.rename(moved)
   try:
-    exported = subprocess.run(
-        [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    exported = _cli("mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}")
     assert exported.returncode == 0, exported.stderr[-3000:]
     # From the bundle through the command line; from the run directory in this process.
-    predicted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mamba_pkd.predict",
-            f"--model={bundle}",
-            f"--output_json={tmp_path / 'bundle.json'}",
-            str(tmp_path / "x.npz"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    predicted = _cli(
+        "mamba_pkd.predict",
+        f"--model={bundle}",
+        f"--output_json={tmp_path / 'bundle.json'}",
+        str(tmp_path / "x.npz"),
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     args = [f"--output_json={tmp_path / 'workdir.json'}", str(tmp_path / "x.npz")]
@@ -414,20 +407,12 @@ def test_smoke_run_through_main_writes_a_consistent_report(
   np.savez(tmp_path / "test.npz", x=ds.x_test)
   label = max(stored, key=lambda k: stored[k]["budget_pct"])
   for model in (bundle, workdir):
-    predicted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mamba_pkd.predict",
-            f"--model={model}",
-            f"--budget={label}",
-            f"--output_json={tmp_path / 'c.json'}",
-            str(tmp_path / "test.npz"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    predicted = _cli(
+        "mamba_pkd.predict",
+        f"--model={model}",
+        f"--budget={label}",
+        f"--output_json={tmp_path / 'c.json'}",
+        str(tmp_path / "test.npz"),
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     out = json.loads((tmp_path / "c.json").read_text())

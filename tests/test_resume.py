@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-from conftest import shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env, smoke_runs
+from conftest import run_smoke, shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env
+from conftest import smoke_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -36,14 +37,7 @@ EVERY_STEP = ("--config.checkpoint_every=1",)
 
 
 def _run(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      smoke_cmd(workdir, *flags),
-      cwd=REPO,
-      env=smoke_env(1),
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT_S,
-  )
+  return run_smoke(workdir, 1, *flags, timeout=TIMEOUT_S)
 
 
 def _steps(stage_dir: pathlib.Path) -> list[int]:
