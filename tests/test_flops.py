@@ -46,11 +46,35 @@ def test_matmul_parts_are_exact_for_a_hand_computed_mixer():
   assert bidir["scan"] == 2 * parts["scan"] and bidir["in_proj"] == parts["in_proj"]
 
 
-def test_flops_grow_linearly_with_tokens():
-  short = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=2, d_state=4)
-  long = short.replace(image_shape=(16, 16, 1))  # 4 -> 16 tokens
-  per_token = (flops.model_flops(long)["blocks"] - flops.model_flops(short)["blocks"]) / 12
-  assert flops.model_flops(short)["blocks"] == pytest.approx(4 * per_token)
+def test_whole_model_total_is_a_hand_count():
+  """Every part of a 2-block model summed by hand: L = 4 tokens (8x8 image, 4x4 patches),
+  d = 8, E = 16, N = 4, R = 1, K = 4, 10 classes, mean pooling, one direction."""
+  config = models.ModelConfig(
+      image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=2, d_state=4, num_classes=10
+  )
+  mixer = (
+      4 * 16 * 9  # conv1d: depthwise MACs (2K) + bias
+      + 4 * 16 * 5  # SiLU
+      + 2 * 4 * 16 * (1 + 8)  # x_proj -> (dt, B, C)
+      + 4 * 16 * 3  # dt_proj: matmul (2R) + bias
+      + 4 * 16 * 8  # softplus
+      + 4 * 16 * (7 * 4 + 3)  # scan
+      + 2 * 4 * 8 * 32  # in_proj -> (x, z)
+      + 4 * 16 * 6  # gate: SiLU(z) * y
+      + 2 * 4 * 16 * 8  # out_proj
+  )
+  block = mixer + 4 * 8 * 4 + 4 * 8  # + pre-norm + residual add
+  total = (
+      2 * block
+      + 4 * 8 * (2 * 16 + 1)
+      + 4 * 8  # patch embed (matmul + bias) + position
+      + 4 * 8 * 4  # final norm
+      + 4 * 8  # mean pool
+      + 10 * (2 * 8 + 1)  # head
+  )
+  assert (mixer, total) == (8192, 18122)
+  assert flops.count_flops(config) == total
+  assert sum(flops.mixer_flops(config).values()) == mixer
 
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])
