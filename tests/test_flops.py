@@ -66,8 +66,8 @@ def test_whole_model_total_is_a_hand_count():
   block = mixer + 4 * 8 * 4 + 4 * 8  # + pre-norm + residual add
   total = (
       2 * block
-      + 4 * 8 * (2 * 16 + 1)
-      + 4 * 8  # patch embed (matmul + bias) + position
+      + 4 * 8 * (2 * 16 + 1)  # patch embed: matmul + bias
+      + 4 * 8  # position embedding
       + 4 * 8 * 4  # final norm
       + 4 * 8  # mean pool
       + 10 * (2 * 8 + 1)  # head
