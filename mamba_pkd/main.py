@@ -145,7 +145,8 @@ def main(argv):
   if refusal:
     print(f"error: {refusal}", file=sys.stderr, flush=True)
     return 2
-  workdir_lock.install_sigterm_handler()  # kill <pid> still releases the lock
+  # kill <pid> releases the lock (in the handler, whatever the run is doing)
+  workdir_lock.install_sigterm_handler(lock.release if lock is not None else None)
   code = 1
   history = None
   try:

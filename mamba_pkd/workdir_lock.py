@@ -29,7 +29,7 @@ import secrets
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 
@@ -210,17 +210,24 @@ class WorkdirLock:
     return f"workdir {self.workdir} is in use by another run ({describe(holder)}){hint}"
 
 
-def install_sigterm_handler() -> None:
-  """Makes SIGTERM raise ``SystemExit(128 + 15)`` so that ``finally`` blocks run.
+def install_sigterm_handler(release: Callable[[], None] | None = None) -> None:
+  """On SIGTERM: call ``release`` (the lock's), then die of SIGTERM as if no handler existed.
 
-  Only replaces the default action (a handler someone else installed is kept);
-  does nothing outside the main thread.
+  Releasing inside the handler does not depend on the signal reaching a ``finally``
+  block: a ``SystemExit`` raised from a handler can land inside library code that
+  swallows it (seen once in the test suite: the run then finished with exit code 0).
+  Checkpoints are written atomically, so dying here loses at most the current step.
+  Only replaces the default action (a handler someone else installed is kept); does
+  nothing outside the main thread.
   """
   try:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
 
       def handler(signum, frame):  # pylint: disable=unused-argument
-        raise SystemExit(128 + signum)
+        if release is not None:
+          release()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
       signal.signal(signal.SIGTERM, handler)
   except ValueError:  # not the main thread
