@@ -14,7 +14,7 @@ Graph contract (``b`` is a symbolic batch dimension, opset :data:`OPSET` = 17):
 * input ``prev_features``: float32 [b, connect_dim], only for a connected
   student (``connect_dim > 0``): the previous member's ``features``;
 * output ``logits``: float32 [b, K] (a student's ensemble weight is whatever is
-  folded into its ``head`` params, see ``models.scale_head``);
+  folded into its ``head`` params, see ``ensemble.fold_weight``);
 * output ``features``: float32 [b, d_model], the pooled penultimate features
   (what the next connected student reads).
 
