@@ -60,7 +60,7 @@ import numpy as np
 
 from mamba_pkd import ensemble, manifest, metrics
 from mamba_pkd.combine import Combination
-from mamba_pkd.ensemble import BudgetError, Member  # pylint: disable=unused-import
+from mamba_pkd.ensemble import Member
 from mamba_pkd.preprocessing import Preprocessing
 
 FORMAT = "mamba_pkd.export"

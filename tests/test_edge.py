@@ -197,7 +197,8 @@ def test_runtime_without_jax_matches_parent(tmp_path, chain):
   np.testing.assert_array_equal(got["cascade_logits"], parent.logits)
   np.testing.assert_array_equal(got["members_used"], parent.members_used)
   assert float(got["mean_flops"]) == parent.mean_flops
-  assert 1 <= parent.members_used.min() and parent.members_used.max() <= 2
+  # The median threshold stops some images after member 1 and sends the rest on to member 2.
+  assert sorted(np.unique(parent.members_used)) == [1, 2]
 
 
 def _selector_member(k: int, j: int) -> onnx.ModelProto:
