@@ -1,5 +1,15 @@
 """Shared test settings: a persistent XLA compilation cache for this process and
-every subprocess a test starts (the suite compiles the same small models often)."""
+every subprocess a test starts (the suite compiles the same small models often), and
+XLA's CPU backend at optimisation level 0.
+
+The suite's programs are tiny (a 16x16 smoke job, scans of a few tokens): most of its time
+is compiling them, and LLVM's optimisation passes are most of a compile (measured: the
+scan, layer, Pallas, FLOPs and train tests took 238 s of CPU cold at the default level,
+133 s at level 0). Level 0 changes how XLA's kernels are generated, not what they compute:
+every numerical test compares with an independent reference within its tolerance, and runs
+are compared with runs of the same suite. ``MAMBA_PKD_TEST_XLA_OPT=default`` runs the suite
+at XLA's default level (what a user's run compiles with).
+"""
 
 import os
 import pathlib
@@ -14,6 +24,18 @@ _CACHE = pathlib.Path(
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Two test workers (pytest-xdist, setup.cfg) and their subprocesses share an accelerator
+# where there is one: none may take most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# NumPy's BLAS on one thread: the workers and their subprocesses already keep every core
+# busy, and OpenBLAS threads spinning beside XLA's made a 0.04 s scikit-learn fit take 1.2 s.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
+_OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+if os.environ.get("MAMBA_PKD_TEST_XLA_OPT", "0") != "default" and _OPT_LEVEL_FLAG not in (
+    os.environ.get("XLA_FLAGS", "")
+):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL_FLAG}=0".strip()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -46,6 +68,46 @@ def smoke_cmd(workdir: pathlib.Path, *flags: str) -> list[str]:
   ]
 
 
+def shared_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory shared by every process of this test session.
+
+  Under pytest-xdist each worker has its own base temporary directory
+  (``.../pytest-N/popen-gwK``); their parent is the session's. Without xdist, the base.
+  Files made here once per session (:func:`smoke_data`, :func:`shared_reference_run`) are
+  made under a :class:`FileLock`.
+  """
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+class FileLock:
+  """An exclusive lock on a file (created if missing), across processes (``flock``)."""
+
+  def __init__(self, path: pathlib.Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = open(path, "a")  # pylint: disable=consider-using-with
+
+  def acquire(self, blocking: bool = True) -> bool:
+    """Takes the lock; False at once if ``blocking=False`` and another process holds it."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      return False
+    return True
+
+  def release(self) -> None:
+    self._file.close()  # closing the file drops the lock
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 def smoke_data(tmp_path_factory) -> pathlib.Path:
   """configs/smoke.py's synthetic arrays saved as an npz file, once per test session.
 
@@ -60,14 +122,14 @@ def smoke_data(tmp_path_factory) -> pathlib.Path:
 
   from mamba_pkd import data  # pylint: disable=g-import-not-at-top
 
-  path = tmp_path_factory.getbasetemp() / "smoke_data" / "smoke.npz"
-  if not path.is_file():
-    config = runpy.run_path(str(REPO / "configs" / "smoke.py"))["get_config"]()
-    ds = data.load_dataset(config.dataset, seed=config.seed)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-    tmp.rename(path)
+  path = shared_dir(tmp_path_factory) / "smoke_data" / "smoke.npz"
+  with FileLock(path.with_suffix(".lock")):
+    if not path.is_file():
+      config = runpy.run_path(str(REPO / "configs" / "smoke.py"))["get_config"]()
+      ds = data.load_dataset(config.dataset, seed=config.seed)
+      tmp = path.with_suffix(".tmp.npz")
+      np.savez(tmp, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+      tmp.rename(path)
   return path
 
 
@@ -99,27 +161,48 @@ def smoke_runs(tmp_path_factory, jobs=(), parallel: int | None = None) -> list:
   Run side by side only jobs that compile different programs (other device counts, other
   settings): two jobs of the same programs would both compile them instead of the second
   reading the first's entries in the XLA compilation cache.
+
+  Under pytest-xdist the reference run is made by the first worker that asks for it; a
+  worker that finds it in the making runs its own jobs first, then waits for it.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
 
   if parallel is None:
     parallel = int(os.environ.get("MAMBA_PKD_TEST_JOBS", "2"))
-  reference = tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
+  reference = _reference_dir(tmp_path_factory)
   todo = [(pathlib.Path(w), d, tuple(f)) for w, d, f in jobs]
-  make_reference = not (reference / "results.json").is_file()
-  if make_reference:
-    shutil.rmtree(reference, ignore_errors=True)
+  lock = FileLock(reference.with_suffix(".lock"))
+  mine = lock.acquire(blocking=False)
+  make_reference = mine and not (reference / "results.json").is_file()
+  if mine and not make_reference:
+    lock.release()
+  if make_reference:  # first in the pool; the lock is held until it is made
     todo.insert(0, (reference, 1, (smoke_data_flag(tmp_path_factory),)))
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-    outs = list(pool.map(lambda job: run_smoke(job[0], job[1], *job[2]), todo))
-  if make_reference:
-    out = outs.pop(0)
-    assert out.returncode == 0, out.stderr[-5000:]
-    assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
-    for name, text in (("stdout", out.stdout), ("stderr", out.stderr)):
-      reference.with_name(f"{reference.name}.{name}").write_text(text)
+    futures = [pool.submit(run_smoke, w, d, *f) for w, d, f in todo]
+    if make_reference:
+      try:
+        _keep_reference(reference, futures.pop(0).result())
+      finally:
+        lock.release()
+    outs = [f.result() for f in futures]
+  if not mine:  # another worker was making it
+    with FileLock(reference.with_suffix(".lock")):
+      if not (reference / "results.json").is_file():  # it failed there: make it here
+        _keep_reference(reference, run_smoke(reference, 1, smoke_data_flag(tmp_path_factory)))
   return outs
+
+
+def _reference_dir(tmp_path_factory) -> pathlib.Path:
+  return shared_dir(tmp_path_factory) / "smoke_reference_1_device"
+
+
+def _keep_reference(reference: pathlib.Path, out) -> None:
+  """Checks the reference run's process and keeps its output beside the workdir."""
+  assert out.returncode == 0, out.stderr[-5000:]
+  assert "1 local cpu device(s), process 0 of 1" in out.stderr  # forcing worked
+  for name, text in (("stdout", out.stdout), ("stderr", out.stderr)):
+    reference.with_name(f"{reference.name}.{name}").write_text(text)
 
 
 def shared_reference_run(tmp_path_factory) -> pathlib.Path:
@@ -132,7 +215,7 @@ def shared_reference_run(tmp_path_factory) -> pathlib.Path:
   side with other runs.
   """
   smoke_runs(tmp_path_factory)
-  return tmp_path_factory.getbasetemp() / "smoke_reference_1_device"
+  return _reference_dir(tmp_path_factory)
 
 
 def reference_output(workdir: pathlib.Path) -> tuple[str, str]:
@@ -163,3 +246,27 @@ def small_dataset(n_train=50, n_test=23, shape=(6, 5, 2), num_classes=4, seed=0)
 def flat(batch):
   """[D, b, ...] -> [D * b, ...] for every key of a batch."""
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+# Test modules that start `main` in subprocesses (tens of seconds each), most expensive
+# first: the two pytest-xdist workers (setup.cfg, `--dist loadfile --no-loadscope-reorder`)
+# take modules in this order, so the long ones start early instead of finishing last.
+# test_notebooks (which trains its own small run) comes second so that the second worker
+# does not wait for the shared reference run the first is making.
+HEAVY_MODULES_FIRST = (
+    "test_multihost.py",
+    "test_notebooks.py",
+    "test_pkd.py",
+    "test_resume.py",
+    "test_changed_config.py",
+    "test_workdir_lock.py",
+    "test_edge.py",
+    "test_export.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  """Puts :data:`HEAVY_MODULES_FIRST` first, keeping every module's own test order."""
+  rank = {name: i for i, name in enumerate(HEAVY_MODULES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

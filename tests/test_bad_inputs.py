@@ -30,6 +30,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import smoke_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROBE_EXIT = 97  # exit code of a run stopped by a probe
 CONTROL = "control: a valid run"
@@ -238,8 +240,7 @@ def _run_case(
     case: Case, workdir: pathlib.Path, events: pathlib.Path
 ) -> tuple[subprocess.CompletedProcess, float, list[str]]:
   """Runs the probed main; returns its output, wall time and the probes' events."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={case.devices}"
+  env = dict(smoke_env(case.devices), JAX_LOG_COMPILES="1")
   env["MAMBA_PKD_PROBE_EVENTS"] = str(events)
   cmd = [
       sys.executable,

@@ -282,7 +282,8 @@ def rerun_and_residual(tmp_path_factory):
   """Two runs of `main`, made side by side (they compile different programs):
 
   * the shared reference's command again, on a copy of its workdir (which it rewrites);
-  * the residual-target run with connections (``RESIDUAL``), in its own workdir.
+  * the residual-target run with connections (``RESIDUAL``), in its own workdir, on its own
+    copy of the smoke arrays (``data.npz`` beside the workdir; the test moves it away).
 
   Returns ((workdir, CompletedProcess), (workdir, CompletedProcess)).
   """
@@ -290,8 +291,14 @@ def rerun_and_residual(tmp_path_factory):
   rerun = tmp_path_factory.mktemp("rerun") / "run"
   shutil.copytree(reference, rerun)
   residual = tmp_path_factory.mktemp("residual") / "run"
+  own_data = residual.with_name("data.npz")
+  shutil.copy(smoke_data(tmp_path_factory), own_data)
   outs = smoke_runs(
-      tmp_path_factory, [(rerun, 1, (smoke_data_flag(tmp_path_factory),)), (residual, 1, RESIDUAL)]
+      tmp_path_factory,
+      [
+          (rerun, 1, (smoke_data_flag(tmp_path_factory),)),
+          (residual, 1, (f"--config.dataset=npz:{own_data}", *RESIDUAL)),
+      ],
   )
   return (rerun, outs[0]), (residual, outs[1])
 
@@ -307,10 +314,8 @@ def test_smoke_run_through_main_writes_a_consistent_report(
     tmp_path_factory, tmp_path, rerun_and_residual
 ):
   """The smoke job on the user's own arrays (npz; conftest's shared reference run): report,
-  manifest, resume (on a copy); then the dataset file is moved away and the run is still
-  exported and predicted from."""
+  manifest, resume (on a copy), export and predict (with its budgets)."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mamba_pkd import predict  # pylint: disable=g-import-not-at-top
 
   reference = shared_reference_run(tmp_path_factory)
   data_file = smoke_data(tmp_path_factory)
@@ -377,30 +382,7 @@ def test_smoke_run_through_main_writes_a_consistent_report(
   assert len(meta["prefixes"]) == len(students)
   assert {"ece_before", "ece_after"} <= set(meta["prefixes"][0]["test"])
 
-  # Without its dataset, the run is still exported and predicted from (manifest +
-  # checkpoints). The shared data file is put back afterwards for the other tests.
-  moved = data_file.with_name("moved_away.npz")
-  np.savez(tmp_path / "x.npz", x=ds.x_test[:8])
-  bundle = tmp_path / "bundle"
-  data_file.rename(moved)
-  try:
-    exported = _cli("mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}")
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    # From the bundle through the command line; from the run directory in this process.
-    predicted = _cli(
-        "mamba_pkd.predict",
-        f"--model={bundle}",
-        f"--output_json={tmp_path / 'bundle.json'}",
-        str(tmp_path / "x.npz"),
-    )
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    args = [f"--output_json={tmp_path / 'workdir.json'}", str(tmp_path / "x.npz")]
-    assert predict.main([f"--model={workdir}", *args]) == 0
-  finally:
-    moved.rename(data_file)
-  for output in ("bundle.json", "workdir.json"):
-    classes = [p["class"] for p in json.loads((tmp_path / output).read_text())["predictions"]]
-    assert len(classes) == 8 and set(classes) <= set(range(4)), output
+  bundle = _export_and_predict_8(workdir, ds, tmp_path)
 
   # predict --budget runs the stored cascade: on the whole test split it reproduces the
   # report's row (accuracy, mean FLOPs), from the workdir and from the export.
@@ -423,9 +405,38 @@ def test_smoke_run_through_main_writes_a_consistent_report(
     )
 
 
-def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual):
+def _export_and_predict_8(workdir: pathlib.Path, ds, tmp_path: pathlib.Path) -> pathlib.Path:
+  """Exports ``workdir`` through the CLI and predicts 8 test images from the bundle (CLI) and
+  from the run directory (in this process): the same classes. Returns the bundle."""
+  from mamba_pkd import predict  # pylint: disable=g-import-not-at-top
+
+  np.savez(tmp_path / "x.npz", x=ds.x_test[:8])
+  bundle = tmp_path / "bundle"
+  exported = _cli("mamba_pkd.export", f"--workdir={workdir}", f"--out={bundle}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  predicted = _cli(
+      "mamba_pkd.predict",
+      f"--model={bundle}",
+      f"--output_json={tmp_path / 'bundle.json'}",
+      str(tmp_path / "x.npz"),
+  )
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  args = [f"--output_json={tmp_path / 'workdir.json'}", str(tmp_path / "x.npz")]
+  assert predict.main([f"--model={workdir}", *args]) == 0
+  classes = [
+      [p["class"] for p in json.loads((tmp_path / output).read_text())["predictions"]]
+      for output in ("bundle.json", "workdir.json")
+  ]
+  assert classes[0] == classes[1] and len(classes[0]) == 8 and set(classes[0]) <= set(range(4))
+  return bundle
+
+
+def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual, tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
-  features, with the prefix logits and features computed on the view pool."""
+  features, with the prefix logits and features computed on the view pool. Its dataset
+  file moved away, the run is still exported and predicted from (manifest + checkpoints)."""
+  from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
+
   _, (workdir, out) = rerun_and_residual  # RESIDUAL
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
@@ -437,6 +448,12 @@ def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residu
       "prefix_1..1",
       "prefix_1..2",
   ]
+
+  data_file = workdir.with_name("data.npz")  # this run's own copy (rerun_and_residual)
+  assert results["meta"]["dataset"] == f"npz:{data_file}"
+  ds = data_lib.load_dataset(f"npz:{data_file}", seed=0)
+  data_file.rename(data_file.with_name("moved_away.npz"))
+  _export_and_predict_8(workdir, ds, tmp_path)
 
 
 def test_chain_ends_at_the_smallest_rung_within_the_budget():

@@ -1,7 +1,6 @@
 """Training steps and the stage loop: frozen models, caching, devices, eval coverage."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 
 from mamba_pkd import checkpoints, evaluate, losses, models, parallel, train
 from mamba_pkd import data as data_lib
+
+from conftest import smoke_env
 
 TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2, scan_method="sequential")
 TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
@@ -212,9 +213,7 @@ def _run_on_devices(n):
     namespace = {"__name__": "in_process"}  # this process already has one CPU device
     exec(_MULTI_DEVICE_SCRIPT, namespace)  # pylint: disable=exec-used
     return np.array(namespace["train_small"]())
-  env = dict(
-      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
-  )
+  env = smoke_env(n)
   out = subprocess.run(
       [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(n)],
       env=env,
