@@ -133,7 +133,10 @@ def test_prose_outside_the_blocks_is_untouched(rendered):
 
   def outside(text):
     for block in render_readme.BLOCKS:
-      start, end = render_readme._span(text, block.name)
+      span = render_readme._span(text, block.name)
+      if span is None and block.optional:
+        continue
+      start, end = span
       text = text[:start] + "<block>" + text[end:]
     return text
 
