@@ -160,8 +160,9 @@ def _latency(ms) -> str:
 def format_table(summary: dict) -> str:
   """Markdown: one line per rung and family, the McNemar test on the Mamba line."""
   seeds = summary["seeds"]
+  std = lambda f: f" +- {100 * f['accuracy_std']:.2f}" if len(f["accuracy"]) > 1 else ""  # noqa
   lines = [
-      f"| rung | family | size | accuracy % (mean +- std, {len(seeds)} seeds) | FLOPs | "
+      f"| rung | family | size | accuracy % (mean +- std, {len(seeds)} seed{'s' * (len(seeds) != 1)}) | FLOPs | "
       "% teacher | params | latency b1 (ms) | latency b256 (ms) | Mamba vs best other: "
       "McNemar p (pooled; only Mamba right / only other right) |",
       "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -169,7 +170,8 @@ def format_table(summary: dict) -> str:
   for entry in summary["rungs"]:
     n = entry["num_seeds"]
     seeds_note = "" if n == len(seeds) else f" ({n} seed{'s' * (n > 1)})"
-    for family, f in entry["families"].items():
+    for family in (f for f in FAMILIES if f in entry["families"]):  # json sorts the keys
+      f = entry["families"][family]
       test = ""
       if family == "mamba" and "mcnemar" in entry:
         m = entry["mcnemar"]
@@ -178,8 +180,8 @@ def format_table(summary: dict) -> str:
             f"{m['other_only_right']}; per seed {', '.join(f'{p:.2g}' for p in m['p_value_per_seed'])})"
         )
       lines.append(
-          f"| {entry['rung']} | {family} | {f['size']} | {100 * f['accuracy_mean']:.2f} +- "
-          f"{100 * f['accuracy_std']:.2f}{seeds_note} | {report._format_count(f['flops'])} | "  # pylint: disable=protected-access
+          f"| {entry['rung']} | {family} | {f['size']} | {100 * f['accuracy_mean']:.2f}"
+          f"{std(f)}{seeds_note} | {report._format_count(f['flops'])} | "  # pylint: disable=protected-access
           f"{f['pct_teacher_flops']:.2f} | {f['params']:,} | {_latency(f['latency_ms_b1'])} | "
           f"{_latency(f['latency_ms_b256'])} | {test} |"
       )
