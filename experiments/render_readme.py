@@ -135,7 +135,12 @@ def render_families_table(results_root: pathlib.Path) -> str:
 
   import families  # pylint: disable=g-import-not-at-top
 
-  path = _run_file(results_root, FAMILIES, "families.json")
+  path = pathlib.Path(results_root) / FAMILIES / "families.json"
+  if not path.is_file():
+    raise SourceError(
+        f"{_show(path)} does not exist; `python experiments/families.py summarize "
+        f"--root=<the seeds' runs> --out={_show(path)}` writes it"
+    )
   summary = json.loads(path.read_text(encoding="utf-8"))
   if summary.get("format") != families.FORMAT:
     raise SourceError(f"{_show(path)} is not a summary of experiments/families.py")
