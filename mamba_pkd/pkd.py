@@ -39,8 +39,10 @@ Where things live: the settings and their validation in :mod:`mamba_pkd.settings
 the weak-learner test (pure functions of held-out logits) in
 :mod:`mamba_pkd.weak_learner`, training or restoring one stage in
 :mod:`mamba_pkd.stages`, the ensemble arithmetic in :mod:`mamba_pkd.ensemble`,
-the rows in :mod:`mamba_pkd.evaluate`, the post-hoc per-prefix combination
-and early-exit cascade in :mod:`mamba_pkd.anytime`. This module holds the
+the rows in :mod:`mamba_pkd.evaluate`, the single models each student is measured
+against (CE baselines, CNN and MLP students at its FLOPs) in
+:mod:`mamba_pkd.comparisons`, the post-hoc per-prefix combination and early-exit
+cascade in :mod:`mamba_pkd.anytime`. This module holds the
 loops and :func:`train_and_evaluate`, which ends by writing the run manifest
 (:mod:`mamba_pkd.manifest`) and the report.
 """

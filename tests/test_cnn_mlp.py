@@ -2,13 +2,15 @@
 and one smoke run through `main` with both families in the ensemble and as family rows."""
 
 import pathlib
+import shutil
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import smoke_runs
+from conftest import shared_reference_run, smoke_data_flag, smoke_runs
 from mamba_pkd import cnn_mlp, flops, ladders, models, paired, report, runs, settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -167,22 +169,43 @@ def test_settings_resolve_the_student_family_and_refuse_bad_choices():
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_family_row_plan_skips_the_students_own_family():
+  from mamba_pkd import comparisons  # pylint: disable=g-import-not-at-top
+
+  students = [types.SimpleNamespace(size="s1"), types.SimpleNamespace(size="cnn_s2")]
+  plan = comparisons.family_row_plan(students, ("cnn", "mlp", "mamba"))
+  assert plan == [
+      ("cnn", 1, "cnn_s1"),  # student 2 is the CNN of its rung already
+      ("mlp", 1, "mlp_s1"),
+      ("mlp", 2, "mlp_s2"),
+      ("mamba", 2, "s2"),  # the Mamba counterpart of the CNN student
+  ]
+
+
 # ----------------------------------------------------------------------------
 # One run through main: a mixed ensemble (s1, cnn_s2) and the family rows.
 # ----------------------------------------------------------------------------
 
 FAMILY_FLAGS = (
     '--config.pkd.ladder=("s1","cnn_s2","s3")',  # student 2 is a CNN (mixed ladder)
-    '--config.report.family_rows=("cnn","mlp")',
+    '--config.report.family_rows=("mlp",)',  # the CNN rows' plan: test_family_row_plan
     "--config.baselines=False",
 )
 
 
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory):
+  """A copy of the shared reference run, re-run with the family flags: the teacher and
+  student 1 are restored (the family settings change no Mamba stage's fingerprint), then
+  student 2 (cnn_s2), mlp_1 and mlp_2 train: three stages."""
+  reference = shared_reference_run(tmp_path_factory)
   workdir = tmp_path_factory.mktemp("family") / "run"
-  (out,) = smoke_runs(tmp_path_factory, [(workdir, 1, FAMILY_FLAGS)])
+  shutil.copytree(reference, workdir)
+  flags = (smoke_data_flag(tmp_path_factory), *FAMILY_FLAGS)
+  (out,) = smoke_runs(tmp_path_factory, [(workdir, 1, flags)])
   assert out.returncode == 0, out.stderr[-5000:]
+  for stage in ("teacher", "student_1_s1_try1"):
+    assert f"stage {stage}: already complete, not retrained" in out.stderr
   return workdir
 
 
@@ -191,8 +214,8 @@ def test_family_rows_match_their_rungs_and_their_predictions(family_run):
   by_name = {r.name: r for r in rows}
   assert by_name["student_2"].size == "cnn_s2"
   family = {r.name: r for r in rows if r.kind == "family"}
-  assert sorted(family) == ["cnn_1", "mlp_1", "mlp_2"]  # student 2 is already the CNN
-  assert [family[n].size for n in ("cnn_1", "mlp_1", "mlp_2")] == ["cnn_s1", "mlp_s1", "mlp_s2"]
+  assert sorted(family) == ["mlp_1", "mlp_2"]
+  assert [family[n].size for n in ("mlp_1", "mlp_2")] == ["mlp_s1", "mlp_s2"]
   for name, row in family.items():
     student = by_name[f"student_{name.split('_')[1]}"]
     assert abs(row.flops / student.flops - 1) <= 0.10, (name, row.flops, student.flops)
@@ -200,7 +223,7 @@ def test_family_rows_match_their_rungs_and_their_predictions(family_run):
   for row in rows:
     if row.name in predictions:
       assert np.mean(predictions[row.name] == labels) == pytest.approx(row.accuracy), row.name
-  assert {"teacher", "student_1", "prefix_1..2", "cnn_1", "mlp_2"} <= set(predictions)
+  assert {"teacher", "student_1", "prefix_1..2", "mlp_1", "mlp_2"} <= set(predictions)
 
 
 def test_a_cnn_member_round_trips_through_the_manifest(family_run):
@@ -223,14 +246,15 @@ def test_families_summary_of_the_run(family_run, tmp_path):
   labels, predictions = report.read_predictions(seed_dir / report.PREDICTIONS_NPZ)
   s1, s2 = summary["rungs"]
   assert (s1["rung"], s2["rung"]) == ("s1", "s2")
-  assert sorted(s1["families"]) == ["cnn", "mamba", "mlp"]
-  assert s2["families"]["cnn"]["row_names"] == ["student_2"]
+  assert sorted(s1["families"]) == ["mamba", "mlp"] and sorted(s2["families"]) == ["cnn", "mlp"]
+  assert s2["families"]["cnn"]["row_names"] == ["student_2"] and "mcnemar" not in s2
+  assert s1["mcnemar"]["b"] == "mlp"
   test = s1["mcnemar"]
   best = test["b"]
   expected = paired.mcnemar_exact(labels, predictions["student_1"], predictions[f"{best}_1"])
   assert (test["mamba_only_right"], test["other_only_right"]) == (expected.b, expected.c)
   table = families.format_table(summary)
-  assert table.count("\n") == 2 + 3 + 2 and f"vs {best}: p = " in table  # s2: cnn, mlp
+  assert table.count("\n") == 2 + 2 + 2 and f"vs {best}: p = " in table
   # the README block (optional: rendered where the README has its markers) is this table
   families.write_summary(summary, tmp_path / "results" / "families" / "families.json")
   assert render_readme.render_families_table(tmp_path / "results") == table
