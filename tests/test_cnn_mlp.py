@@ -88,8 +88,9 @@ def test_every_rung_is_within_ten_percent_of_its_mamba_size(ladder, shape):
   for name, config in other.items():
     mamba = flops.count_flops(sizes[ladders.split_size_name(name)[1]])
     assert abs(flops.count_flops(config) / mamba - 1) <= 0.10, (name, config)
-    params = jax.eval_shape(lambda c=config: models.init_params(c, jax.random.key(0)))
-    assert models.count_tree_params(params) == flops.count_params(config), name
+  for name in (f"{f}_{r}" for f in ("cnn", "mlp") for r in (rungs[0], rungs[-1])):
+    params = jax.eval_shape(lambda c=other[name]: models.init_params(c, jax.random.key(0)))
+    assert models.count_tree_params(params) == flops.count_params(other[name]), name
 
 
 def test_configs_round_trip_through_a_dict_and_ignore_scan_fields():
