@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ladder = "auto"
   config.model.scan_method = "auto"  # auto | fused | sequential | parallel | chunked | pallas
   config.model.bidirectional = True  # reversed scan branch in every mixer (images are not causal)
+  # The PKD students' family: mamba | cnn | mlp (mamba_pkd.cnn_mlp, each rung at the Mamba rung's
+  # FLOPs). Bare names in pkd.ladder are this family's; "cnn_s2" / "mlp_s2" pick one per rung.
+  config.model.student_family = "mamba"
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.epochs = 20
@@ -93,4 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.report.cascade_budgets_pct = (1.5, 2.0, 3.0, 5.0, 10.0)
   config.report.cascade_teacher = "auto"  # teacher as last exit: auto (held-out decides) | on | off
   config.report.cascade_bootstrap = 200  # held-out redraws for the thresholds' spread (0: off)
+  # Also distil, beside each student k, the other families at its FLOPs from the same teacher
+  # outputs, views, loss, steps and seed: rows cnn_k / mlp_k (e.g. ("cnn", "mlp"); () = off).
+  config.report.family_rows = ()
   return config

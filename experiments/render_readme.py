@@ -25,7 +25,10 @@ left alone. The blocks:
   what ``python experiments/reproduce_paper.py compare default --workdir=W`` prints;
 * ``default-ensemble``: one line of the ensemble's decisions (weights eta_k,
   prefix calibration scales, why the ladder stopped) from its ``ensemble.json``
-  (``mamba_pkd.manifest.read_manifest``).
+  (``mamba_pkd.manifest.read_manifest``);
+* ``families-results`` (optional: rendered where the README has its markers): Mamba, CNN
+  and MLP students per FLOPs rung over seeds, ``experiments/families.py``'s table of
+  ``docs/results/families/families.json``.
 """
 
 from __future__ import annotations
@@ -125,18 +128,46 @@ def render_ensemble_decisions(results_root: pathlib.Path) -> str:
   )
 
 
+def render_families_table(results_root: pathlib.Path) -> str:
+  """Mamba, CNN and MLP students per FLOPs rung over seeds, from ``families/families.json``
+  (written by ``python experiments/families.py summarize --out=...``)."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  import families  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(results_root) / FAMILIES / "families.json"
+  if not path.is_file():
+    raise SourceError(
+        f"{_show(path)} does not exist; `python experiments/families.py summarize "
+        f"--root=<the seeds' runs> --out={_show(path)}` writes it"
+    )
+  summary = json.loads(path.read_text(encoding="utf-8"))
+  if summary.get("format") != families.FORMAT:
+    raise SourceError(f"{_show(path)} is not a summary of experiments/families.py")
+  return families.format_table(summary)
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
+  """A generated block; an ``optional`` one is rendered only where the README has its markers."""
+
   name: str
   render: Callable[[pathlib.Path], str]
+  optional: bool = False
 
 
+FAMILIES = "families"  # docs/results/families/families.json: experiments/families.py's summary
 BLOCKS = (
     Block("default-results", render_results_table),
     Block("digits8x8-results", functools.partial(render_results_table, run="digits8x8")),
     Block("default-ensemble", render_ensemble_decisions),
     Block("paper-comparison", render_paper_comparison),
+    Block("families-results", render_families_table, optional=True),
 )
+
+
+def _present(text: str, block: Block) -> bool:
+  return not block.optional or BEGIN.format(name=block.name) in text
 
 
 def _span(text: str, name: str) -> tuple[int, int] | None:
@@ -159,9 +190,12 @@ def _marker_problems(text: str, readme: pathlib.Path) -> list[str]:
   found = [(m.group(1), m.group(2)) for m in _MARKER.finditer(text)]
   for name in sorted({n for _, n in found} - known):
     problems.append(f"{_show(readme)}: unknown generated block {name!r} (known: {sorted(known)})")
+  optional = {b.name for b in BLOCKS if b.optional}
   for name in sorted(known):
     begins = sum(1 for k, n in found if k == "BEGIN" and n == name)
     ends = sum(1 for k, n in found if k == "END" and n == name)
+    if name in optional and begins == ends == 0:
+      continue
     if begins != 1 or ends != 1 or _span(text, name) is None:
       problems.append(
           f"{_show(readme)}: generated block {name!r} needs exactly one "
@@ -181,6 +215,8 @@ def render_text(text: str, results_root: pathlib.Path, readme: pathlib.Path = RE
   if problems:
     raise SourceError(problems[0])
   for block in BLOCKS:
+    if not _present(text, block):
+      continue
     start, end = _span(text, block.name)
     text = text[:start] + _body(block.render(pathlib.Path(results_root))) + text[end:]
   return text
@@ -194,6 +230,8 @@ def check(readme: pathlib.Path = README, results_root: pathlib.Path = RESULTS_RO
   if problems:
     return problems
   for block in BLOCKS:
+    if not _present(text, block):
+      continue
     start, end = _span(text, block.name)
     try:
       want = _body(block.render(pathlib.Path(results_root)))

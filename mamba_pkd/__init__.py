@@ -25,10 +25,10 @@ _NAMES = {
     "selective_scan": "mamba_pkd.ssm",
 }
 _MODULES = (
-    "anytime", "cascade", "checkpoints", "combine", "data", "edge", "ensemble", "evaluate",
-    "export", "flops", "ladders", "layers", "losses", "manifest", "metrics", "models", "parallel",
-    "pkd", "predict", "preprocessing", "provenance", "report", "runs", "sanity", "settings", "ssm",
-    "stages", "train", "weak_learner", "workdir_lock",
+    "anytime", "cascade", "checkpoints", "cnn_mlp", "combine", "comparisons", "data", "edge",
+    "ensemble", "evaluate", "export", "flops", "ladders", "layers", "losses", "manifest", "metrics",
+    "models", "paired", "parallel", "pkd", "predict", "preprocessing", "provenance", "report",
+    "runs", "sanity", "settings", "ssm", "stages", "train", "weak_learner", "workdir_lock",
 )  # fmt: skip
 
 __all__ = sorted(_NAMES) + ["flops", "losses"]

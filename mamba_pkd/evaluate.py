@@ -29,7 +29,7 @@ PyTree = Any
 # ----------------------------------------------------------------------------
 
 
-def make_predict_step(model_config: ModelConfig) -> Callable:
+def make_predict_step(model_config) -> Callable:
   """Per-device ``predict_step(params, images, prev_features) -> (logits, features)``."""
   model = create_model(model_config)
 
@@ -140,17 +140,21 @@ def build_rows(
     baselines: Sequence,
     labels: np.ndarray,
     direct: Sequence = (),
+    family: Sequence = (),
     image_shape: tuple[int, int, int],
     prefixes: bool,
     latency: bool,
     repeats: int,
+    predictions: dict | None = None,
 ) -> list[report.Row]:
-  """One row per model, per ensemble prefix (with ``prefixes``), per baseline and per
-  ``direct`` model (chain mode: the deployed size distilled straight from the teacher).
+  """One row per model, per ensemble prefix (with ``prefixes``), per baseline, per
+  ``direct`` model (chain mode: the deployed size distilled straight from the teacher)
+  and per ``family`` model (``cnn_k``, ``mlp_k``: other families at student k's FLOPs).
 
   ``teacher``, ``students`` and ``baselines`` are trained models with
   ``name``, ``size``, ``config``, ``params`` and ``test_logits`` [N, K]
-  (``pkd``'s ``stages.Trained``); ``labels`` the test labels [N].
+  (``pkd``'s ``stages.Trained``); ``labels`` the test labels [N]. ``predictions``, when
+  given, receives each row's predicted class per test example (int [N], by row name).
   """
   teacher_pred = teacher.test_logits.argmax(-1)
   teacher_flops = flops.count_flops(teacher.config)
@@ -159,6 +163,8 @@ def build_rows(
     configs = [m.config for m in members]
     f = sum(flops.count_flops(c) for c in configs)
     b1 = b256 = None
+    if predictions is not None:
+      predictions[name] = logits.argmax(-1)
     if latency:
       params = [m.params for m in members]
       b1 = latency_ms(configs, params, image_shape, 1, repeats)
@@ -190,6 +196,8 @@ def build_rows(
     rows.append(row(m.name, "baseline", m.size, [m], m.test_logits))
   for m in direct:
     rows.append(row(m.name, "direct", m.size, [m], m.test_logits))
+  for m in family:
+    rows.append(row(m.name, "family", m.size, [m], m.test_logits))
   return rows
 
 

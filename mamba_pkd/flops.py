@@ -15,13 +15,22 @@ reads XLA's number for comparison (tests state the tolerance).
 
 Symbols: L tokens, d = d_model, E = d_inner = expand*d, N = d_state,
 R = dt_rank, K = d_conv, P = patch_size**2 * channels, Q = num_classes.
+
+The CNN and MLP students of :mod:`mamba_pkd.cnn_mlp` are counted by the same rules
+(:func:`cnn_flops`, :func:`mlp_flops`): a convolution is 2 FLOPs per multiply-add of a
+kernel tap with a real input (the zeros of the SAME padding are not counted, as in
+XLA's count), plus its bias; ReLU 1 per element; a 2x2 max pool 3 comparisons per
+output. :func:`count_flops` and :func:`count_params` take any of the three configs.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+from mamba_pkd.cnn_mlp import POOL, CNNConfig, MLPConfig
 from mamba_pkd.models import ModelConfig, create_model, init_params
 
 # Elementwise op counts, per element.
@@ -76,12 +85,87 @@ def model_flops(config: ModelConfig) -> dict[str, int]:
   return parts
 
 
-def count_flops(config: ModelConfig) -> int:
-  """Total analytic inference FLOPs per image."""
+def _head_flops(config, features: int) -> dict[str, int]:
+  """The connection (projection, bias, add) and the head of any family."""
+  cd = config.connect_dim
+  return {
+      "connect": (2 * cd + 2) * features if cd else 0,
+      "head": config.num_classes * (2 * features + 1),
+  }
+
+
+def same_taps(n: int, k: int) -> int:
+  """Kernel taps that land on real inputs, summed over the ``n`` outputs of a 1-D SAME
+  convolution of width ``k`` (padding ``(k - 1) // 2`` before, the rest after)."""
+  low = (k - 1) // 2
+  return sum(1 for i in range(n) for t in range(k) if 0 <= i - low + t < n)
+
+
+def cnn_flops(config: CNNConfig) -> dict[str, int]:
+  """Analytic inference FLOPs per image of the CNN student, by part, and ``total``."""
+  h, w, c = config.image_shape
+  k = config.kernel
+  parts, cin = {}, c
+  for i, width in enumerate(config.channels):
+    outputs = h * w * width
+    macs = same_taps(h, k) * same_taps(w, k) * cin * width
+    parts[f"conv_{i}"] = 2 * macs + outputs  # + bias
+    parts[f"relu_{i}"] = outputs
+    h, w, cin = h // POOL, w // POOL, width
+    parts[f"pool_{i}"] = h * w * width * (POOL * POOL - 1)  # comparisons
+  parts["dense"] = config.hidden * (2 * h * w * cin + 1) + config.hidden  # + ReLU
+  parts.update(_head_flops(config, config.hidden))
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def mlp_flops(config: MLPConfig) -> dict[str, int]:
+  """Analytic inference FLOPs per image of the MLP student, by part, and ``total``."""
+  width_in = math.prod(config.image_shape)
+  parts = {}
+  for i, width in enumerate(config.hidden):
+    parts[f"dense_{i}"] = width * (2 * width_in + 1) + width  # matmul, bias, ReLU
+    width_in = width
+  parts.update(_head_flops(config, width_in))
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def count_flops(config) -> int:
+  """Total analytic inference FLOPs per image (Mamba, CNN or MLP config)."""
+  if isinstance(config, CNNConfig):
+    return cnn_flops(config)["total"]
+  if isinstance(config, MLPConfig):
+    return mlp_flops(config)["total"]
   return model_flops(config)["total"]
 
 
-def count_params(config: ModelConfig) -> int:
+def _dense_params(width_in: int, width_out: int) -> int:
+  return width_in * width_out + width_out
+
+
+def _head_params(config, features: int) -> int:
+  cd = config.connect_dim
+  return (_dense_params(cd, features) if cd else 0) + _dense_params(features, config.num_classes)
+
+
+def count_params(config) -> int:
+  """Analytic parameter count of ``create_model(config)`` (Mamba, CNN or MLP config)."""
+  if isinstance(config, CNNConfig):
+    (h, w, cin), k2 = config.image_shape, config.kernel**2
+    convs = 0
+    for width in config.channels:
+      convs += _dense_params(k2 * cin, width)
+      h, w, cin = h // POOL, w // POOL, width
+    return convs + _dense_params(h * w * cin, config.hidden) + _head_params(config, config.hidden)
+  if isinstance(config, MLPConfig):
+    widths = (math.prod(config.image_shape), *config.hidden)
+    layers = sum(_dense_params(a, b) for a, b in zip(widths, widths[1:]))
+    return layers + _head_params(config, widths[-1])
+  return _mamba_params(config)
+
+
+def _mamba_params(config: ModelConfig) -> int:
   """Analytic parameter count of ``MambaClassifier(config)``."""
   d, e, n = config.d_model, config.d_inner, config.d_state
   r, k = config.resolved_dt_rank, config.d_conv

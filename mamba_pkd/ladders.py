@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from mamba_pkd import flops
+from mamba_pkd.cnn_mlp import CNNConfig, MLPConfig
 from mamba_pkd.models import ModelConfig
 
 # ----------------------------------------------------------------------------
@@ -246,3 +247,81 @@ def ladder_configs(
         **overrides,
     )
   return configs
+
+
+# ----------------------------------------------------------------------------
+# CNN and MLP students at the Mamba rungs' FLOPs (mamba_pkd.cnn_mlp).
+# ----------------------------------------------------------------------------
+
+OTHER_FAMILIES = ("cnn", "mlp")
+FAMILY_MATCH_TOLERANCE = 0.02  # a rung's candidates within 2% of the Mamba rung's FLOPs
+CNN_KERNEL = 3
+CNN_WIDTHS = range(1, 257)  # c1; c2 = 2 * c1
+CNN_HIDDEN = (8, 4096)  # the dense layer's width is solved for, within this range
+MLP_WIDTHS = range(4, 4097)  # h1; h2 = h1 // 2
+
+
+def family_size_name(family: str, size: str) -> str:
+  """``"cnn_s3"``: the ``family`` student at the FLOPs of Mamba size ``size``
+  (``"s3"`` for ``"mamba"``)."""
+  return size if family == "mamba" else f"{family}_{size}"
+
+
+def split_size_name(name: str) -> tuple[str, str]:
+  """``"cnn_s3" -> ("cnn", "s3")``, ``"s3" -> ("mamba", "s3")``."""
+  family, _, rung = name.partition("_")
+  return (family, rung) if rung and family in OTHER_FAMILIES else ("mamba", name)
+
+
+def _log_error(value: float, target: float) -> float:
+  return abs(math.log(value / target))
+
+
+def match_cnn(target: int, image_shape, num_classes: int) -> CNNConfig:
+  """The CNN (LeNet proportions: channels (c, 2c), 3x3 kernels) whose FLOPs match ``target``.
+
+  For each width c of :data:`CNN_WIDTHS` the dense width h is solved for (FLOPs are
+  affine in h), rounded and kept within :data:`CNN_HIDDEN`. Of the (c, h) within
+  :data:`FAMILY_MATCH_TOLERANCE` of the target, the one with h closest to 4 x 2c (in log
+  scale) wins; when none is that close, the closest in FLOPs.
+  """
+  base = CNNConfig(image_shape=tuple(image_shape), num_classes=num_classes, kernel=CNN_KERNEL)
+  candidates = []
+  for c in CNN_WIDTHS:
+    one, two = (flops.count_flops(base.replace(channels=(c, 2 * c), hidden=h)) for h in (1, 2))
+    if one - (two - one) >= target:
+      break  # the convolutions alone cost more; wider c only more
+    h = round((target - (one - (two - one))) / (two - one))
+    h = min(max(h, CNN_HIDDEN[0]), CNN_HIDDEN[1])
+    config = base.replace(channels=(c, 2 * c), hidden=h)
+    candidates.append((config, flops.count_flops(config)))
+  if not candidates:
+    config = base.replace(channels=(1, 2), hidden=CNN_HIDDEN[0])
+    return config
+  close = [(c, f) for c, f in candidates if _log_error(f, target) <= FAMILY_MATCH_TOLERANCE]
+  if close:
+    return min(close, key=lambda cf: abs(math.log(cf[0].hidden / (8 * cf[0].channels[0]))))[0]
+  return min(candidates, key=lambda cf: _log_error(cf[1], target))[0]
+
+
+def match_mlp(target: int, image_shape, num_classes: int) -> MLPConfig:
+  """The two-layer MLP (widths (h, h // 2), h in :data:`MLP_WIDTHS`) closest to
+  ``target`` FLOPs (in log scale)."""
+  base = MLPConfig(image_shape=tuple(image_shape), num_classes=num_classes)
+  configs = [base.replace(hidden=(h, max(1, h // 2))) for h in MLP_WIDTHS]
+  return min(configs, key=lambda c: _log_error(flops.count_flops(c), target))
+
+
+def family_sizes(sizes: dict[str, ModelConfig]) -> dict[str, CNNConfig | MLPConfig]:
+  """``cnn_<s>`` and ``mlp_<s>`` for every student size ``<s>`` of a Mamba ladder: the
+  CNN and the MLP whose analytic FLOPs match that size's (:func:`match_cnn`,
+  :func:`match_mlp`), same image shape and classes."""
+  out = {}
+  for name, config in sizes.items():
+    if name == "teacher":
+      continue
+    target = flops.count_flops(config)
+    shape, classes = config.image_shape, config.num_classes
+    out[family_size_name("cnn", name)] = match_cnn(target, shape, classes)
+    out[family_size_name("mlp", name)] = match_mlp(target, shape, classes)
+  return out

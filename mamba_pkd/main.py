@@ -54,7 +54,8 @@ flags.DEFINE_bool(
 
 
 def ladder_table(config) -> str:
-  """Markdown table of the ladder sizes for the config's dataset shape.
+  """Markdown tables of the ladder sizes for the config's dataset shape: the Mamba sizes,
+  then the CNN and MLP students matched to their FLOPs (:func:`ladders.family_sizes`).
 
   Needs only the images' shape and class count (:func:`mamba_pkd.data.dataset_shape`), so it
   works for any ``--config.dataset``, downloaded or not, and any ``--config.model.ladder``
@@ -84,6 +85,22 @@ def ladder_table(config) -> str:
         f"| {name} | {c.d_model} | {c.n_layers} | {c.d_state} | {c.patch_size} | "
         f"{c.num_tokens} | "
         f"{flops.count_params(c):,} | {f:,} | {100 * f / teacher_flops:.2f} |"
+    )
+  lines += [
+      "",
+      "| family size | layers | params | FLOPs/image | % teacher | / Mamba rung |",
+      "|---|---|---:|---:|---:|---:|",
+  ]
+  for name, c in ladders.family_sizes(sizes).items():
+    f, rung = flops.count_flops(c), flops.count_flops(sizes[ladders.split_size_name(name)[1]])
+    layers = (
+        f"conv{c.kernel}x{c.kernel} {c.channels[0]}, conv {c.channels[1]}, dense {c.hidden}"
+        if c.family == "cnn"
+        else "dense " + ", ".join(map(str, c.hidden))
+    )
+    lines.append(
+        f"| {name} | {layers} | {flops.count_params(c):,} | {f:,} | "
+        f"{100 * f / teacher_flops:.2f} | {f / rung:.3f} |"
     )
   return "\n".join(lines)
 

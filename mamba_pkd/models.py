@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mamba_pkd import ensemble, layers
+from mamba_pkd import cnn_mlp, ensemble, layers
 from mamba_pkd.ssm.common import as_scan_method
 
 Array = jax.Array
@@ -161,13 +161,42 @@ class MambaClassifier(nn.Module):
     return (logits, features) if return_features else logits
 
 
-def create_model(config: ModelConfig) -> MambaClassifier:
-  """Returns the Flax module for ``config``."""
-  return MambaClassifier(config)
+def model_family(config) -> str:
+  """``"mamba"`` for a :class:`ModelConfig`, ``"cnn"`` / ``"mlp"`` for the
+  :mod:`mamba_pkd.cnn_mlp` configs."""
+  return getattr(config, "family", "mamba")
 
 
-def init_params(config: ModelConfig, rng: Array) -> dict:
-  """Initial parameters of ``MambaClassifier(config)`` (a nested dict of arrays)."""
+def create_model(config) -> nn.Module:
+  """Returns the Flax module for ``config``: a :class:`MambaClassifier` for a
+  :class:`ModelConfig`, the CNN or MLP of :mod:`mamba_pkd.cnn_mlp` for theirs."""
+  if isinstance(config, ModelConfig):
+    return MambaClassifier(config)
+  if type(config) in cnn_mlp.MODULE_TYPES:
+    return cnn_mlp.MODULE_TYPES[type(config)](config)
+  raise TypeError(f"no model for a config of type {type(config).__name__}")
+
+
+def config_from_dict(fields: Mapping) -> "ModelConfig | cnn_mlp.CNNConfig | cnn_mlp.MLPConfig":
+  """The config recorded as a dict (a run manifest's ``config``): its ``family`` field
+  (``"cnn"``, ``"mlp"``; absent for Mamba) picks the type.
+
+  Raises:
+    ValueError: an unknown family (the valid ones named) or fields that type lacks.
+  """
+  fields = dict(fields)
+  family = fields.get("family", "mamba")
+  if family not in cnn_mlp.FAMILIES:
+    raise ValueError(f"config family {family!r} is unknown; valid: {cnn_mlp.FAMILIES}")
+  config_type = cnn_mlp.CONFIG_TYPES.get(family, ModelConfig)
+  try:
+    return config_type(**fields)
+  except TypeError as e:
+    raise ValueError(f"a {family} config with fields {sorted(fields)}: {e}") from None
+
+
+def init_params(config, rng: Array) -> dict:
+  """Initial parameters of ``create_model(config)`` (a nested dict of arrays)."""
   images = jnp.zeros((1, *config.image_shape), jnp.float32)
   prev = jnp.zeros((1, config.connect_dim), jnp.float32) if config.connect_dim else None
   return create_model(config).init(rng, images, prev)["params"]

@@ -39,8 +39,10 @@ Where things live: the settings and their validation in :mod:`mamba_pkd.settings
 the weak-learner test (pure functions of held-out logits) in
 :mod:`mamba_pkd.weak_learner`, training or restoring one stage in
 :mod:`mamba_pkd.stages`, the ensemble arithmetic in :mod:`mamba_pkd.ensemble`,
-the rows in :mod:`mamba_pkd.evaluate`, the post-hoc per-prefix combination
-and early-exit cascade in :mod:`mamba_pkd.anytime`. This module holds the
+the rows in :mod:`mamba_pkd.evaluate`, the single models each student is measured
+against (CE baselines, CNN and MLP students at its FLOPs) in
+:mod:`mamba_pkd.comparisons`, the post-hoc per-prefix combination and early-exit
+cascade in :mod:`mamba_pkd.anytime`. This module holds the
 loops and :func:`train_and_evaluate`, which ends by writing the run manifest
 (:mod:`mamba_pkd.manifest`) and the report.
 """
@@ -58,14 +60,14 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from mamba_pkd import anytime, ensemble, flops, losses, manifest, parallel, provenance, report
+from mamba_pkd import anytime, comparisons, ensemble, flops, losses, manifest, parallel, report
 from mamba_pkd import sanity, train
 from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig
 from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.settings import PKDSettings
 from mamba_pkd.stages import PoolTables, RunContext, Trained, create_context, run_stage
-from mamba_pkd.stages import stage_fingerprint, write_config
+from mamba_pkd.stages import learned_sections, stage_fingerprint, write_config
 from mamba_pkd.weak_learner import weak_learner_decision
 
 
@@ -78,21 +80,6 @@ def stage_loss_for(settings: PKDSettings, *, first: bool) -> losses.StageLoss:
   if settings.loss == "bdistil":
     return losses.bdistil(view="student", target="teacher", base=base)
   return losses.kd(settings.alpha, settings.temperature, view=view, target="teacher")
-
-
-LOSS_FIELDS = ("mode", "target", "loss", "alpha", "temperature", "connect")  # of config.pkd
-
-
-def learned_sections(ctx: RunContext, kind: str) -> dict:
-  """The config a stage of ``kind`` learns from, for its fingerprint: the optimiser,
-  schedule and augmentation section, and the loss (``config.pkd``'s loss fields for
-  distilled students, cross-entropy for the teacher and the baselines)."""
-  if kind == "teacher":
-    return {**provenance.config_sections(ctx.config, "teacher"), "loss": "cross_entropy"}
-  sections = provenance.config_sections(ctx.config, "student")
-  if kind == "baseline":
-    return {**sections, "loss": "cross_entropy"}
-  return {**sections, "pkd": {k: ctx.config.pkd[k] for k in LOSS_FIELDS}}
 
 
 def train_teacher(ctx: RunContext) -> Trained:
@@ -343,34 +330,6 @@ def distil_direct(
   return dataclasses.replace(member, name=f"direct_{size}")
 
 
-def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Trained]:
-  """Each student's size trained alone with cross-entropy on the same budget."""
-  out = []
-  for k, student in enumerate(students, start=1):
-    model_config = student.config.replace(connect_dim=0)
-    seed = ctx.config.seed + 7 + 1000 * k
-    member = run_stage(
-        ctx,
-        f"baseline_{k}_{student.size}",
-        student.size,
-        model_config,
-        losses.hard("student"),
-        ctx.student_optim,
-        seed=seed,
-        augment=ctx.config.student.augment,
-        views=ctx.views,
-        fingerprint=stage_fingerprint(
-            ctx,
-            model_config=model_config,
-            sections=learned_sections(ctx, "baseline"),
-            optim=ctx.student_optim,
-            seed=seed,
-        ),
-    )
-    out.append(dataclasses.replace(member, name=f"baseline_{k}"))
-  return out
-
-
 def write_run_manifest(
     ctx: RunContext,
     teacher: Trained,
@@ -436,12 +395,23 @@ def train_and_evaluate(
     students, decisions = distil_chain(ctx, teacher, pool)
     k = len(students)  # the deployed student, distilled directly with its own seed
     direct = [distil_direct(ctx, teacher, pool, students[-1].size, config.seed + 1000 * k)]
-  baselines = train_baselines(ctx, students) if config.baselines else []
+  baselines = comparisons.train_baselines(ctx, students) if config.baselines else []
+  family = comparisons.train_family_rows(
+      ctx,
+      pool,
+      teacher,
+      students,
+      ctx.settings.family_rows,
+      stage_loss_for(ctx.settings, first=True),
+  )
+  predictions = {}  # row name -> predicted class per test image (for paired tests)
   rows = build_rows(
       teacher=teacher,
       students=students,
       baselines=baselines,
       direct=direct,
+      family=family,
+      predictions=predictions,
       labels=ctx.dataset.y_test,
       image_shape=ctx.dataset.image_shape,
       prefixes=ctx.settings.mode == "ensemble",
@@ -494,6 +464,7 @@ def train_and_evaluate(
     stop = next((e["stop"] for e in reversed(decisions) if "stop" in e), "")
     write_run_manifest(ctx, teacher, students, baselines, rows, stop, combination)
     paths = report.write_report(ctx.workdir, rows, meta=meta)
+    paths["predictions"] = report.write_predictions(ctx.workdir, ds.y_test, predictions)
     logging.info("report written: %s", ", ".join(str(p) for p in paths.values()))
   ctx.metrics.close()
   parallel.sync("report")

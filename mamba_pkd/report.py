@@ -31,13 +31,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-KINDS = ("teacher", "student", "prefix", "baseline", "direct", "cascade", "pixels")
+KINDS = ("teacher", "student", "prefix", "baseline", "direct", "family", "cascade", "pixels")
 FIGURE_SIZE_IN = (8.0, 5.0)  # inches; at FIGURE_DPI: 800 x 500 px
 FIGURE_DPI = 100
 _SIGNIFICANT_DIGITS = 8
 _TIMING_FIELDS = ("latency_ms_b1", "latency_ms_b256")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+PREDICTIONS_NPZ = "predictions.npz"
 PLOT_PNG = "accuracy_vs_flops.png"
 
 
@@ -91,7 +92,8 @@ class Row:
     name: unique label, e.g. "teacher", "student_1", "prefix_1..3",
       "baseline_2".
     kind: one of "teacher", "student", "prefix", "baseline", "direct" (chain mode: the
-      deployed size distilled straight from the teacher, for comparison), "cascade"
+      deployed size distilled straight from the teacher, for comparison), "family" (a CNN
+      or MLP student at the FLOPs of a Mamba student, ``cnn_k`` / ``mlp_k``), "cascade"
       (early exit under a budget; its FLOPs are the measured mean per test image),
       "pixels" (the sanity row: logistic regression on the pixels).
     size: name of the size on the model ladder (for a prefix, e.g. the sizes
@@ -309,12 +311,18 @@ def _format_markdown(rows: Sequence[Row], meta: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------
 
 
+def _plot_kind(row: Row) -> str:
+  """The row's kind, with the family for ``family`` rows (``"family:cnn"``)."""
+  return f"family:{row.name.split('_')[0]}" if row.kind == "family" else row.kind
+
+
 def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> None:
   """Saves accuracy (%) vs % of teacher FLOPs (log x) as an 800x500 PNG.
 
   Teacher: star; students alone: circles; ensemble prefixes: a line through
   the prefixes in order of FLOPs; baselines: squares; early-exit cascades: a
-  dashed line through their measured mean FLOPs. Rows with 0 FLOPs cannot
+  dashed line through their measured mean FLOPs; CNN and MLP students (family rows):
+  dotted lines through their rungs. Rows with 0 FLOPs cannot
   sit on a log axis and are left out of the plot (not of the table).
   """
   # The object-oriented API with the Agg canvas: no pyplot global state and no
@@ -338,6 +346,11 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
       "cascade": dict(
           marker="v", linestyle="--", color="tab:brown", label="early-exit cascade (mean FLOPs)"
       ),
+      "family:cnn": dict(marker="^", linestyle=":", color="tab:olive", label="CNN student"),
+      "family:mlp": dict(marker="P", linestyle=":", color="tab:cyan", label="MLP student"),
+      "family:mamba": dict(
+          marker="o", linestyle=":", color="tab:orange", label="Mamba student (family row)"
+      ),
       "pixels": dict(
           marker="x", linestyle="none", color="tab:gray", label="logistic regression on pixels"
       ),
@@ -347,7 +360,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
   }
   for kind, style in styles.items():
     selected = sorted(
-        (r for r in rows if r.kind == kind), key=lambda r: (r.pct_teacher_flops, r.name)
+        (r for r in rows if _plot_kind(r) == kind), key=lambda r: (r.pct_teacher_flops, r.name)
     )
     if not selected:
       continue
@@ -365,6 +378,31 @@ def plot_accuracy_vs_flops(rows: Sequence[Row], path: str | pathlib.Path) -> Non
 # ----------------------------------------------------------------------------
 # Report.
 # ----------------------------------------------------------------------------
+
+
+def write_predictions(
+    workdir: str | pathlib.Path, labels: np.ndarray, predictions: Mapping[str, np.ndarray]
+) -> pathlib.Path:
+  """``<workdir>/predictions.npz``: ``labels`` [N] and each row's predicted class [N] by row
+  name (int16), the per-example record that paired tests (McNemar) over rows and seeds
+  read; :func:`read_predictions` reads it back."""
+  arrays = {name: np.asarray(p, np.int16) for name, p in predictions.items()}
+  if "labels" in arrays:
+    raise ValueError("a row may not be named 'labels' (the key of the test labels)")
+  for name, p in arrays.items():
+    if p.shape != np.shape(labels):
+      raise ValueError(f"predictions of {name!r} have shape {p.shape}, labels {np.shape(labels)}")
+  path = pathlib.Path(workdir) / PREDICTIONS_NPZ
+  with open(path, "wb") as f:
+    np.savez_compressed(f, labels=np.asarray(labels, np.int16), **arrays)
+  return path
+
+
+def read_predictions(path: str | pathlib.Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """``(labels [N], {row name: predicted class [N]})`` of a :func:`write_predictions` file."""
+  with np.load(path) as data:
+    arrays = {k: np.asarray(data[k]) for k in data.files}
+  return arrays.pop("labels"), arrays
 
 
 def write_report(

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from mamba_pkd import checkpoints, ensemble, manifest
 from mamba_pkd.ensemble import Member
-from mamba_pkd.models import ModelConfig, apply_members, create_model, init_params
+from mamba_pkd.models import ModelConfig, apply_members, config_from_dict, create_model
+from mamba_pkd.models import init_params
 from mamba_pkd.preprocessing import Preprocessing
 
 PyTree = Any
@@ -71,7 +72,7 @@ def load_stage_params(workdir: pathlib.Path, stage: str, config: ModelConfig) ->
 
 
 def _loaded(workdir: pathlib.Path, member: Member, with_params: bool) -> Member:
-  config = ModelConfig(**member.config)
+  config = config_from_dict(member.config)  # Mamba, CNN or MLP (its "family" field)
   params = None
   if with_params:
     params = ensemble.fold_weight(load_stage_params(workdir, member.stage, config), member.weight)

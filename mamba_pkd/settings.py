@@ -15,7 +15,9 @@ import ml_collections
 
 from mamba_pkd import anytime, parallel, train
 from mamba_pkd import data as data_lib
-from mamba_pkd.ladders import ladder_families, ladder_size_names
+from mamba_pkd.cnn_mlp import FAMILIES
+from mamba_pkd.ladders import OTHER_FAMILIES, family_size_name, ladder_families, ladder_size_names
+from mamba_pkd.ladders import split_size_name
 
 MODES = ("ensemble", "chain")
 TARGETS = ("teacher", "residual")
@@ -47,6 +49,7 @@ class PKDSettings:
   max_accuracy_drop: float = 0.005
   reseeds: int = 1
   connect: bool = False
+  family_rows: tuple[str, ...] = ()  # report.family_rows: cnn_k / mlp_k rows beside student_k
 
 
 def _choice(value: Any, valid: Sequence[str], field: str) -> None:
@@ -57,10 +60,19 @@ def _choice(value: Any, valid: Sequence[str], field: str) -> None:
 def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
   """Reads and validates ``config.pkd``; raises ValueError naming the bad field."""
   p = config.pkd
+  family = config.model.get("student_family", "mamba")
+  _choice(family, FAMILIES, "model.student_family")
+  family_rows = config.report.get("family_rows", ())
+  family_rows = (family_rows,) if isinstance(family_rows, str) else tuple(family_rows)
+  for name in family_rows:
+    _choice(name, FAMILIES, "report.family_rows")
   s = PKDSettings(
       mode=p.mode,
       target=p.get("target", "teacher"),
-      ladder=tuple(p.ladder),
+      # Bare rung names ("s2") are the student family's size; "cnn_s2" picks one per rung.
+      ladder=tuple(
+          family_size_name(family, n) if split_size_name(n)[0] == "mamba" else n for n in p.ladder
+      ),
       max_students=p.max_students,
       flops_budget_pct=p.flops_budget_pct,
       epsilon=p.epsilon,
@@ -73,8 +85,15 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
       max_accuracy_drop=p.max_accuracy_drop,
       reseeds=p.reseeds,
       connect=p.connect,
+      family_rows=family_rows,
   )
   _choice(s.mode, MODES, "pkd.mode")
+  if s.family_rows and (s.mode, s.target) != ("ensemble", "teacher"):
+    raise ValueError(
+        f"report.family_rows={s.family_rows} distils each family from the teacher alone, "
+        "like the students of pkd.mode='ensemble' with pkd.target='teacher'; got "
+        f"pkd.mode={s.mode!r}, pkd.target={s.target!r} (set report.family_rows=())"
+    )
   _choice(s.target, TARGETS, "pkd.target")
   if s.loss == "bdistil" and s.target != "residual":
     raise ValueError(
@@ -136,12 +155,14 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(
         f"model.ladder={config.model.ladder!r} is not valid; choose one of {ladder_families()}"
     )
-  sizes = ladder_size_names(config.model.ladder)
-  unknown = [s for s in settings.ladder if s not in sizes or s == "teacher"]
+  rungs = [s for s in ladder_size_names(config.model.ladder) if s != "teacher"]
+  valid = rungs + [family_size_name(f, r) for f in OTHER_FAMILIES for r in rungs]
+  unknown = [s for s in settings.ladder if s not in valid]
   if unknown:
     raise ValueError(
         f"pkd.ladder has unknown size(s) {unknown}; valid sizes of ladder "
-        f"{config.model.ladder!r}: {[s for s in sizes if s != 'teacher']}"
+        f"{config.model.ladder!r}: {rungs}, or a rung of another family, e.g. "
+        f"{family_size_name('cnn', rungs[0])!r} ({' | '.join(OTHER_FAMILIES)})"
     )
   if config.validation_size < 1:
     raise ValueError(f"validation_size must be >= 1, got {config.validation_size}")

@@ -28,7 +28,7 @@ from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, provenan
 from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
 from mamba_pkd.models import ModelConfig, init_params
-from mamba_pkd.ladders import ladder_configs
+from mamba_pkd.ladders import family_sizes, ladder_configs
 
 PyTree = Any
 
@@ -45,7 +45,8 @@ class RunContext:
     is_writer: whether this process writes files (process 0).
     dataset: the loaded dataset.
     train_index, val_index: rows of ``x_train`` used for training / held out.
-    sizes: the ladder's ModelConfigs by size name (``"teacher"``, ``"s1"``, ...).
+    sizes: the ladder's ModelConfigs by size name (``"teacher"``, ``"s1"``, ...), and the
+      CNN and MLP configs at the same FLOPs (``"cnn_s1"``, ``"mlp_s1"``, ...).
     views: uint8 [V, n_train, H, W, C], the students' fixed augmented views,
       or None (``student.cached_views`` 0 or no augmentation).
     metrics: the run's metrics writer.
@@ -138,6 +139,7 @@ def create_context(
       scan_method=config.model.scan_method,
       bidirectional=config.model.bidirectional,
   )
+  sizes = {**sizes, **family_sizes(sizes)}  # cnn_<s>, mlp_<s> at the Mamba rungs' FLOPs
   logging.info(
       "dataset %s: %d train (%d for training, %d held out), %d test, %s, %d classes",
       dataset.name,
@@ -204,6 +206,21 @@ def stage_fingerprint(
           frozen=frozen,
       )
   )
+
+
+LOSS_FIELDS = ("mode", "target", "loss", "alpha", "temperature", "connect")  # of config.pkd
+
+
+def learned_sections(ctx: RunContext, kind: str) -> dict:
+  """The config a stage of ``kind`` learns from, for its fingerprint: the optimiser,
+  schedule and augmentation section, and the loss (``config.pkd``'s loss fields for
+  distilled students, cross-entropy for the teacher and the baselines)."""
+  if kind == "teacher":
+    return {**provenance.config_sections(ctx.config, "teacher"), "loss": "cross_entropy"}
+  sections = provenance.config_sections(ctx.config, "student")
+  if kind == "baseline":
+    return {**sections, "loss": "cross_entropy"}
+  return {**sections, "pkd": {k: ctx.config.pkd[k] for k in LOSS_FIELDS}}
 
 
 @dataclasses.dataclass(frozen=True)
