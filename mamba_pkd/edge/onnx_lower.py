@@ -77,7 +77,7 @@ arrays (converted with ``np.asarray``); Flax and JAX are not imported.
 from __future__ import annotations
 
 import pathlib
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -87,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
   from mamba_pkd.models import ModelConfig
 
 OPSET = 17
+IR_VERSION = 8  # readable by onnxruntime >= 1.10
 SCAN_FORMS = ("auto", "dual", "recurrent")
 # "auto" uses the dual form up to this many tokens and this many elements of
 # its [nb, E, N, L(L+1)/2] decay tensor per image and layer (see the module docstring).
@@ -288,7 +289,9 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
     num_pairs = mats[0]["P"].shape[1]
 
     def stacked(key):  # [nb, ., .], shared by all layers
-      return g.shared(("dual", key), lambda: np.stack([m[key] for m in mats]), f"dual_{key}")
+      return g.shared(
+          ("dual", key, length, nb), lambda: np.stack([m[key] for m in mats]), f"dual_{key}"
+      )
 
     dsum = g.op("MatMul", [dt, stacked("P")], f"{hint}_dsum")  # [b, nb, E, T]
     dsum = g.op("Reshape", [dsum, g.ints([-1, nb, e, 1, num_pairs])], f"{hint}_dsum5")
@@ -370,38 +373,10 @@ def _block(g: _Graph, hidden: str, block: Mapping, config: "ModelConfig", form: 
   return g.op("Add", [hidden, out], f"{hint}_res")
 
 
-def member_to_onnx(
-    config: "ModelConfig",
-    params: Mapping,
-    *,
-    opset: int = OPSET,
-    scan_form: str = "auto",
-    name: str = "member",
-) -> onnx.ModelProto:
-  """Lowers ``MambaClassifier(config)`` with ``params`` to a checked ONNX model.
-
-  Args:
-    config: the member's ModelConfig (uni- or bidirectional, mean or last
-      pooling, connected or not; ``scan_method`` is ignored).
-    params: its Flax ``params`` (nested dict of numpy or JAX arrays; a
-      student's ensemble weight already folded into ``head``).
-    opset: ONNX opset of the default domain (>= 17; the graph uses
-      ReduceMean with ``axes`` as an attribute, so < 18 semantics are kept by
-      writing opset 17 unless a higher one is asked for; 17 is what is tested).
-    scan_form: ``"auto"``, ``"dual"`` or ``"recurrent"`` (module docstring).
-    name: the graph name.
-
-  Returns:
-    An ``onnx.ModelProto`` (inputs ``x`` [+ ``prev_features``], outputs
-    ``logits``, ``features``; batch dimension ``"b"``), already passed through
-    ``onnx.checker.check_model``.
-  """
-  if opset != OPSET:
-    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
-  form = resolve_scan_form(config, scan_form)
+def _member_nodes(g: _Graph, config: "ModelConfig", params: Mapping, form: str, prev: str | None):
+  """Appends one member's nodes reading ``INPUT``; returns (logits [b, K], features [b, d])."""
   h, w, c = config.image_shape
   p, d, length = config.patch_size, config.d_model, config.num_tokens
-  g = _Graph()
   # Patch embedding: NHWC -> NCHW, a Conv with kernel = stride = p -> [b, d, L].
   nchw = g.op("Transpose", [INPUT], "nchw", perm=[0, 3, 1, 2])
   kernel = _np(params, "patch_embed", "proj", "kernel")  # [p, p, C, d] (HWIO)
@@ -433,82 +408,114 @@ def member_to_onnx(
     raise ValueError(f"pool={config.pool!r} is not 'mean' or 'last'")
   norm_w = _np(params, "norm_f", "weight") * np.sqrt(np.float32(d))
   features = g.op("Mul", [pooled, g.const(norm_w, "norm_f_w")], "pooled_w")
-  inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["b", h, w, c])]
   if config.connect_dim:
-    inputs.append(
-        helper.make_tensor_value_info(PREV_INPUT, TensorProto.FLOAT, ["b", config.connect_dim])
-    )
+    if prev is None:
+      raise ValueError("a connected member (connect_dim > 0) needs the previous features")
+    connect_w = g.const(_np(params, "connect", "kernel"), "connect_w")
     projected = g.op(
         "Add",
-        [
-            g.op("MatMul", [PREV_INPUT, g.const(_np(params, "connect", "kernel"), "connect_w")]),
-            g.const(_np(params, "connect", "bias"), "connect_b"),
-        ],
+        [g.op("MatMul", [prev, connect_w]), g.const(_np(params, "connect", "bias"), "connect_b")],
         "connected",
     )
     features = g.op("Add", [features, projected], "features_sum")
-  g.nodes.append(helper.make_node("Identity", [features], [FEATURES]))
-  head = g.op("MatMul", [FEATURES, g.const(_np(params, "head", "kernel"), "head_w")], "head")
-  g.nodes.append(
-      helper.make_node("Add", [head, g.const(_np(params, "head", "bias"), "head_b")], [LOGITS])
+  head = g.op("MatMul", [features, g.const(_np(params, "head", "kernel"), "head_w")], "head")
+  logits = g.op("Add", [head, g.const(_np(params, "head", "bias"), "head_b")], "logits")
+  return logits, features
+
+
+def _model(g: _Graph, inputs, outputs, name: str, doc: str, opset: int) -> onnx.ModelProto:
+  """The checked ModelProto of ``g``; ``outputs`` are (graph name, node output, shape)."""
+  for out_name, node_out, _ in outputs:
+    g.nodes.append(helper.make_node("Identity", [node_out], [out_name]))
+  graph = helper.make_graph(
+      g.nodes,
+      name,
+      inputs,
+      [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, _, s in outputs],
+      g.initializers,
   )
-  outputs = [
-      helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["b", config.num_classes]),
-      helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["b", d]),
-  ]
-  graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
   model = helper.make_model(
       graph,
       opset_imports=[helper.make_opsetid("", opset)],
       producer_name="mamba_pkd.edge.onnx_lower",
-      doc_string=f"MambaClassifier member, scan form {form}",
+      doc_string=doc,
   )
-  model.ir_version = 8  # readable by onnxruntime >= 1.10
+  model.ir_version = IR_VERSION
   onnx.checker.check_model(model, full_check=True)
   return model
 
 
-def save(model: onnx.ModelProto, path: str | pathlib.Path) -> pathlib.Path:
-  """Writes ``model`` to ``path`` (one file, weights inside) and returns the path."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(model.SerializeToString())
-  return path
+def _image_input(config: "ModelConfig"):
+  return helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["b", *config.image_shape])
 
 
-# Initializers of the scan's structure (0/1 pair matrices, time flips): never quantized.
-_STRUCTURAL_PREFIXES = ("dual_", "flip")
+def member_to_onnx(
+    config: "ModelConfig",
+    params: Mapping,
+    *,
+    opset: int = OPSET,
+    scan_form: str = "auto",
+    name: str = "member",
+) -> onnx.ModelProto:
+  """Lowers ``MambaClassifier(config)`` with ``params`` to a checked ONNX model.
 
+  Args:
+    config: the member's ModelConfig (uni- or bidirectional, mean or last
+      pooling, connected or not; ``scan_method`` is ignored).
+    params: its Flax ``params`` (nested dict of numpy or JAX arrays; a
+      student's ensemble weight already folded into ``head``).
+    opset: ONNX opset of the default domain; only :data:`OPSET` (17) is written
+      (the graph uses ReduceMean with ``axes`` as an attribute, < 18 semantics).
+    scan_form: one of :data:`SCAN_FORMS` (module docstring).
+    name: the graph name.
 
-def quantize_int8(src: str | pathlib.Path, dst: str | pathlib.Path) -> pathlib.Path:
-  """Dynamic int8 quantisation of an ONNX member; writes ``dst`` and returns it.
-
-  ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
-  quantised per call) on the ``MatMul`` nodes whose *second* input is a weight:
-  with this lowering's channels-first layout that is the classifier ``head``
-  (and ``connect``) only. The projections inside the blocks multiply a
-  constant from the left, which ``quantize_dynamic`` does not quantise, and the
-  scan's constant 0/1 matrices are excluded on purpose (quantising them would
-  quantise the step sizes). Needs onnxruntime.
+  Returns:
+    An ``onnx.ModelProto`` (inputs ``x`` [+ ``prev_features``], outputs
+    ``logits``, ``features``; batch dimension ``"b"``), already passed through
+    ``onnx.checker.check_model``.
   """
-  from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=g-import-not-at-top
-
-  model = onnx.load(str(src))
-  structural = {
-      init.name for init in model.graph.initializer if init.name.startswith(_STRUCTURAL_PREFIXES)
-  }
-  exclude = [
-      node.name
-      for node in model.graph.node
-      if node.op_type == "MatMul" and any(i in structural for i in node.input)
+  if opset != OPSET:
+    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
+  form = resolve_scan_form(config, scan_form)
+  g = _Graph()
+  inputs = [_image_input(config)]
+  prev = None
+  if config.connect_dim:
+    prev = PREV_INPUT
+    inputs.append(helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", config.connect_dim]))
+  logits, features = _member_nodes(g, config, params, form, prev)
+  outputs = [
+      (LOGITS, logits, ["b", config.num_classes]),
+      (FEATURES, features, ["b", config.d_model]),
   ]
-  dst = pathlib.Path(dst)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  quantize_dynamic(
-      str(src),
-      str(dst),
-      weight_type=QuantType.QInt8,
-      op_types_to_quantize=["MatMul"],
-      nodes_to_exclude=exclude,
-  )
-  return dst
+  return _model(g, inputs, outputs, name, f"MambaClassifier member, scan form {form}", opset)
+
+
+def prefix_to_onnx(
+    configs: Sequence["ModelConfig"],
+    params: Sequence[Mapping],
+    *,
+    opset: int = OPSET,
+    scan_form: str = "auto",
+    name: str = "prefix",
+) -> onnx.ModelProto:
+  """The prefix ``F_k = f_1 + ... + f_k`` of k members as ONE checked ONNX graph.
+
+  Members are lowered as in :func:`member_to_onnx` (connected members read
+  their predecessor's features inside the graph) and their logits summed in
+  order, so one onnxruntime call runs the whole prefix (no Python between
+  members). Input ``x`` [b, H, W, C] (normalised), output ``logits`` [b, K].
+  """
+  if opset != OPSET:
+    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
+  if not configs or len(configs) != len(params):
+    raise ValueError(f"need one params per config, got {len(configs)} and {len(params)}")
+  g = _Graph()
+  total, prev, forms = None, None, []
+  for config, p in zip(configs, params):
+    forms.append(resolve_scan_form(config, scan_form))
+    logits, prev = _member_nodes(g, config, p, forms[-1], prev)
+    total = logits if total is None else g.op("Add", [total, logits], "prefix_sum")
+  outputs = [(LOGITS, total, ["b", configs[0].num_classes])]
+  doc = f"sum of {len(configs)} MambaClassifier members, scan forms {forms}"
+  return _model(g, [_image_input(configs[0])], outputs, name, doc, opset)
