@@ -27,8 +27,8 @@ _NAMES = {
 _MODULES = (
     "anytime", "cascade", "checkpoints", "combine", "data", "edge", "ensemble", "evaluate",
     "export", "flops", "ladders", "layers", "losses", "manifest", "metrics", "models", "parallel",
-    "pkd", "predict", "preprocessing", "provenance", "report", "runs", "sanity", "settings", "ssm",
-    "stages", "train", "weak_learner", "workdir_lock",
+    "pkd", "predict", "preprocessing", "provenance", "report", "runs", "sanity", "settings",
+    "sidecar", "ssm", "stages", "train", "weak_learner", "workdir_lock",
 )  # fmt: skip
 
 __all__ = sorted(_NAMES) + ["flops", "losses"]

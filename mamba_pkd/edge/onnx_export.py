@@ -3,7 +3,7 @@ r"""An export bundle of ONNX files (``python -m mamba_pkd.export --format=onnx``
 Needs ``numpy``, ``onnx`` and (for ``int8``) ``onnxruntime``; the members come
 from a finished run (:func:`mamba_pkd.export.export_run` loads them), the
 graphs from :mod:`mamba_pkd.edge.onnx_lower`, the sidecar fields shared with
-the StableHLO bundle from :func:`mamba_pkd.export.build_sidecar`.
+the StableHLO bundle from :func:`mamba_pkd.sidecar.build_sidecar`.
 
 Bundle layout (one directory; ``b`` is a symbolic batch dimension)::
 
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from mamba_pkd import export, manifest
+from mamba_pkd import manifest, sidecar
 from mamba_pkd.combine import Combination
 from mamba_pkd.edge import onnx_lower
 from mamba_pkd.ensemble import Member
@@ -120,7 +120,7 @@ def export_onnx(
     members: a prefix, one student or the teacher (as :func:`export.export_members`).
     out_dir: bundle directory (created; files of the same names are replaced).
     preprocessing, teacher_flops, prefix_accuracy, source, combination:
-      the sidecar fields (see :func:`mamba_pkd.export.build_sidecar`).
+      the sidecar fields (see :func:`mamba_pkd.sidecar.build_sidecar`).
     teacher: written as ``teacher.onnx`` (a cascade rule's last exit).
     scan_form: :data:`mamba_pkd.edge.onnx_lower.SCAN_FORMS`.
     int8: also write ``*.int8.onnx`` (:func:`quantize_int8`).
@@ -159,7 +159,7 @@ def export_onnx(
   if int8:
     for path in written:
       int8_files.append(quantize_int8(path, path.with_suffix(".int8.onnx")).name)
-  sidecar = export.build_sidecar(
+  meta = sidecar.build_sidecar(
       members,
       entries,
       artifact="onnx",
@@ -170,7 +170,7 @@ def export_onnx(
       combination=combination,
       teacher_entry=teacher_entry,
   )
-  sidecar["onnx"] = {
+  meta["onnx"] = {
       "opset": onnx_lower.OPSET,
       "ir_version": onnx_lower.IR_VERSION,
       "onnx_version": onnx.__version__,
@@ -180,4 +180,4 @@ def export_onnx(
       "int8_files": int8_files or None,
       "int8": "onnxruntime.quantization.quantize_dynamic, QInt8 weights of right-hand MatMuls",
   }
-  return export.write_sidecar(out_dir, sidecar)
+  return sidecar.write_sidecar(out_dir, meta)

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from mamba_pkd import cascade, ensemble, export, manifest
+from mamba_pkd import cascade, ensemble, manifest, sidecar
 from mamba_pkd.combine import Combination
 from mamba_pkd.ensemble import AnytimeResult
 from mamba_pkd.preprocessing import Preprocessing
@@ -98,8 +98,8 @@ class OnnxEnsemble(ensemble.Ensemble):
       batch_size: int = ensemble.DEFAULT_BATCH_SIZE,
   ):
     path = pathlib.Path(path)
-    directory = path.parent if path.name == export.SIDECAR else path
-    self.meta = export.read_sidecar(directory, "onnx")
+    directory = path.parent if path.name == sidecar.SIDECAR else path
+    self.meta = sidecar.read_sidecar(directory, "onnx")
     self.directory = directory
     self.preprocessing = Preprocessing.from_json(self.meta["preprocessing"])
     self.members = [manifest.member_from_entry(m) for m in self.meta["members"]]
