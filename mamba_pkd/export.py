@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
       "--scan_form",
       default="auto",
-      choices=("auto", "dual", "recurrent", "doubling"),
+      choices=("auto", "dual", "recurrent"),
       help="onnx: the selective scan's graph form (mamba_pkd.edge.onnx_lower)",
   )
   parser.add_argument(

@@ -40,30 +40,28 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
   in one op: O(E * N * L) work, 2L + ~15 ops.
 
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
-with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (200k) per image and layer
-(mnist ladder, bidirectional: s1 44k, s4 174k, s8 836k), ``"recurrent"``
-otherwise. Process CPU time of one member alone at batch 1 (a separate run, load
-~9; JAX parallel / ORT dual / ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 /
-313 / 307 us, s8 1136 / 2425 / 1771 us.
-Measured with ``experiments/bench_edge.py`` on the
-smoke run (configs/smoke.py) and random-init members of the mnist ladder
-(bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
-project's shared 2-core machine at load average 8-9 (so the noise is large; min
-over 7 interleaved rounds; wall time, process CPU time in brackets), per image
-at batch 1:
+with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (20k) per image and layer
+(the smoke ladder's members), ``"recurrent"`` otherwise (mnist ladder,
+bidirectional: s1 44k, s4 174k, s8 836k). The default run's students alone,
+one onnxruntime thread, per image, min over 9 interleaved rounds on this
+project's 2-core machine at load average 6-7 (noisy; jax[auto] is the fused
+scan, in process, jitted):
 
-=====================  ==================  ================  ================
-member                 jax[parallel]       ort f32 dual      ort f32 recurr.
-=====================  ==================  ================  ================
-smoke s1 (d 4)         0.124 (0.060) ms    0.033 (0.033) ms  0.053 (0.051) ms
-smoke teacher (d 16)   0.080 (0.080) ms    0.117 (0.117) ms  0.186 (0.146) ms
-mnist s1 (d 20)        0.225 (0.157) ms    0.087 (0.087) ms  0.157 (0.112) ms
-=====================  ==================  ================  ================
+=========  ==================  ==================  ===================
+member     jax[auto] b1 / 256  ORT dual b1 / 256   ORT recurr. b1 / 256
+=========  ==================  ==================  ===================
+s1 (d 20)  325 / 12.9 us       134 / 89.4 us       130 / 31.6 us
+s2 (d 28)  83.7 / 31.8 us      134 / 252 us        85.8 / 104 us
+s3 (d 40)  95.1 / 28.9 us      195 / 327 us        126 / 116 us
+s4 (d 40)  114 / -             350 / -             218 / -
+=========  ==================  ==================  ===================
 
-The dual form wins at batch 1 for the smallest members (fewer nodes: about
-0.4 us of onnxruntime overhead per node) and loses for wider ones (its
-[b, nb, E, N, L(L+1)/2] elementwise work); at batch 256 both forms are slower
-than JAX (smoke s1: 0.012 ms vs 0.007 ms per image). Why written by hand and
+The recurrent form keeps its states as [b, nb, L, N, E] (E innermost: with N
+innermost the 5-D broadcasts ran onnxruntime's scalar loops over 4-16
+elements and the form was 1.2-1.5x slower); the dual form's
+[b, nb, E, N, L(L+1)/2] elementwise work makes it 2.5-3x slower at batch 256.
+onnxruntime costs about 0.35 us per node (60 chained Adds on [1, 40, 16]:
+25 us), so at batch 1 a 1-layer member's ~90 nodes alone take ~30 us. Why written by hand and
 not with jax2onnx: the converter's graph of the sequential scan was slower in
 onnxruntime than JAX at batch 1 (0.36 ms vs 0.12 ms, measured before this
 module by the project), and writing the graph directly chooses the scan form,
@@ -92,7 +90,7 @@ SCAN_FORMS = ("auto", "dual", "recurrent")
 # "auto" uses the dual form up to this many tokens and this many elements of
 # its [nb, E, N, L(L+1)/2] decay tensor per image and layer (see the module docstring).
 DUAL_MAX_TOKENS = 32
-DUAL_MAX_ELEMENTS = 200_000
+DUAL_MAX_ELEMENTS = 20_000
 RMS_EPS = 1e-5  # layers.RMSNorm's default, used by every block and the final norm
 INPUT = "x"
 PREV_INPUT = "prev_features"
@@ -169,9 +167,11 @@ def _rms_denominator(g: _Graph, x: str, axis: int, size: int, hint: str) -> str:
 def _softplus(g: _Graph, x: str, hint: str) -> str:
   """``softplus(x) = relu(x) + log1p(exp(-|x|))`` from vectorised ops.
 
-  onnxruntime's ``Softplus`` kernel is scalar: about 3x slower than these 11
-  ops on [1, 2, 80, 16] and [256, 2, 80, 16] (measured on this project's
-  2-core machine). ``log1p(e)`` is ``log(u) * e / (u - 1)`` with
+  onnxruntime's ``Softplus`` kernel is scalar: 2.5x (batch 1) to 5x (batch
+  256) slower than 7 ops ``relu(x) + log(1 + exp(-|x|))`` on [b, 2, 16, 40] and
+  [b, 2, 16, 96] (2-core machine, load 5.5), and those 7 ops round ``1 + e``:
+  the default run's s4 logits moved 2x further from JAX (1.4e-4 against
+  6.9e-5), past the export's 1e-4 tolerance, so these 11 stay. ``log1p(e)`` is ``log(u) * e / (u - 1)`` with
   ``u = 1 + e`` (Goldberg's trick: a few ulps, where ``log(1 + e)`` alone would
   lose ``e``'s low bits); where ``u == 1`` (``e < 2**-24``) it returns 0, an
   absolute error below 6e-8.
@@ -331,13 +331,16 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
         g, g.op("Add", [delta, g.const(dt_bias[:, None, :], f"{hint}_dt_b")]), f"{hint}_dt"
     )
     dtu = g.op("Mul", [dt, u_t], f"{hint}_dtu")  # [b, nb, L, E]
-    dt5 = g.op("Unsqueeze", [dt, g.ints([4], "axes")], f"{hint}_dt5")  # [b, nb, L, E, 1]
+    # States [b, nb, L, N, E]: E innermost, so every broadcast multiplies rows of E
+    # contiguous values (with N innermost onnxruntime's broadcast loops ran over 4-16).
+    dt5 = g.op("Unsqueeze", [dt, g.ints([3], "axes")], f"{hint}_dt5")  # [b, nb, L, 1, E]
+    a_ne = np.ascontiguousarray(a.transpose(0, 2, 1)[:, None])  # [nb, 1, N, E]
     d_a = g.op(
-        "Exp", [g.op("Mul", [dt5, g.const(a[:, None], f"{hint}_A")])], f"{hint}_dA"
-    )  # [b, nb, L, E, N]
-    dtu5 = g.op("Unsqueeze", [dtu, g.ints([4], "axes")], f"{hint}_dtu5")  # [b, nb, L, E, 1]
-    b5 = g.op("Unsqueeze", [b_mat, g.ints([3], "axes")], f"{hint}_b5")  # [b, nb, L, 1, N]
-    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, L, E, N]
+        "Exp", [g.op("Mul", [dt5, g.const(a_ne, f"{hint}_A")])], f"{hint}_dA"
+    )  # [b, nb, L, N, E]
+    dtu5 = g.op("Unsqueeze", [dtu, g.ints([3], "axes")], f"{hint}_dtu5")  # [b, nb, L, 1, E]
+    b5 = g.op("Unsqueeze", [b_mat, g.ints([4], "axes")], f"{hint}_b5")  # [b, nb, L, N, 1]
+    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, L, N, E]
     if length == 1:
       states = d_bu
     else:
@@ -346,10 +349,10 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
       hs = [dbu_t[0]]
       for t in range(1, length):
         hs.append(g.op("Add", [g.op("Mul", [da_t[t], hs[-1]]), dbu_t[t]], f"{hint}_h"))
-      states = g.op("Concat", hs, f"{hint}_H", axis=2)  # [b, nb, L, E, N]
-    c5 = g.op("Unsqueeze", [c_mat, g.ints([3], "axes")], f"{hint}_c5")  # [b, nb, L, 1, N]
+      states = g.op("Concat", hs, f"{hint}_H", axis=2)  # [b, nb, L, N, E]
+    c5 = g.op("Unsqueeze", [c_mat, g.ints([4], "axes")], f"{hint}_c5")  # [b, nb, L, N, 1]
     y = g.op(
-        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([4], "axes")], f"{hint}_yT", keepdims=0
+        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([3], "axes")], f"{hint}_yT", keepdims=0
     )  # [b, nb, L, E]
     if flip is not None:
       y = g.op("MatMul", [flip, y], f"{hint}_yT_time")
