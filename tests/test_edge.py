@@ -147,18 +147,23 @@ def test_prefix_graph_is_the_chained_sum(chain, form):
     onnx_lower.prefix_to_onnx(configs[1:], params[1:])
 
 
-def test_int8_quantises_the_head_only(tmp_path, cases):
+@pytest.mark.parametrize("form", ["dual", "recurrent"])
+def test_int8_quantises_the_right_hand_weights(tmp_path, cases, form):
   config, params, x, (ref_logits, _) = cases["bi_last_2layers_p2"]
-  src = onnx_export.save(onnx_lower.member_to_onnx(config, params), tmp_path / "m.onnx")
+  proto = onnx_lower.member_to_onnx(config, params, scan_form=form)
+  src = onnx_export.save(proto, tmp_path / "m.onnx")
   dst = onnx_export.quantize_int8(src, tmp_path / "m.int8.onnx")
   logits, _ = runtime.load_session(dst).run(None, {"x": x})
   assert logits.shape == ref_logits.shape and logits.dtype == np.float32
-  assert np.isfinite(logits).all()
+  np.testing.assert_array_equal(logits.argmax(-1), ref_logits.argmax(-1))
+  assert 0 < np.abs(logits - ref_logits).max() < 0.5  # quantised: close, not equal
   nodes = onnx.load(str(dst)).graph.node
-  assert sum(n.op_type == "MatMulInteger" for n in nodes) == 1  # the head
-  # The scan's 0/1 matrices (and so the step sizes) stay float32.
+  # The head; in the recurrent form also x_proj of each of the 2 layers.
+  expected = 1 + (config.n_layers if form == "recurrent" else 0)
+  assert sum(n.op_type == "MatMulInteger" for n in nodes) == expected
+  # The scan's 0/1 and permutation matrices (and so the step sizes) stay float32.
   for node in nodes:
-    if any(i.startswith("dual_") for i in node.input):
+    if any(i.startswith(("dual_", "flip")) for i in node.input):
       assert node.op_type == "MatMul", node
 
 
