@@ -1,6 +1,8 @@
 r"""Every ensemble prefix in-process JAX vs onnxruntime (float32, int8), side by side in one run.
 
   PYTHONPATH=. python experiments/bench_edge.py --workdir=runs/default --markdown=/tmp/edge.md
+  PYTHONPATH=. python experiments/bench_edge.py --workdir=runs/default --scan_forms=auto,dual \
+      --max_batch=64    # the dual form's [b, 2, E, N, L(L+1)/2] temporaries: GBs at b = 256
 
 The run's students are exported with ``python -m mamba_pkd.export --format=onnx
 --int8`` (:func:`mamba_pkd.export.export_run`) into a temporary directory per
@@ -127,6 +129,13 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="a finished mamba_pkd.main run")
   parser.add_argument("--scan_forms", default="auto", help="comma list of ONNX scan forms")
   parser.add_argument("--big_batch", type=int, default=256)
+  parser.add_argument(
+      "--max_batch",
+      type=int,
+      default=256,
+      help="onnxruntime calls take at most this many images (the forced dual form of the "
+      "default run's prefix 1..5 at batch 256 was OOM-killed at 21 GB RSS: use 64 with dual)",
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=200, help="calls per round at batch 1")
   parser.add_argument("--markdown", default="", help="also write the latency table here")
@@ -166,8 +175,8 @@ def main(argv=None) -> int:
         fn = ens.prefix_forward(k)
         variants[name] = lambda fn=fn: fn(x_jax).block_until_ready()
       for name, ens in onnxes.items():
-        fn = ens.prefix_forward(k)
-        variants[name] = lambda fn=fn: fn(x_np)
+        fn, mb = ens.prefix_forward(k), args.max_batch
+        variants[name] = lambda fn=fn, mb=mb: [fn(x_np[i : i + mb]) for i in range(0, batch, mb)]
       times = time_side_by_side(variants, rounds=args.rounds, calls=calls)
       base = min(times[name] for name in jaxes)
       f32 = min(times[f"ort-f32[{form}]"] for form in forms)

@@ -32,7 +32,8 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
   difference of cumulative sums), ``W = exp(A * delta)`` [b, nb, E, N, T],
   ``M[t, s] = sum_n C_t[n] B_s[n] W[n, t, s]`` and
   ``y_t = sum_s M[t, s] dt_s u_s``: 13 ONNX ops for both branches whatever L,
-  but O(E * N * L^2) work;
+  but O(E * N * L^2) work and float32 temporaries of that size (the default
+  run's s5 at batch 256: 428 MB each; its prefix 1..5 was OOM-killed at 21 GB);
 * ``"recurrent"`` (the scan unrolled over time): ``exp(dt * A)`` and
   ``dt * B * u`` for all steps at once, then ``h = dA_t * h + dBu_t`` for each of
   the L steps (2 ops a step, both branches at once: the reversed branch runs
@@ -42,27 +43,18 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
 with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (20k) per image and layer
 (the smoke ladder's members), ``"recurrent"`` otherwise (mnist ladder,
-bidirectional: s1 44k, s4 174k, s8 836k). The default run's students alone,
-one onnxruntime thread, per image, min over 9 interleaved rounds on this
-project's 2-core machine at load average 6-7 (noisy; jax[auto] is the fused
-scan, in process, jitted):
-
-=========  ==================  ==================  ===================
-member     jax[auto] b1 / 256  ORT dual b1 / 256   ORT recurr. b1 / 256
-=========  ==================  ==================  ===================
-s1 (d 20)  325 / 12.9 us       134 / 89.4 us       130 / 31.6 us
-s2 (d 28)  83.7 / 31.8 us      134 / 252 us        85.8 / 104 us
-s3 (d 40)  95.1 / 28.9 us      195 / 327 us        126 / 116 us
-s4 (d 40)  114 / -             350 / -             218 / -
-=========  ==================  ==================  ===================
+bidirectional: s1 44k, s4 174k, s8 836k). Measured side by side with JAX on
+the default run's students by ``experiments/bench_edge.py`` (README, "ONNX for
+edge runtimes"; docs/results/default/bench_edge.md).
 
 The recurrent form keeps its states as [b, nb, L, N, E] (E innermost: with N
 innermost the 5-D broadcasts ran onnxruntime's scalar loops over 4-16
-elements and the form was 1.2-1.5x slower); the dual form's
-[b, nb, E, N, L(L+1)/2] elementwise work makes it 2.5-3x slower at batch 256.
+elements and the form was 1.1-1.6x slower); the dual form's
+[b, nb, E, N, L(L+1)/2] elementwise work makes it 2.1-2.8x slower at batch 256.
 onnxruntime costs about 0.35 us per node (60 chained Adds on [1, 40, 16]:
-25 us), so at batch 1 a 1-layer member's ~90 nodes alone take ~30 us. Why written by hand and
-not with jax2onnx: the converter's graph of the sequential scan was slower in
+25 us), so at batch 1 a 1-layer member's ~90 nodes alone take ~30 us.
+
+Why written by hand and not with jax2onnx: the converter's graph of the sequential scan was slower in
 onnxruntime than JAX at batch 1 (0.36 ms vs 0.12 ms, measured before this
 module by the project), and writing the graph directly chooses the scan form,
 the layout and the op count.
@@ -167,7 +159,7 @@ def _rms_denominator(g: _Graph, x: str, axis: int, size: int, hint: str) -> str:
 def _softplus(g: _Graph, x: str, hint: str) -> str:
   """``softplus(x) = relu(x) + log1p(exp(-|x|))`` from vectorised ops.
 
-  onnxruntime's ``Softplus`` kernel is scalar: 2.5x (batch 1) to 5x (batch
+  onnxruntime's ``Softplus`` kernel is scalar: 2.5x (batch 1) to 5.5x (batch
   256) slower than 7 ops ``relu(x) + log(1 + exp(-|x|))`` on [b, 2, 16, 40] and
   [b, 2, 16, 96] (2-core machine, load 5.5), and those 7 ops round ``1 + e``:
   the default run's s4 logits moved 2x further from JAX (1.4e-4 against
