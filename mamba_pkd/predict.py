@@ -291,6 +291,9 @@ def load_model(
         raise ValueError(f"--runtime=onnx needs the edge extra (pip install -e '.[edge]'): {e}")
       return onnx_runtime.load_onnx_export(directory, int8=int8, batch_size=batch_size)
     export_lib.read_sidecar(directory, "stablehlo")  # an ONNX bundle with --runtime=jax
+  if int8:
+    raise ValueError("--int8 runs the int8 files of an ONNX export (export --format=onnx --int8)")
+  if (path / export_lib.SIDECAR).is_file() or path.name == export_lib.SIDECAR:
     return export_lib.load_export(path, batch_size=batch_size)
   if (path / manifest.FILENAME).is_file() or (path / "config.json").is_file():
     if runtime == "onnx":

@@ -342,5 +342,7 @@ def test_runtime_mismatch_errors(smoke, tmp_path, capsys):
   assert "--format=onnx" in capsys.readouterr().err
   assert predict.main([str(tmp_path / "x.npz"), f"--model={out}", "--runtime=jax"]) == 2
   assert "--runtime=onnx" in capsys.readouterr().err
+  assert predict.main([str(tmp_path / "x.npz"), f"--model={workdir}", "--int8"]) == 2
+  assert "--int8 runs the int8 files of an ONNX export" in capsys.readouterr().err
   with pytest.raises(ValueError, match="holds a onnx export"):
     export.load_export(out)
