@@ -28,7 +28,8 @@ _MODULES = (
     "anytime", "cascade", "checkpoints", "cnn_mlp", "combine", "comparisons", "data", "edge",
     "ensemble", "evaluate", "export", "flops", "ladders", "layers", "losses", "manifest", "metrics",
     "models", "paired", "parallel", "pkd", "predict", "preprocessing", "provenance", "report",
-    "runs", "sanity", "settings", "ssm", "stages", "train", "weak_learner", "workdir_lock",
+    "runs", "sanity", "settings", "sidecar", "ssm", "stages", "train", "weak_learner",
+    "workdir_lock",
 )  # fmt: skip
 
 __all__ = sorted(_NAMES) + ["flops", "losses"]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mamba_pkd import combine
-from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, exit_flops
+from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, exit_flops, parse_flops
 
 NEVER = 2.0  # a threshold above every probability: no early exit
 TEACHER_CHOICES = ("auto", "on", "off")
@@ -248,6 +248,15 @@ def rule_for_budget(
         f"teacher's FLOPs); stored: {stored}"
     )
   return fits[-1]
+
+
+def rule_for_budget_text(
+    combination: combine.Combination | None, budget: str, teacher_flops: int
+) -> dict:
+  """:func:`rule_for_budget` of ``"2%"`` (of the teacher's FLOPs) or FLOPs per image (``"60k"``)."""
+  absolute, pct = parse_flops(budget)
+  pct = pct if pct is not None else 100.0 * absolute / teacher_flops
+  return rule_for_budget(combination, pct, asked=f"--budget={budget}")
 
 
 def cascade_predict(

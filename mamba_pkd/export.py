@@ -54,19 +54,15 @@ import pathlib
 import sys
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import ensemble, manifest, metrics
+from mamba_pkd import ensemble, manifest
+from mamba_pkd.sidecar import ARTIFACTS, FORMAT, FORMAT_VERSION, SIDECAR  # noqa: F401
+from mamba_pkd.sidecar import build_sidecar, read_sidecar, write_sidecar
 from mamba_pkd.combine import Combination
 from mamba_pkd.ensemble import Member
 from mamba_pkd.preprocessing import Preprocessing
 
-FORMAT = "mamba_pkd.export"
-FORMAT_VERSION = 3  # 3: "combination" and "teacher"
-READABLE_VERSIONS = (1, 2, 3)
-SIDECAR = "export.json"
 PREFIX_FILE = "prefix.stablehlo"
 TEACHER_FILE = "teacher.stablehlo"
 EXPORT_SCAN_METHODS = ("parallel", "sequential", "chunked")
@@ -124,6 +120,9 @@ def export_members(
   Raises:
     ValueError: no members, a connected first member, an unexportable scan method.
   """
+  import jax  # pylint: disable=g-import-not-at-top  (this module loads without jax)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from mamba_pkd import models  # pylint: disable=g-import-not-at-top  (Flax: writing only)
 
   members = list(members)
@@ -186,34 +185,28 @@ def export_members(
         TEACHER_FILE,
     )
     teacher_entry = {**manifest.member_entry(teacher), "file": TEACHER_FILE}
-  total = sum(m.flops for m in members)
-  accuracy = (list(prefix_accuracy) + [None] * len(members))[: len(members)]
-  sidecar = {
-      "format": FORMAT,
-      "version": FORMAT_VERSION,
-      "preprocessing": preprocessing.to_json(),
-      "members": member_entries,
-      "prefix_file": PREFIX_FILE,
-      "prefix_output": (
+  sidecar = build_sidecar(
+      members,
+      member_entries,
+      artifact="stablehlo",
+      preprocessing=preprocessing,
+      teacher_flops=teacher_flops,
+      prefix_accuracy=prefix_accuracy,
+      source=source,
+      combination=combination,
+      teacher_entry=teacher_entry,
+  )
+  sidecar.update(
+      prefix_file=PREFIX_FILE,
+      prefix_output=(
           "float32 [b, k, K]: cumulative logits F_1..F_k (F_j = f_1 + ... + f_j; "
           "each member's ensemble weight is folded into its head)"
       ),
-      "member_output": "(logits float32 [b, K], features float32 [b, d_model])",
-      "input": "float32 [b, H, W, C] = (uint8 / 255 - mean) / std; b symbolic",
-      "teacher_flops": int(teacher_flops),
-      "flops": int(total),
-      "pct_teacher_flops": 100.0 * total / teacher_flops,
-      "prefix_accuracy": accuracy,
-      "scan_method": scan_method,
-      "platforms": list(exported.platforms),
-      "jax_version": jax.__version__,
-      "source": dict(source or {}),
-      "combination": None if combination is None else combination.to_json(),
-      "teacher": teacher_entry,
-  }
-  path = out_dir / SIDECAR
-  path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-  return path
+      scan_method=scan_method,
+      platforms=list(exported.platforms),
+      jax_version=jax.__version__,
+  )
+  return write_sidecar(out_dir, sidecar)
 
 
 def export_run(
@@ -227,8 +220,15 @@ def export_run(
     max_flops_pct: float | None = None,
     scan_method: str = DEFAULT_EXPORT_SCAN_METHOD,
     platforms: Sequence[str] | None = None,
+    artifact: str = "stablehlo",
+    onnx_options: Mapping[str, Any] | None = None,
 ) -> tuple[pathlib.Path, list[Member]]:
   """Exports a selection of a run's models; with a FLOPs budget, the largest prefix that fits.
+
+  ``artifact="onnx"`` writes ONNX files instead of StableHLO
+  (:func:`mamba_pkd.edge.onnx_export.export_onnx`, keyword arguments
+  ``onnx_options``; needs the ``edge`` extra); ``scan_method`` and
+  ``platforms`` are for StableHLO only.
 
   Returns:
     (sidecar path, exported members).
@@ -240,6 +240,8 @@ def export_run(
   from mamba_pkd import runs  # pylint: disable=g-import-not-at-top  (Flax, Orbax: writing only)
 
   _check_scan_method(scan_method)
+  if artifact not in ARTIFACTS:
+    raise ValueError(f"format={artifact!r} must be one of {ARTIFACTS}")
   budget = max_flops is not None or max_flops_pct is not None
   if budget and (prefix is not None or student is not None or teacher):
     raise ValueError(
@@ -262,43 +264,25 @@ def export_run(
   members = runs.select_members(run, prefix=prefix, student=student, teacher=teacher)
   accuracy = run.prefix_accuracy if members[0].name == "student_1" else []
   whole = [m.name for m in members] == [m.name for m in run.students]
-  path = export_members(
-      members,
-      out_dir,
+  common = dict(
       preprocessing=run.preprocessing,
       teacher_flops=run.teacher_flops,
       prefix_accuracy=accuracy,
-      scan_method=scan_method,
-      platforms=platforms,
       source={"workdir": str(run.workdir), "dataset": run.dataset, "mode": run.mode},
       combination=combination if whole else None,
       teacher=run.teacher if whole and needs_teacher else None,
   )
+  if artifact == "onnx":
+    from mamba_pkd.edge import onnx_export  # pylint: disable=g-import-not-at-top  (edge extra)
+
+    return onnx_export.export_onnx(members, out_dir, **common, **dict(onnx_options or {})), members
+  path = export_members(members, out_dir, scan_method=scan_method, platforms=platforms, **common)
   return path, members
 
 
 # ----------------------------------------------------------------------------
 # Loading bundles (jax and numpy only).
 # ----------------------------------------------------------------------------
-
-
-def _read_sidecar(directory: pathlib.Path) -> dict:
-  path = directory / SIDECAR
-  if not path.is_file():
-    raise ValueError(
-        f"{path} does not exist: pass a directory written by mamba_pkd.export (it holds "
-        f"{SIDECAR})"
-    )
-  try:
-    meta = json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); export the bundle again") from None
-  if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
-    raise ValueError(
-        f"{path} is not a {FORMAT} v{FORMAT_VERSION} sidecar "
-        f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
-    )
-  return meta
 
 
 class ExportedEnsemble(ensemble.Ensemble):
@@ -312,7 +296,7 @@ class ExportedEnsemble(ensemble.Ensemble):
   def __init__(self, path: str | pathlib.Path, *, batch_size: int = DEFAULT_BATCH_SIZE):
     path = pathlib.Path(path)
     directory = path.parent if path.name == SIDECAR else path
-    meta = _read_sidecar(directory)
+    meta = read_sidecar(directory, "stablehlo")
     self.meta = meta
     self.directory = directory
     self.preprocessing = Preprocessing.from_json(meta["preprocessing"])
@@ -321,6 +305,8 @@ class ExportedEnsemble(ensemble.Ensemble):
     self.prefix_accuracy = list(meta.get("prefix_accuracy") or [None] * len(self.members))
     self.batch_size = batch_size
     self.description = f"export {directory}"
+    import jax  # pylint: disable=g-import-not-at-top  (this module loads without jax)
+
     self._exported = [self._deserialize(m["file"]) for m in meta["members"]]
     self._fused = jax.jit(self._deserialize(meta["prefix_file"]).call)  # x -> [b, k, K]
     self._member_fns = {}
@@ -337,6 +323,8 @@ class ExportedEnsemble(ensemble.Ensemble):
       raise ValueError(
           f"{file} is missing; the bundle in {self.directory} is incomplete (export it again)"
       )
+    import jax  # pylint: disable=g-import-not-at-top
+
     return jax.export.deserialize(bytearray(file.read_bytes()))
 
   def _forward(self, j, x, prev):
@@ -346,11 +334,15 @@ class ExportedEnsemble(ensemble.Ensemble):
     return self._exported[j].call(x)
 
   def _member_fn(self, j):
+    import jax  # pylint: disable=g-import-not-at-top
+
     if j not in self._member_fns:
       self._member_fns[j] = jax.jit(lambda x, prev=None: self._forward(j, x, prev))
     return self._member_fns[j]
 
   def _prefix_fn(self, k):
+    import jax  # pylint: disable=g-import-not-at-top
+
     if k not in self._prefix_fns:
       if k == self.num_members:
         fused = self._fused
@@ -390,7 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m mamba_pkd.export",
       description="Export a student, an ensemble prefix or the teacher of a finished run "
-      "(jax.export, StableHLO, symbolic batch) with its preprocessing constants.",
+      "(jax.export StableHLO or ONNX, symbolic batch) with its preprocessing constants.",
+  )
+  parser.add_argument(
+      "--format",
+      default="stablehlo",
+      choices=ARTIFACTS,
+      help="stablehlo (jax.export; load with jax) or onnx (mamba_pkd.edge; run with "
+      "onnxruntime and numpy alone, `predict --runtime=onnx`; needs the edge extra)",
   )
   parser.add_argument("--workdir", required=True, help="the run's --workdir")
   parser.add_argument("--out", required=True, help="bundle directory to write")
@@ -398,31 +397,32 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--prefix", type=int, help="export students 1..K (ensemble prefix)")
   which.add_argument("--student", type=int, help="export student J alone")
   which.add_argument("--teacher", action="store_true", help="export the teacher")
-  which.add_argument(
-      "--max_flops",
-      help="largest prefix within this many FLOPs per image "
-      "(e.g. 2e6, 150k, or 25%% of the teacher)",
-  )
-  which.add_argument(
-      "--max_flops_pct",
-      type=float,
-      help="largest prefix within this percentage of the teacher's FLOPs",
-  )
+  which.add_argument("--max_flops", help="largest prefix within these FLOPs (2e6, 150k, 25%%)")
+  which.add_argument("--max_flops_pct", type=float, help="largest prefix within this %% of teacher")
   parser.add_argument(
       "--scan_method",
       default=DEFAULT_EXPORT_SCAN_METHOD,
       choices=EXPORT_SCAN_METHODS,
       help="scan inside the exported functions",
   )
+  parser.add_argument("--platforms", default="", help="lowering platforms, e.g. cpu,cuda")
   parser.add_argument(
-      "--platforms",
-      default="",
-      help="comma-separated lowering platforms, e.g. cpu,cuda (default: this " "machine's)",
+      "--scan_form",
+      default="auto",
+      choices=("auto", "dual", "recurrent"),
+      help="onnx: the selective scan's graph form (mamba_pkd.edge.onnx_lower)",
+  )
+  parser.add_argument(
+      "--int8",
+      action="store_true",
+      help="onnx: also write int8 files (onnxruntime dynamic quantisation, *.int8.onnx)",
   )
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from mamba_pkd import metrics  # pylint: disable=g-import-not-at-top  (absl: command line only)
+
   args = build_parser().parse_args(argv)
   metrics.quiet_library_logs(logging.ERROR)
   try:
@@ -440,8 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_flops_pct=max_flops_pct,
         scan_method=args.scan_method,
         platforms=platforms,
+        artifact=args.format,
+        onnx_options={"scan_form": args.scan_form, "int8": args.int8},
     )
-  except ValueError as e:
+  except (ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   meta = json.loads(path.read_text(encoding="utf-8"))
@@ -453,11 +455,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{meta['teacher_flops']:,}"
       + (f"; test accuracy in the run {100 * acc:.2f}%" if acc is not None else "")
   )
+  teacher_file = meta["teacher"]["file"] if meta.get("teacher") else None
+  if meta.get("artifact") == "onnx":
+    onnx_meta = meta["onnx"]
+    files = [m["file"] for m in meta["members"]] + onnx_meta["prefix_files"]
+    files += onnx_meta.get("int8_files") or []
+    where = f"ONNX opset {onnx_meta['opset']}, checked with onnx.checker"
+  else:
+    files = [PREFIX_FILE] + [m["file"] for m in meta["members"]]
+    where = f"platforms {meta['platforms']}"
   print(
-      f"  files: {SIDECAR}, {PREFIX_FILE}, "
-      + ", ".join(m["file"] for m in meta["members"])
-      + (f", {TEACHER_FILE} (a cascade's last exit)" if meta.get("teacher") else "")
-      + f" (platforms {meta['platforms']})"
+      f"  files: {SIDECAR}, "
+      + ", ".join(files)
+      + (f", {teacher_file} (a cascade's last exit)" if teacher_file else "")
+      + f" ({where})"
   )
   return 0
 

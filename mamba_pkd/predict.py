@@ -52,6 +52,7 @@ from mamba_pkd.ensemble import AnytimeResult, BudgetError, Ensemble, anytime_pre
 from mamba_pkd.preprocessing import Preprocessing
 
 NPZ_KEYS = ("x", "images")
+RUNTIMES = ("auto", "jax", "onnx")
 LATENCY_REPEATS = 10
 
 
@@ -185,6 +186,8 @@ def measure_latency_ms(
     ensemble: Ensemble, k: int, *, batch: int = 1, repeats: int = LATENCY_REPEATS
 ) -> float:
   """Median ms of one forward of prefix 1..k on a batch of ``batch`` images, here."""
+  if hasattr(ensemble, "measure_latency_ms"):  # the ONNX runtime times itself, without jax
+    return ensemble.measure_latency_ms(k, batch=batch, repeats=repeats)
   from mamba_pkd import report  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -262,16 +265,42 @@ def load_model(
     *,
     batch_size: int = export_lib.DEFAULT_BATCH_SIZE,
     with_teacher: bool = False,
+    runtime: str = "auto",
+    int8: bool = False,
 ) -> Ensemble:
   """An export bundle (``export.json`` inside) or a finished run's workdir.
 
+  ``runtime``: ``"jax"`` (StableHLO bundles, workdirs), ``"onnx"`` (bundles of
+  ``export --format=onnx``, run by onnxruntime and numpy alone, ``int8``: their
+  int8 files) or ``"auto"`` (what the bundle holds).
+
   Raises:
-    ValueError: neither (the message says what was expected).
+    ValueError: neither, or a bundle of the other runtime (the message says what was expected).
   """
+  if runtime not in RUNTIMES:
+    raise ValueError(f"--runtime={runtime!r} must be one of {RUNTIMES}")
   path = pathlib.Path(path)
+  if (path / export_lib.SIDECAR).is_file() or path.name == export_lib.SIDECAR:
+    directory = path.parent if path.name == export_lib.SIDECAR else path
+    artifact = export_lib.read_sidecar(directory).get("artifact", "stablehlo")
+    if runtime == "onnx" or (runtime == "auto" and artifact == "onnx"):
+      export_lib.read_sidecar(directory, "onnx")  # a StableHLO bundle: says to re-export
+      try:
+        from mamba_pkd.edge import runtime as onnx_runtime  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ValueError(f"--runtime=onnx needs the edge extra (pip install -e '.[edge]'): {e}")
+      return onnx_runtime.load_onnx_export(directory, int8=int8, batch_size=batch_size)
+    export_lib.read_sidecar(directory, "stablehlo")  # an ONNX bundle with --runtime=jax
+  if int8:
+    raise ValueError("--int8 runs the int8 files of an ONNX export (export --format=onnx --int8)")
   if (path / export_lib.SIDECAR).is_file() or path.name == export_lib.SIDECAR:
     return export_lib.load_export(path, batch_size=batch_size)
   if (path / manifest.FILENAME).is_file() or (path / "config.json").is_file():
+    if runtime == "onnx":
+      raise ValueError(
+          f"--runtime=onnx runs an ONNX export, not a workdir: write one with `python -m "
+          f"mamba_pkd.export --workdir={path} --out={path / 'export_onnx'} --format=onnx`"
+      )
     from mamba_pkd import runs  # pylint: disable=g-import-not-at-top  (Flax: in-process only)
 
     run = runs.load_run(path, with_teacher=with_teacher)
@@ -294,28 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
       description="Classify images with an exported PKD ensemble (or a run's workdir) under "
       "a FLOPs or latency budget, with optional per-image early exit.",
   )
-  parser.add_argument(
-      "images", nargs="*", help="PNG/JPEG files and/or .npz files " "(key 'x' or 'images')"
-  )
-  parser.add_argument(
-      "--model", required=True, help="export bundle directory or a finished run's workdir"
-  )
-  parser.add_argument(
-      "--max_flops",
-      help="FLOPs per image (2e6, 150k, 3M) or a percentage " "of the teacher's (25%%)",
-  )
-  parser.add_argument(
-      "--max_flops_pct", type=float, help="percent of the teacher's FLOPs per image"
-  )
+  parser.add_argument("images", nargs="*", help="PNG/JPEG files and/or .npz (key x or images)")
+  parser.add_argument("--model", required=True, help="export bundle or a finished run's workdir")
+  parser.add_argument("--max_flops", help="FLOPs per image (2e6, 150k, 3M) or teacher %% (25%%)")
+  parser.add_argument("--max_flops_pct", type=float, help="percent of the teacher's FLOPs")
   parser.add_argument(
       "--max_latency_ms", type=float, help="ms per forward of --latency_batch images, measured here"
   )
-  parser.add_argument(
-      "--latency_batch",
-      type=int,
-      default=1,
-      help="batch size of the latency measurement (default 1)",
-  )
+  parser.add_argument("--latency_batch", type=int, default=1, help="batch of --max_latency_ms")
   parser.add_argument(
       "--confidence",
       type=float,
@@ -327,17 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
       help="early-exit cascade of the run under this mean budget: a percentage of the "
       "teacher's FLOPs (2%%) or FLOPs per image (60k); uses the thresholds the run stored",
   )
-  parser.add_argument(
-      "--invert",
-      action="store_true",
-      help="invert uint8 pixels (255 - x), e.g. dark digits on white paper",
-  )
+  parser.add_argument("--invert", action="store_true", help="255 - x: dark digits on white")
   parser.add_argument(
       "--batch_size",
       type=int,
       default=export_lib.DEFAULT_BATCH_SIZE,
       help="largest batch of one compiled call",
   )
+  parser.add_argument(
+      "--runtime",
+      default="auto",
+      choices=RUNTIMES,
+      help="jax (StableHLO bundle or workdir) or onnx (a bundle of export --format=onnx, "
+      "onnxruntime and numpy only); auto: what --model holds",
+  )
+  parser.add_argument("--int8", action="store_true", help="onnx: run the bundle's int8 files")
   parser.add_argument("--output_json", help="also write the predictions to this JSON file")
   return parser
 
@@ -384,9 +403,7 @@ def _validate_args(args) -> tuple[float | None, float | None]:
 
 def choose_rule(ensemble: Ensemble, budget: str) -> dict:
   """The stored cascade rule for ``budget`` (``"2%"`` or FLOPs per image; raises BudgetError)."""
-  absolute, pct = ensemble_lib.parse_flops(budget)
-  pct = pct if pct is not None else 100.0 * absolute / ensemble.teacher_flops
-  return cascade.rule_for_budget(ensemble.combination, pct, asked=f"--budget={budget}")
+  return cascade.rule_for_budget_text(ensemble.combination, budget, ensemble.teacher_flops)
 
 
 def run_cascade(args, ensemble: Ensemble, names: list[str], x: np.ndarray) -> dict:
@@ -427,7 +444,13 @@ def run(args) -> dict:
   """Everything :func:`main` does, returning the printed results as a dict."""
   max_flops, max_flops_pct = _validate_args(args)
   if args.budget is not None:
-    ensemble = load_model(args.model, batch_size=args.batch_size, with_teacher=True)
+    ensemble = load_model(
+        args.model,
+        batch_size=args.batch_size,
+        with_teacher=True,
+        runtime=args.runtime,
+        int8=args.int8,
+    )
     rule = choose_rule(ensemble, args.budget)  # before any file is read
     if rule["teacher_exit"] and ensemble.teacher_fn is None:
       raise BudgetError(f"{cascade.describe(rule)}, but {ensemble.description} has no teacher")
@@ -438,7 +461,9 @@ def run(args) -> dict:
     if args.output_json:
       pathlib.Path(args.output_json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out
-  ensemble = load_model(args.model, batch_size=args.batch_size)
+  ensemble = load_model(
+      args.model, batch_size=args.batch_size, runtime=args.runtime, int8=args.int8
+  )
   # The static FLOPs budget first: a budget nothing meets fails before any file is read.
   ensemble_lib.largest_prefix_within(
       ensemble.costs(), max_flops=max_flops, max_flops_pct=max_flops_pct

@@ -1,4 +1,9 @@
-"""ONNX lowering of the members and the onnxruntime ensemble (mamba_pkd.edge)."""
+"""ONNX lowering of the members, the ONNX export bundle and the onnxruntime ensemble (mamba_pkd.edge).
+
+References: in-process JAX (``model.apply`` per member, chained by hand, and the
+in-process ensemble of a real smoke run with ``cascade.cascade_predict``); the
+bundle is run in a child process where importing jax fails.
+"""
 
 import json
 import pathlib
@@ -14,8 +19,10 @@ ort = pytest.importorskip("onnxruntime", reason="the edge extra (onnxruntime) is
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mamba_pkd.edge import onnx_lower, runtime  # noqa: E402  pylint: disable=g-import-not-at-top
+from mamba_pkd import cascade, combine, export, predict, runs  # noqa: E402
+from mamba_pkd.edge import onnx_export, onnx_lower, runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 from mamba_pkd.models import ModelConfig, create_model, init_params  # noqa: E402
+from tests.conftest import shared_reference_run, smoke_data  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -106,32 +113,111 @@ def test_auto_scan_form_by_length():
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-  """Two members, the second connected to the first; their ONNX files and JAX outputs."""
-  tmp_path = tmp_path_factory.mktemp("chain")
+def chain():
+  """Two members, the second connected to the first, and their JAX outputs (hand-chained)."""
   first = _config(image_shape=(8, 8, 1), patch_size=2, bidirectional=True)
   second = _config(image_shape=(8, 8, 1), patch_size=2, d_model=6, connect_dim=first.d_model)
   p1, p2 = _random_params(first, 7), _random_params(second, 8)
   x = np.random.default_rng(3).standard_normal((6, 8, 8, 1)).astype(np.float32)
   l1, f1 = _jax_forward(first, p1, x)
   l2, _ = _jax_forward(second, p2, x, f1)
-  paths = [
-      onnx_lower.save(onnx_lower.member_to_onnx(c, p), tmp_path / f"member_{j}.onnx")
-      for j, (c, p) in enumerate([(first, p1), (second, p2)], start=1)
-  ]
-  meta = [
-      {"name": "student_1", "flops": 1000, "connect_dim": 0, "prefix_scale": 1.0},
-      {"name": "student_2", "flops": 3000, "connect_dim": first.d_model, "prefix_scale": 2.0},
-  ]
-  preprocessing = {"image_shape": [8, 8, 1], "num_classes": 5, "mean": [0.5], "std": [0.25]}
-  return paths, meta, preprocessing, x, [l1, l1 + l2]
+  return [first, second], [p1, p2], x, [l1, l1 + l2]
 
 
 def test_connected_member_has_second_input(chain):
-  paths = chain[0]
-  proto = onnx.load(str(paths[1]))
+  (first, second), (p1, p2), x, (f1, f2) = chain
+  proto = onnx_lower.member_to_onnx(second, p2)
   assert [i.name for i in proto.graph.input] == ["x", "prev_features"]
   assert [o.name for o in proto.graph.output] == ["logits", "features"]
+  _, features = _run(onnx_lower.member_to_onnx(first, p1), x)
+  logits, _ = _run(proto, x, features)
+  np.testing.assert_allclose(logits, f2 - f1, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["dual", "recurrent"])
+def test_prefix_graph_is_the_chained_sum(chain, form):
+  configs, params, x, (f1, f2) = chain
+  for k, ref in ((1, f1), (2, f2)):
+    proto = onnx_lower.prefix_to_onnx(configs[:k], params[:k], scan_form=form)
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    (logits,) = _run(proto, x)
+    np.testing.assert_allclose(logits, ref, atol=TOL, rtol=0)
+  with pytest.raises(ValueError, match="previous features"):
+    onnx_lower.prefix_to_onnx(configs[1:], params[1:])
+
+
+@pytest.mark.parametrize("form", ["dual", "recurrent"])
+def test_int8_quantises_the_right_hand_weights(tmp_path, cases, form):
+  config, params, x, (ref_logits, _) = cases["bi_last_2layers_p2"]
+  proto = onnx_lower.member_to_onnx(config, params, scan_form=form)
+  src = onnx_export.save(proto, tmp_path / "m.onnx")
+  dst = onnx_export.quantize_int8(src, tmp_path / "m.int8.onnx")
+  logits, _ = runtime.load_session(dst).run(None, {"x": x})
+  assert logits.shape == ref_logits.shape and logits.dtype == np.float32
+  np.testing.assert_array_equal(logits.argmax(-1), ref_logits.argmax(-1))
+  assert 0 < np.abs(logits - ref_logits).max() < 0.5  # quantised: close, not equal
+  nodes = onnx.load(str(dst)).graph.node
+  # The head; in the recurrent form also x_proj of each of the 2 layers.
+  expected = 1 + (config.n_layers if form == "recurrent" else 0)
+  assert sum(n.op_type == "MatMulInteger" for n in nodes) == expected
+  # The scan's 0/1 and permutation matrices (and so the step sizes) stay float32.
+  for node in nodes:
+    if any(i.startswith(("dual_", "flip")) for i in node.input):
+      assert node.op_type == "MatMul", node
+
+
+# ----------------------------------------------------------------------------
+# A real smoke run (tests/conftest.py's shared reference run) exported to ONNX.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """(workdir, ONNX bundle with int8 files, normalised test images, JAX ensemble of the run)."""
+  workdir = shared_reference_run(tmp_path_factory)
+  out = tmp_path_factory.mktemp("onnx_bundle")
+  cli = [sys.executable, "-m", "mamba_pkd.export", f"--workdir={workdir}", f"--out={out}"]
+  done = subprocess.run(
+      cli + ["--format=onnx", "--int8"], capture_output=True, text=True, timeout=300, check=False
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "ONNX opset 17, checked with onnx.checker" in done.stdout
+  run = runs.load_run(workdir, with_teacher=True)
+  with np.load(smoke_data(tmp_path_factory)) as d:
+    x = run.preprocessing.normalize(d["x_test"])
+  return workdir, out, x, runs.ensemble_from_run(run)
+
+
+def _median_rule(jax_ens, x) -> dict:
+  """A cascade rule whose threshold is the median stage-1 confidence on ``x`` (half go on).
+
+  The smoke run's stored rules send every test image out at stage 1; this one
+  exercises every later stage (and the teacher, when the bundle has it).
+  """
+  first = jax_ens.combination.prefix_logits([jax_ens.member_forward(0, x)[0]], 1)
+  threshold = float(np.median(combine.max_probability(first)))
+  teacher = jax_ens.teacher_fn is not None and jax_ens.combination.teacher_temperature is not None
+  return cascade.CascadeRule(50.0, threshold, teacher, 0.0, 0.0).to_json()
+
+
+def test_onnx_bundle_sidecar_and_checked_files(smoke):
+  workdir, out, _, jax_ens = smoke
+  meta = json.loads((out / export.SIDECAR).read_text())
+  assert meta["artifact"] == "onnx" and meta["onnx"]["opset"] == 17
+  n = jax_ens.num_members
+  assert meta["onnx"]["prefix_files"] == [f"prefix_{k}.onnx" for k in range(1, n + 1)]
+  assert [m["flops"] for m in meta["members"]] == [m.flops for m in jax_ens.members]
+  manifest = json.loads((workdir / "ensemble.json").read_text())
+  assert meta["combination"] == manifest["combination"]  # weights, temperatures, thresholds
+  assert meta["preprocessing"] == manifest["preprocessing"]
+  files = [m["file"] for m in meta["members"]] + meta["onnx"]["prefix_files"]
+  files += meta["onnx"]["int8_files"] + ([meta["teacher"]["file"]] if meta["teacher"] else [])
+  assert len(files) == 4 * n + (2 if meta["teacher"] else 0)
+  for name in files:
+    proto = onnx.load(str(out / name))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version == 17
 
 
 _BLOCKED_CHILD = textwrap.dedent("""
@@ -139,185 +225,124 @@ _BLOCKED_CHILD = textwrap.dedent("""
 
     class Block(importlib.abc.MetaPathFinder):
       def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("jax", "jaxlib", "flax"):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax"):
           raise ImportError(f"{name} is blocked in this test")
         return None
 
     sys.meta_path.insert(0, Block())
     import numpy as np
-    from mamba_pkd.edge.runtime import OnnxEnsemble
+    from mamba_pkd import cascade, predict
+    from mamba_pkd.edge.runtime import load_onnx_export
 
-    work = sys.argv[1]
-    spec = json.load(open(f"{work}/spec.json"))
+    bundle, work = sys.argv[1], sys.argv[2]
     x = np.load(f"{work}/x.npy")
-    ens = OnnxEnsemble(spec["paths"], spec["meta"], spec["preprocessing"])
-    res = ens.cascade(x, thresholds=spec["threshold"], normalized=True)
-    np.savez(
-        f"{work}/child.npz",
-        f1=ens.logits(x, 1, normalized=True),
-        f2=ens.logits(x, 2, normalized=True),
-        cascade_logits=res.logits,
-        members_used=res.members_used,
-        mean_flops=res.mean_flops,
-    )
-    assert not any(m.split(".")[0] in ("jax", "jaxlib", "flax") for m in sys.modules)
-    print("child ok")
+    model = load_onnx_export(bundle)
+    int8 = load_onnx_export(bundle, int8=True)
+    out = {}
+    for k in range(1, model.num_members + 1):
+      out[f"prefix_{k}"] = model.logits(x, num_members=k, normalized=True)
+      out[f"int8_{k}"] = int8.logits(x, num_members=k, normalized=True)
+    labels = [label for label, rule in model.combination.cascades.items() if rule]
+    for label in labels:
+      res = model.cascade(x, label, normalized=True)
+      out[f"used_{label}"], out[f"logits_{label}"] = res.members_used, res.logits
+    median = json.load(open(f"{work}/rule.json"))
+    res = cascade.cascade_predict(model, x, model.combination, median, teacher=model.teacher_fn)
+    out["used_median"], out["logits_median"] = res.members_used, res.logits
+    np.savez(f"{work}/child.npz", **out)
+    args = [f"{work}/x.npz", f"--model={bundle}", "--runtime=onnx", f"--budget={labels[0]}"]
+    assert predict.main(args + [f"--output_json={work}/cascade.json"]) == 0
+    assert predict.main([f"{work}/x.npz", f"--model={bundle}", "--runtime=onnx",
+                         "--max_flops_pct=100", "--max_latency_ms=1000",
+                         f"--output_json={work}/prefix.json"]) == 0
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "jaxlib", "flax"})
+    assert not heavy, heavy
+    print("child ok", json.dumps(labels))
     """)
 
 
-def test_runtime_without_jax_matches_parent(tmp_path, chain):
-  paths, meta, preprocessing, x, (f1, f2) = chain
-  ens = runtime.OnnxEnsemble(paths, meta, preprocessing)
-  np.testing.assert_allclose(ens.logits(x, 1, normalized=True), f1, atol=TOL, rtol=0)
-  np.testing.assert_allclose(ens.logits(x, normalized=True), f2, atol=TOL, rtol=0)
-  chunked = runtime.OnnxEnsemble(paths, meta, preprocessing, max_batch=4)  # 6 images: 4 + 2
-  np.testing.assert_allclose(chunked.logits(x, normalized=True), f2, atol=TOL, rtol=0)
-  threshold = float(np.median(runtime.confidence(f1, 1.0)))  # about half the images stop
-  parent = ens.cascade(x, thresholds=threshold, normalized=True)
+def test_onnx_bundle_without_jax_matches_jax(smoke, tmp_path):
+  """Every prefix within 1e-4 of JAX with the same argmax; the cascade's exits identical."""
+  _, out, x, jax_ens = smoke
   np.save(tmp_path / "x.npy", x)
-  spec = {
-      "paths": [str(p) for p in paths],
-      "meta": meta,
-      "preprocessing": preprocessing,
-      "threshold": threshold,
-  }
-  (tmp_path / "spec.json").write_text(json.dumps(spec))
+  pixels = np.clip(
+      np.round((x * jax_ens.preprocessing.std[0] + jax_ens.preprocessing.mean[0]) * 255), 0, 255
+  ).astype(np.uint8)
+  np.savez(tmp_path / "x.npz", x=pixels)
+  median = _median_rule(jax_ens, x)
+  (tmp_path / "rule.json").write_text(json.dumps(median))
   child = subprocess.run(
-      [sys.executable, "-c", _BLOCKED_CHILD, str(tmp_path)],
+      [sys.executable, "-c", _BLOCKED_CHILD, str(out), str(tmp_path)],
       capture_output=True,
       text=True,
       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-      timeout=120,
+      timeout=300,
       check=False,
   )
   assert child.returncode == 0, child.stderr[-3000:]
+  labels = json.loads(child.stdout.split("child ok ")[1])
+  assert labels  # the smoke run stores at least one feasible cascade rule
   got = np.load(tmp_path / "child.npz")
-  np.testing.assert_allclose(got["f1"], f1, atol=TOL, rtol=0)
-  np.testing.assert_allclose(got["f2"], f2, atol=TOL, rtol=0)
-  np.testing.assert_array_equal(got["cascade_logits"], parent.logits)
-  np.testing.assert_array_equal(got["members_used"], parent.members_used)
-  assert float(got["mean_flops"]) == parent.mean_flops
-  # The median threshold stops some images after member 1 and sends the rest on to member 2.
-  assert sorted(np.unique(parent.members_used)) == [1, 2]
+  for k in range(1, jax_ens.num_members + 1):
+    ref = jax_ens.logits(x, num_members=k, normalized=True)
+    np.testing.assert_allclose(got[f"prefix_{k}"], ref, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(got[f"prefix_{k}"].argmax(-1), ref.argmax(-1))
+    assert np.isfinite(got[f"int8_{k}"]).all()
+  for label in labels:
+    rule = cascade.rule_for_budget_text(jax_ens.combination, label, jax_ens.teacher_flops)
+    ref = cascade.cascade_predict(jax_ens, x, jax_ens.combination, rule, teacher=jax_ens.teacher_fn)
+    np.testing.assert_array_equal(got[f"used_{label}"], ref.members_used)
+    np.testing.assert_allclose(got[f"logits_{label}"], ref.logits, atol=TOL, rtol=0)
+  ref = cascade.cascade_predict(jax_ens, x, jax_ens.combination, median, teacher=jax_ens.teacher_fn)
+  np.testing.assert_array_equal(got["used_median"], ref.members_used)
+  np.testing.assert_allclose(got["logits_median"], ref.logits, atol=TOL, rtol=0)
+  assert len(np.unique(ref.members_used)) > 1  # images leave at several stages
+  # predict --runtime=onnx on the uint8 pixels: the same exits as the JAX cascade on them.
+  printed = json.loads((tmp_path / "cascade.json").read_text())
+  rule = cascade.rule_for_budget_text(jax_ens.combination, labels[0], jax_ens.teacher_flops)
+  ref = cascade.cascade_predict(
+      jax_ens,
+      jax_ens.preprocessing.normalize(pixels),
+      jax_ens.combination,
+      rule,
+      teacher=jax_ens.teacher_fn,
+  )
+  assert [p["class"] for p in printed["predictions"]] == ref.classes.tolist()
+  assert printed["mean_flops"] == pytest.approx(ref.mean_flops)
+  prefix = json.loads((tmp_path / "prefix.json").read_text())
+  assert prefix["prefix"] == jax_ens.num_members and "1" in prefix["latencies_ms"]
 
 
-def _selector_member(k: int, j: int) -> onnx.ModelProto:
-  """A hand-made member: x [b, 1, 3, k] -> logits = x[:, 0, j, :] (features the same)."""
-  from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
-
-  nodes = [
-      helper.make_node("Gather", ["x", "row"], ["picked"], axis=2),  # [b, 1, k]
-      helper.make_node("Reshape", ["picked", "shape"], ["logits"]),
-      helper.make_node("Identity", ["logits"], ["features"]),
+def test_cascade_runs_members_only_on_unsure_images(smoke):
+  _, out, x, jax_ens = smoke
+  model = runtime.load_onnx_export(out)
+  rule = _median_rule(jax_ens, x)
+  seen = []
+  forward, teacher = model.member_forward, model.teacher_fn
+  model.member_forward = lambda j, xs, prev=None: (seen.append((j, len(xs))), forward(j, xs, prev))[
+      1
   ]
-  inits = [
-      onnx.numpy_helper.from_array(np.array(j, np.int64), "row"),
-      onnx.numpy_helper.from_array(np.array([-1, k], np.int64), "shape"),
-  ]
-  graph = helper.make_graph(
-      nodes,
-      f"selector_{j}",
-      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 3, k])],
-      [
-          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", k]),
-          helper.make_tensor_value_info("features", TensorProto.FLOAT, ["b", k]),
-      ],
-      inits,
-  )
-  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-  model.ir_version = 8
-  onnx.checker.check_model(model)
-  return model
+  if teacher is not None:
+    model.teacher_fn = lambda xs: (seen.append(("teacher", len(xs))), teacher(xs))[1]
+  res = cascade.cascade_predict(model, x, model.combination, rule, teacher=model.teacher_fn)
+  used, n = res.members_used, model.num_members
+  expected = [(j, int((used > j).sum())) for j in range(n) if (used > j).any()]
+  expected += [("teacher", int((used > n).sum()))] if (used > n).any() else []
+  assert seen == expected
+  assert len(seen) > 1  # some images go on past stage 1
+  member_flops = [m.flops for m in model.members] + [model.teacher_flops]
+  cumulative = np.cumsum(member_flops)
+  assert res.mean_flops == pytest.approx(cumulative[used - 1].mean())  # hand count
 
 
-def test_cascade_accounting_by_hand():
-  # Member j's logits for image i are x[i, 0, j]; three members with 10, 100
-  # and 1000 FLOPs: prefixes cost 10, 110, 1110.
-  big = [9.0, 0.0, 0.0]
-  flat = [0.0, 0.0, 0.0]
-  x = np.array(
-      [
-          [[big, flat, flat]],  # confident after member 1
-          [[flat, big, flat]],  # confident after member 2
-          [[flat, flat, flat]],  # never confident: all 3
-          [[flat, flat, big]],  # confident only at 3 (the last prefix always stops)
-          [[big, big, big]],  # confident after member 1
-      ],
-      np.float32,
-  )
-  members = [_selector_member(3, j).SerializeToString() for j in range(3)]
-  meta = [{"flops": f} for f in (10, 100, 1000)]
-  prep = {"image_shape": [1, 3, 3], "num_classes": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}
-  ens = runtime.OnnxEnsemble(members, meta, prep)
-  batches = []
-  for j, session in enumerate(ens.sessions):
-
-    class Counting:  # records how many images each member ran on
-
-      def __init__(self, inner, j=j):
-        self.inner, self.j = inner, j
-
-      def run(self, names, feeds):
-        batches.append((self.j, len(feeds["x"])))
-        return self.inner.run(names, feeds)
-
-    ens.sessions[j] = Counting(session)
-  res = ens.cascade(x, thresholds=0.9, normalized=True)
-  np.testing.assert_array_equal(res.members_used, [1, 2, 3, 3, 1])
-  assert batches == [(0, 5), (1, 3), (2, 2)]
-  assert res.mean_flops == pytest.approx((10 + 110 + 1110 + 1110 + 10) / 5)
-  assert runtime.cascade_mean_flops([1, 2, 3, 3, 1], [10, 100, 1000]) == res.mean_flops
-  np.testing.assert_array_equal(res.classes, [0, 0, 0, 0, 0])
-  np.testing.assert_allclose(res.logits[4], [9.0, 0.0, 0.0])  # stopped at F_1
-  np.testing.assert_allclose(res.logits[3], [9.0, 0.0, 0.0])  # F_3 = 0 + 0 + big
-  # Per-prefix thresholds: nothing stops after member 1, everything after member 2.
-  res = ens.cascade(x, thresholds=[1.1, 0.0], normalized=True)
-  np.testing.assert_array_equal(res.members_used, [2, 2, 2, 2, 2])
-  assert res.mean_flops == pytest.approx(110)
-  # No early exit (threshold above any confidence) runs every member on every image.
-  assert ens.cascade(x, thresholds=2.0, normalized=True).mean_flops == pytest.approx(1110)
-
-
-def test_confidence_rules():
-  logits = np.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]], np.float32)
-  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_allclose(runtime.confidence(logits), p[:, 0] - p[:, 1], rtol=1e-6)
-  np.testing.assert_allclose(runtime.confidence(logits, rule="max_prob"), p.max(-1), rtol=1e-6)
-  # The scale sharpens the softmax: margin at scale 2 = margin of 2 * logits.
-  np.testing.assert_allclose(
-      runtime.confidence(logits, 2.0), runtime.confidence(2 * logits), rtol=1e-6
-  )
-  with pytest.raises(ValueError, match="rule"):
-    runtime.confidence(logits, rule="entropy")
-
-
-def test_int8_runs(tmp_path, cases):
-  config, params, x, (ref_logits, _) = cases["bi_last_2layers_p2"]
-  src = onnx_lower.save(onnx_lower.member_to_onnx(config, params), tmp_path / "m.onnx")
-  dst = onnx_lower.quantize_int8(src, tmp_path / "m.int8.onnx")
-  prep = {
-      "image_shape": list(config.image_shape),
-      "num_classes": 5,
-      "mean": [0] * 3,
-      "std": [1] * 3,
-  }
-  ens = runtime.OnnxEnsemble([dst], [{"flops": 1}], prep)
-  logits = ens.logits(x, normalized=True)
-  assert logits.shape == ref_logits.shape and logits.dtype == np.float32
-  assert np.isfinite(logits).all()
-  nodes = onnx.load(str(dst)).graph.node
-  assert any(n.op_type == "MatMulInteger" for n in nodes)  # the head
-  # The scan's 0/1 matrices (and so the step sizes) stay float32.
-  for node in nodes:
-    if any(i.startswith("dual_") for i in node.input):
-      assert node.op_type == "MatMul", node
-
-
-def test_normalize_uint8_matches_formula():
-  prep = {"image_shape": [1, 3, 2], "num_classes": 2, "mean": [0.5], "std": [0.25]}
-  ens = runtime.OnnxEnsemble([_selector_member(2, 0).SerializeToString()], [{"flops": 1}], prep)
-  pixels = np.array([0, 255] * 3, np.uint8).reshape(1, 1, 3, 2)
-  np.testing.assert_allclose(ens.normalize(pixels)[0, 0, 0], [-2.0, 2.0])
-  np.testing.assert_allclose(ens.normalize(pixels / 255.0)[0, 0, 0], [-2.0, 2.0])
-  with pytest.raises(ValueError, match="shape"):
-    ens.normalize(np.zeros((1, 2, 2, 1), np.uint8))
+def test_runtime_mismatch_errors(smoke, tmp_path, capsys):
+  workdir, out, _, _ = smoke
+  np.savez(tmp_path / "x.npz", x=np.zeros((1, 16, 16, 1), np.uint8))
+  assert predict.main([str(tmp_path / "x.npz"), f"--model={workdir}", "--runtime=onnx"]) == 2
+  assert "--format=onnx" in capsys.readouterr().err
+  assert predict.main([str(tmp_path / "x.npz"), f"--model={out}", "--runtime=jax"]) == 2
+  assert "--runtime=onnx" in capsys.readouterr().err
+  assert predict.main([str(tmp_path / "x.npz"), f"--model={workdir}", "--int8"]) == 2
+  assert "--int8 runs the int8 files of an ONNX export" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="holds a onnx export"):
+    export.load_export(out)

@@ -32,7 +32,8 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
   difference of cumulative sums), ``W = exp(A * delta)`` [b, nb, E, N, T],
   ``M[t, s] = sum_n C_t[n] B_s[n] W[n, t, s]`` and
   ``y_t = sum_s M[t, s] dt_s u_s``: 13 ONNX ops for both branches whatever L,
-  but O(E * N * L^2) work;
+  but O(E * N * L^2) work and float32 temporaries of that size (the default
+  run's s5 at batch 256: 428 MB each; its prefix 1..5 was OOM-killed at 21 GB);
 * ``"recurrent"`` (the scan unrolled over time): ``exp(dt * A)`` and
   ``dt * B * u`` for all steps at once, then ``h = dA_t * h + dBu_t`` for each of
   the L steps (2 ops a step, both branches at once: the reversed branch runs
@@ -40,31 +41,20 @@ on a branch axis ``nb``; the reversed branch's conv is anti-causal, one
   in one op: O(E * N * L) work, 2L + ~15 ops.
 
 ``scan_form="auto"`` picks ``"dual"`` for ``num_tokens <= DUAL_MAX_TOKENS`` (32)
-with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (200k) per image and layer
-(mnist ladder, bidirectional: s1 44k, s4 174k, s8 836k), ``"recurrent"``
-otherwise. Process CPU time of one member alone at batch 1 (a separate run, load
-~9; JAX parallel / ORT dual / ORT recurrent): mnist s1 97 / 76 / 86 us, s4 223 /
-313 / 307 us, s8 1136 / 2425 / 1771 us.
-Measured with ``experiments/bench_edge.py`` on the
-smoke run (configs/smoke.py) and random-init members of the mnist ladder
-(bidirectional, 16 tokens), onnxruntime 1.32 with 1 intra-op thread, on this
-project's shared 2-core machine at load average 8-9 (so the noise is large; min
-over 7 interleaved rounds; wall time, process CPU time in brackets), per image
-at batch 1:
+with a decay tensor of at most ``DUAL_MAX_ELEMENTS`` (20k) per image and layer
+(the smoke ladder's members), ``"recurrent"`` otherwise (mnist ladder,
+bidirectional: s1 44k, s4 174k, s8 836k). Measured side by side with JAX on
+the default run's students by ``experiments/bench_edge.py`` (README, "ONNX for
+edge runtimes"; docs/results/default/bench_edge.md).
 
-=====================  ==================  ================  ================
-member                 jax[parallel]       ort f32 dual      ort f32 recurr.
-=====================  ==================  ================  ================
-smoke s1 (d 4)         0.124 (0.060) ms    0.033 (0.033) ms  0.053 (0.051) ms
-smoke teacher (d 16)   0.080 (0.080) ms    0.117 (0.117) ms  0.186 (0.146) ms
-mnist s1 (d 20)        0.225 (0.157) ms    0.087 (0.087) ms  0.157 (0.112) ms
-=====================  ==================  ================  ================
+The recurrent form keeps its states as [b, nb, L, N, E] (E innermost: with N
+innermost the 5-D broadcasts ran onnxruntime's scalar loops over 4-16
+elements and the form was 1.1-1.6x slower); the dual form's
+[b, nb, E, N, L(L+1)/2] elementwise work makes it 2.1-2.8x slower at batch 256.
+onnxruntime costs about 0.35 us per node (60 chained Adds on [1, 40, 16]:
+25 us), so at batch 1 a 1-layer member's ~90 nodes alone take ~30 us.
 
-The dual form wins at batch 1 for the smallest members (fewer nodes: about
-0.4 us of onnxruntime overhead per node) and loses for wider ones (its
-[b, nb, E, N, L(L+1)/2] elementwise work); at batch 256 both forms are slower
-than JAX (smoke s1: 0.012 ms vs 0.007 ms per image). Why written by hand and
-not with jax2onnx: the converter's graph of the sequential scan was slower in
+Why written by hand and not with jax2onnx: the converter's graph of the sequential scan was slower in
 onnxruntime than JAX at batch 1 (0.36 ms vs 0.12 ms, measured before this
 module by the project), and writing the graph directly chooses the scan form,
 the layout and the op count.
@@ -77,7 +67,7 @@ arrays (converted with ``np.asarray``); Flax and JAX are not imported.
 from __future__ import annotations
 
 import pathlib
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -87,11 +77,12 @@ if TYPE_CHECKING:  # pragma: no cover
   from mamba_pkd.models import ModelConfig
 
 OPSET = 17
+IR_VERSION = 8  # readable by onnxruntime >= 1.10
 SCAN_FORMS = ("auto", "dual", "recurrent")
 # "auto" uses the dual form up to this many tokens and this many elements of
 # its [nb, E, N, L(L+1)/2] decay tensor per image and layer (see the module docstring).
 DUAL_MAX_TOKENS = 32
-DUAL_MAX_ELEMENTS = 200_000
+DUAL_MAX_ELEMENTS = 20_000
 RMS_EPS = 1e-5  # layers.RMSNorm's default, used by every block and the final norm
 INPUT = "x"
 PREV_INPUT = "prev_features"
@@ -168,9 +159,11 @@ def _rms_denominator(g: _Graph, x: str, axis: int, size: int, hint: str) -> str:
 def _softplus(g: _Graph, x: str, hint: str) -> str:
   """``softplus(x) = relu(x) + log1p(exp(-|x|))`` from vectorised ops.
 
-  onnxruntime's ``Softplus`` kernel is scalar: about 3x slower than these 11
-  ops on [1, 2, 80, 16] and [256, 2, 80, 16] (measured on this project's
-  2-core machine). ``log1p(e)`` is ``log(u) * e / (u - 1)`` with
+  onnxruntime's ``Softplus`` kernel is scalar: 2.5x (batch 1) to 5.5x (batch
+  256) slower than 7 ops ``relu(x) + log(1 + exp(-|x|))`` on [b, 2, 16, 40] and
+  [b, 2, 16, 96] (2-core machine, load 5.5), and those 7 ops round ``1 + e``:
+  the default run's s4 logits moved 2x further from JAX (1.4e-4 against
+  6.9e-5), past the export's 1e-4 tolerance, so these 11 stay. ``log1p(e)`` is ``log(u) * e / (u - 1)`` with
   ``u = 1 + e`` (Goldberg's trick: a few ulps, where ``log(1 + e)`` alone would
   lose ``e``'s low bits); where ``u == 1`` (``e < 2**-24``) it returns 0, an
   absolute error below 6e-8.
@@ -253,16 +246,21 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
   x, z = g.op("Split", [xz, g.ints([nb * e, nb * e], "split")], f"{hint}_xz", n_out=2, axis=1)
   conv_w, pads = _conv_weights([_np(mixer, "conv1d" + sfx, "kernel") for sfx in suffixes])
   conv_b = np.concatenate([_np(mixer, "conv1d" + sfx, "bias") for sfx in suffixes])
+  # The depthwise conv as a 2-D Conv over [b, nb*E, 1, L] with [1, K] kernels:
+  # onnxruntime's grouped 1-D Conv took 1.7-3x as long at batch 1 and 6-13x at batch
+  # 256 on [b, 80 or 192, 16] (2-core machine, load 4).
+  x4 = g.op("Reshape", [x, g.ints([-1, nb * e, 1, length])], f"{hint}_x4")
   conv = g.op(
       "Conv",
-      [x, g.const(conv_w, f"{hint}_conv_w"), g.const(conv_b, f"{hint}_conv_b")],
+      [x4, g.const(conv_w[:, :, None, :], f"{hint}_conv_w"), g.const(conv_b, f"{hint}_conv_b")],
       f"{hint}_conv",
       group=nb * e,
-      kernel_shape=[conv_w.shape[-1]],
-      pads=pads,
-  )
-  u3 = _silu(g, conv, f"{hint}_u")  # [b, nb*E, L]
-  u = g.op("Reshape", [u3, g.ints([-1, nb, e, length])], f"{hint}_u4")  # [b, nb, E, L]
+      kernel_shape=[1, conv_w.shape[-1]],
+      pads=[0, pads[0], 0, pads[1]],
+  )  # [b, nb*E, 1, L]
+  u = g.op(
+      "Reshape", [_silu(g, conv, f"{hint}_u"), g.ints([-1, nb, e, length])], f"{hint}_u4"
+  )  # [b, nb, E, L]
   # x_proj then dt_proj, folded into one [E, E] matrix for the dt rows:
   # delta = (u^T Wx_dt) Wdt + bias = u^T (Wx_dt Wdt) + bias.
   w_x = []
@@ -288,7 +286,9 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
     num_pairs = mats[0]["P"].shape[1]
 
     def stacked(key):  # [nb, ., .], shared by all layers
-      return g.shared(("dual", key), lambda: np.stack([m[key] for m in mats]), f"dual_{key}")
+      return g.shared(
+          ("dual", key, length, nb), lambda: np.stack([m[key] for m in mats]), f"dual_{key}"
+      )
 
     dsum = g.op("MatMul", [dt, stacked("P")], f"{hint}_dsum")  # [b, nb, E, T]
     dsum = g.op("Reshape", [dsum, g.ints([-1, nb, e, 1, num_pairs])], f"{hint}_dsum5")
@@ -328,13 +328,16 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
         g, g.op("Add", [delta, g.const(dt_bias[:, None, :], f"{hint}_dt_b")]), f"{hint}_dt"
     )
     dtu = g.op("Mul", [dt, u_t], f"{hint}_dtu")  # [b, nb, L, E]
-    dt5 = g.op("Unsqueeze", [dt, g.ints([4], "axes")], f"{hint}_dt5")  # [b, nb, L, E, 1]
+    # States [b, nb, L, N, E]: E innermost, so every broadcast multiplies rows of E
+    # contiguous values (with N innermost onnxruntime's broadcast loops ran over 4-16).
+    dt5 = g.op("Unsqueeze", [dt, g.ints([3], "axes")], f"{hint}_dt5")  # [b, nb, L, 1, E]
+    a_ne = np.ascontiguousarray(a.transpose(0, 2, 1)[:, None])  # [nb, 1, N, E]
     d_a = g.op(
-        "Exp", [g.op("Mul", [dt5, g.const(a[:, None], f"{hint}_A")])], f"{hint}_dA"
-    )  # [b, nb, L, E, N]
-    dtu5 = g.op("Unsqueeze", [dtu, g.ints([4], "axes")], f"{hint}_dtu5")  # [b, nb, L, E, 1]
-    b5 = g.op("Unsqueeze", [b_mat, g.ints([3], "axes")], f"{hint}_b5")  # [b, nb, L, 1, N]
-    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, L, E, N]
+        "Exp", [g.op("Mul", [dt5, g.const(a_ne, f"{hint}_A")])], f"{hint}_dA"
+    )  # [b, nb, L, N, E]
+    dtu5 = g.op("Unsqueeze", [dtu, g.ints([3], "axes")], f"{hint}_dtu5")  # [b, nb, L, 1, E]
+    b5 = g.op("Unsqueeze", [b_mat, g.ints([4], "axes")], f"{hint}_b5")  # [b, nb, L, N, 1]
+    d_bu = g.op("Mul", [dtu5, b5], f"{hint}_dBu")  # [b, nb, L, N, E]
     if length == 1:
       states = d_bu
     else:
@@ -343,19 +346,19 @@ def _mixer(g: _Graph, normed: str, mixer: Mapping, scale: np.ndarray, config, fo
       hs = [dbu_t[0]]
       for t in range(1, length):
         hs.append(g.op("Add", [g.op("Mul", [da_t[t], hs[-1]]), dbu_t[t]], f"{hint}_h"))
-      states = g.op("Concat", hs, f"{hint}_H", axis=2)  # [b, nb, L, E, N]
-    c5 = g.op("Unsqueeze", [c_mat, g.ints([3], "axes")], f"{hint}_c5")  # [b, nb, L, 1, N]
+      states = g.op("Concat", hs, f"{hint}_H", axis=2)  # [b, nb, L, N, E]
+    c5 = g.op("Unsqueeze", [c_mat, g.ints([4], "axes")], f"{hint}_c5")  # [b, nb, L, N, 1]
     y = g.op(
-        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([4], "axes")], f"{hint}_yT", keepdims=0
+        "ReduceSum", [g.op("Mul", [states, c5]), g.ints([3], "axes")], f"{hint}_yT", keepdims=0
     )  # [b, nb, L, E]
     if flip is not None:
       y = g.op("MatMul", [flip, y], f"{hint}_yT_time")
     y = g.op("Transpose", [y], f"{hint}_y4", perm=[0, 1, 3, 2])  # [b, nb, E, L]
   else:
     raise ValueError(f"scan form {form!r} is not 'dual' or 'recurrent'")
-  y = g.op("Reshape", [y, g.ints([-1, nb * e, length])], f"{hint}_y3")
-  d_skip = np.concatenate([_np(mixer, "D" + sfx) for sfx in suffixes])[:, None]  # [nb*E, 1]
-  y = g.op("Add", [y, g.op("Mul", [u3, g.const(d_skip, f"{hint}_D")])], f"{hint}_y")
+  d_skip = np.stack([_np(mixer, "D" + sfx) for sfx in suffixes])[..., None]  # [nb, E, 1]
+  y = g.op("Add", [y, g.op("Mul", [u, g.const(d_skip, f"{hint}_D")])], f"{hint}_y")
+  y = g.op("Reshape", [y, g.ints([-1, nb * e, length])], f"{hint}_y3")  # [b, nb*E, L]
   gated = g.op("Mul", [y, _silu(g, z, f"{hint}_gate")], f"{hint}_gated")  # [b, nb*E, L]
   w_out = np.concatenate([_np(mixer, "out_proj", "kernel")] * nb, axis=0)  # [nb*E, d]
   return g.op("MatMul", [g.const(w_out.T, f"{hint}_out_w"), gated], f"{hint}_mix")
@@ -370,38 +373,10 @@ def _block(g: _Graph, hidden: str, block: Mapping, config: "ModelConfig", form: 
   return g.op("Add", [hidden, out], f"{hint}_res")
 
 
-def member_to_onnx(
-    config: "ModelConfig",
-    params: Mapping,
-    *,
-    opset: int = OPSET,
-    scan_form: str = "auto",
-    name: str = "member",
-) -> onnx.ModelProto:
-  """Lowers ``MambaClassifier(config)`` with ``params`` to a checked ONNX model.
-
-  Args:
-    config: the member's ModelConfig (uni- or bidirectional, mean or last
-      pooling, connected or not; ``scan_method`` is ignored).
-    params: its Flax ``params`` (nested dict of numpy or JAX arrays; a
-      student's ensemble weight already folded into ``head``).
-    opset: ONNX opset of the default domain (>= 17; the graph uses
-      ReduceMean with ``axes`` as an attribute, so < 18 semantics are kept by
-      writing opset 17 unless a higher one is asked for; 17 is what is tested).
-    scan_form: ``"auto"``, ``"dual"`` or ``"recurrent"`` (module docstring).
-    name: the graph name.
-
-  Returns:
-    An ``onnx.ModelProto`` (inputs ``x`` [+ ``prev_features``], outputs
-    ``logits``, ``features``; batch dimension ``"b"``), already passed through
-    ``onnx.checker.check_model``.
-  """
-  if opset != OPSET:
-    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
-  form = resolve_scan_form(config, scan_form)
+def _member_nodes(g: _Graph, config: "ModelConfig", params: Mapping, form: str, prev: str | None):
+  """Appends one member's nodes reading ``INPUT``; returns (logits [b, K], features [b, d])."""
   h, w, c = config.image_shape
   p, d, length = config.patch_size, config.d_model, config.num_tokens
-  g = _Graph()
   # Patch embedding: NHWC -> NCHW, a Conv with kernel = stride = p -> [b, d, L].
   nchw = g.op("Transpose", [INPUT], "nchw", perm=[0, 3, 1, 2])
   kernel = _np(params, "patch_embed", "proj", "kernel")  # [p, p, C, d] (HWIO)
@@ -433,82 +408,114 @@ def member_to_onnx(
     raise ValueError(f"pool={config.pool!r} is not 'mean' or 'last'")
   norm_w = _np(params, "norm_f", "weight") * np.sqrt(np.float32(d))
   features = g.op("Mul", [pooled, g.const(norm_w, "norm_f_w")], "pooled_w")
-  inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["b", h, w, c])]
   if config.connect_dim:
-    inputs.append(
-        helper.make_tensor_value_info(PREV_INPUT, TensorProto.FLOAT, ["b", config.connect_dim])
-    )
+    if prev is None:
+      raise ValueError("a connected member (connect_dim > 0) needs the previous features")
+    connect_w = g.const(_np(params, "connect", "kernel"), "connect_w")
     projected = g.op(
         "Add",
-        [
-            g.op("MatMul", [PREV_INPUT, g.const(_np(params, "connect", "kernel"), "connect_w")]),
-            g.const(_np(params, "connect", "bias"), "connect_b"),
-        ],
+        [g.op("MatMul", [prev, connect_w]), g.const(_np(params, "connect", "bias"), "connect_b")],
         "connected",
     )
     features = g.op("Add", [features, projected], "features_sum")
-  g.nodes.append(helper.make_node("Identity", [features], [FEATURES]))
-  head = g.op("MatMul", [FEATURES, g.const(_np(params, "head", "kernel"), "head_w")], "head")
-  g.nodes.append(
-      helper.make_node("Add", [head, g.const(_np(params, "head", "bias"), "head_b")], [LOGITS])
+  head = g.op("MatMul", [features, g.const(_np(params, "head", "kernel"), "head_w")], "head")
+  logits = g.op("Add", [head, g.const(_np(params, "head", "bias"), "head_b")], "logits")
+  return logits, features
+
+
+def _model(g: _Graph, inputs, outputs, name: str, doc: str, opset: int) -> onnx.ModelProto:
+  """The checked ModelProto of ``g``; ``outputs`` are (graph name, node output, shape)."""
+  for out_name, node_out, _ in outputs:
+    g.nodes.append(helper.make_node("Identity", [node_out], [out_name]))
+  graph = helper.make_graph(
+      g.nodes,
+      name,
+      inputs,
+      [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, _, s in outputs],
+      g.initializers,
   )
-  outputs = [
-      helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["b", config.num_classes]),
-      helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["b", d]),
-  ]
-  graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
   model = helper.make_model(
       graph,
       opset_imports=[helper.make_opsetid("", opset)],
       producer_name="mamba_pkd.edge.onnx_lower",
-      doc_string=f"MambaClassifier member, scan form {form}",
+      doc_string=doc,
   )
-  model.ir_version = 8  # readable by onnxruntime >= 1.10
+  model.ir_version = IR_VERSION
   onnx.checker.check_model(model, full_check=True)
   return model
 
 
-def save(model: onnx.ModelProto, path: str | pathlib.Path) -> pathlib.Path:
-  """Writes ``model`` to ``path`` (one file, weights inside) and returns the path."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(model.SerializeToString())
-  return path
+def _image_input(config: "ModelConfig"):
+  return helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["b", *config.image_shape])
 
 
-# Initializers of the scan's structure (0/1 pair matrices, time flips): never quantized.
-_STRUCTURAL_PREFIXES = ("dual_", "flip")
+def member_to_onnx(
+    config: "ModelConfig",
+    params: Mapping,
+    *,
+    opset: int = OPSET,
+    scan_form: str = "auto",
+    name: str = "member",
+) -> onnx.ModelProto:
+  """Lowers ``MambaClassifier(config)`` with ``params`` to a checked ONNX model.
 
+  Args:
+    config: the member's ModelConfig (uni- or bidirectional, mean or last
+      pooling, connected or not; ``scan_method`` is ignored).
+    params: its Flax ``params`` (nested dict of numpy or JAX arrays; a
+      student's ensemble weight already folded into ``head``).
+    opset: ONNX opset of the default domain; only :data:`OPSET` (17) is written
+      (the graph uses ReduceMean with ``axes`` as an attribute, < 18 semantics).
+    scan_form: one of :data:`SCAN_FORMS` (module docstring).
+    name: the graph name.
 
-def quantize_int8(src: str | pathlib.Path, dst: str | pathlib.Path) -> pathlib.Path:
-  """Dynamic int8 quantisation of an ONNX member; writes ``dst`` and returns it.
-
-  ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
-  quantised per call) on the ``MatMul`` nodes whose *second* input is a weight:
-  with this lowering's channels-first layout that is the classifier ``head``
-  (and ``connect``) only. The projections inside the blocks multiply a
-  constant from the left, which ``quantize_dynamic`` does not quantise, and the
-  scan's constant 0/1 matrices are excluded on purpose (quantising them would
-  quantise the step sizes). Needs onnxruntime.
+  Returns:
+    An ``onnx.ModelProto`` (inputs ``x`` [+ ``prev_features``], outputs
+    ``logits``, ``features``; batch dimension ``"b"``), already passed through
+    ``onnx.checker.check_model``.
   """
-  from onnxruntime.quantization import QuantType, quantize_dynamic  # pylint: disable=g-import-not-at-top
-
-  model = onnx.load(str(src))
-  structural = {
-      init.name for init in model.graph.initializer if init.name.startswith(_STRUCTURAL_PREFIXES)
-  }
-  exclude = [
-      node.name
-      for node in model.graph.node
-      if node.op_type == "MatMul" and any(i in structural for i in node.input)
+  if opset != OPSET:
+    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
+  form = resolve_scan_form(config, scan_form)
+  g = _Graph()
+  inputs = [_image_input(config)]
+  prev = None
+  if config.connect_dim:
+    prev = PREV_INPUT
+    inputs.append(helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", config.connect_dim]))
+  logits, features = _member_nodes(g, config, params, form, prev)
+  outputs = [
+      (LOGITS, logits, ["b", config.num_classes]),
+      (FEATURES, features, ["b", config.d_model]),
   ]
-  dst = pathlib.Path(dst)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  quantize_dynamic(
-      str(src),
-      str(dst),
-      weight_type=QuantType.QInt8,
-      op_types_to_quantize=["MatMul"],
-      nodes_to_exclude=exclude,
-  )
-  return dst
+  return _model(g, inputs, outputs, name, f"MambaClassifier member, scan form {form}", opset)
+
+
+def prefix_to_onnx(
+    configs: Sequence["ModelConfig"],
+    params: Sequence[Mapping],
+    *,
+    opset: int = OPSET,
+    scan_form: str = "auto",
+    name: str = "prefix",
+) -> onnx.ModelProto:
+  """The prefix ``F_k = f_1 + ... + f_k`` of k members as ONE checked ONNX graph.
+
+  Members are lowered as in :func:`member_to_onnx` (connected members read
+  their predecessor's features inside the graph) and their logits summed in
+  order, so one onnxruntime call runs the whole prefix (no Python between
+  members). Input ``x`` [b, H, W, C] (normalised), output ``logits`` [b, K].
+  """
+  if opset != OPSET:
+    raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
+  if not configs or len(configs) != len(params):
+    raise ValueError(f"need one params per config, got {len(configs)} and {len(params)}")
+  g = _Graph()
+  total, prev, forms = None, None, []
+  for config, p in zip(configs, params):
+    forms.append(resolve_scan_form(config, scan_form))
+    logits, prev = _member_nodes(g, config, p, forms[-1], prev)
+    total = logits if total is None else g.op("Add", [total, logits], "prefix_sum")
+  outputs = [(LOGITS, total, ["b", configs[0].num_classes])]
+  doc = f"sum of {len(configs)} MambaClassifier members, scan forms {forms}"
+  return _model(g, [_image_input(configs[0])], outputs, name, doc, opset)

@@ -1,76 +1,43 @@
-r"""Anytime ensemble of ONNX members on onnxruntime: needs ONLY ``numpy`` and ``onnxruntime``.
+r"""An ONNX export bundle on onnxruntime: prefixes and the early-exit cascade without JAX.
 
-No JAX, Flax or other ``mamba_pkd`` module is imported (``mamba_pkd/__init__``
-imports its names lazily), so this file also works copied alone onto a device.
+Needs ``numpy`` and ``onnxruntime`` only: besides them it imports the
+NumPy-only modules of this package that own the ensemble arithmetic
+(:mod:`mamba_pkd.ensemble`: budgets, prefix costs, anytime prediction;
+:mod:`mamba_pkd.cascade` and :mod:`mamba_pkd.combine`: the stored early-exit
+rules; :mod:`mamba_pkd.export`: the sidecar), never JAX or Flax
+(``mamba_pkd/__init__`` imports names lazily; a test runs this module and
+``predict --runtime=onnx`` in a process where importing ``jax`` fails).
 
-API (for ``predict --runtime=onnx``)::
+API (what ``python -m mamba_pkd.predict --runtime=onnx`` uses)::
 
-    from mamba_pkd.edge.runtime import OnnxEnsemble, confidence
-    ens = OnnxEnsemble(
-        ["member_1.onnx", "member_2.onnx"],          # paths or serialized bytes
-        member_meta=[{"name": "student_1", "flops": 1.2e6, "connect_dim": 0,
-                      "prefix_scale": 1.0}, ...],    # export.json's "members"
-        preprocessing={"mean": [...], "std": [...], "image_shape": [28, 28, 1],
-                       "num_classes": 10},           # export.json's "preprocessing"
-    )
-    ens.logits(images, num_members=2)                # F_2 = f_1 + f_2, [N, K]
-    res = ens.cascade(images, thresholds=0.9)        # early exit
-    res.classes, res.members_used, res.mean_flops
+    from mamba_pkd.edge.runtime import load_onnx_export
+    model = load_onnx_export("runs/default/export_onnx")   # export --format=onnx
+    logits = model(images_uint8, num_members=2)             # F_2, one prefix_2.onnx call
+    result = model.cascade(images_uint8, budget="2%")        # the run's early exit
+    result.classes, result.members_used, result.mean_flops
 
-Each member file is what :func:`mamba_pkd.edge.onnx_lower.member_to_onnx`
-writes: input ``x`` float32 [b, H, W, C] normalised (+ ``prev_features``
-[b, connect_dim] for a connected student), outputs ``logits`` [b, K] and
-``features`` [b, d]. Ensemble weights are folded into the heads, so a prefix
-is the plain sum of its members' logits.
-
-Early exit (:meth:`OnnxEnsemble.cascade`): member 1 runs on every image; after
-member j (j < k) the images whose :func:`confidence` of the prefix logits
-``F_j`` is ``>= thresholds[j-1]`` stop with ``F_j``; member j+1 runs only on the
-others. The confidence rule is :func:`confidence`; with ``rule="margin"``
-and ``scale = prefix_scale`` it is the rule of ``mamba_pkd.predict.anytime_predict``
-(``softmax_margin(prefix_scale_j * F_j) >= confidence``).
+A prefix runs as one graph (``prefix_<k>.onnx``: no Python between members);
+the cascade (:func:`mamba_pkd.cascade.cascade_predict`, the same function
+the in-process JAX models run) calls ``member_<j>.onnx`` on the images still
+unsure after members 1..j-1, and ``teacher.onnx`` where a rule ends at the
+teacher. ``--confidence`` early exit is :func:`mamba_pkd.ensemble.anytime_predict`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
-from typing import Mapping, Sequence
+import statistics
+import time
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-CONFIDENCE_RULES = ("margin", "max_prob")
-
-
-def confidence(logits: np.ndarray, scale: float = 1.0, rule: str = "margin") -> np.ndarray:
-  """Confidence of each row of prefix logits, in [0, 1].
-
-  ``p = softmax(scale * logits)`` (``scale``: the prefix's calibration
-  temperature inverse, ``prefix_scale``), computed in float64; then
-
-  * ``rule="margin"``: ``p_top1 - p_top2`` (``mamba_pkd.predict.softmax_margin``);
-  * ``rule="max_prob"``: ``p_top1``.
-
-  Args:
-    logits: [N, K] prefix logits ``F_j``.
-    scale: multiplies the logits before the softmax.
-    rule: one of :data:`CONFIDENCE_RULES`.
-
-  Returns:
-    float32 [N].
-  """
-  if rule not in CONFIDENCE_RULES:
-    raise ValueError(f"rule={rule!r} must be one of {CONFIDENCE_RULES}")
-  z = scale * np.asarray(logits, np.float64)
-  z = z - z.max(axis=-1, keepdims=True)
-  p = np.exp(z)
-  p /= p.sum(axis=-1, keepdims=True)
-  if rule == "max_prob":
-    return p.max(axis=-1).astype(np.float32)
-  top2 = np.sort(p, axis=-1)[:, -2:]
-  return (top2[:, 1] - top2[:, 0]).astype(np.float32)
+from mamba_pkd import cascade, ensemble, manifest, sidecar
+from mamba_pkd.combine import Combination
+from mamba_pkd.ensemble import AnytimeResult
+from mamba_pkd.preprocessing import Preprocessing
 
 
 def session_options(intra_op_threads: int | None = 1) -> ort.SessionOptions:
@@ -99,213 +66,128 @@ def session_options(intra_op_threads: int | None = 1) -> ort.SessionOptions:
 def load_session(
     model: str | os.PathLike | bytes, *, intra_op_threads: int | None = 1
 ) -> ort.InferenceSession:
-  """An ``InferenceSession`` of one ONNX member (path or serialized bytes) on the CPU."""
+  """An ``InferenceSession`` of one ONNX file (path or serialized bytes) on the CPU."""
   source = model if isinstance(model, bytes) else str(model)
   return ort.InferenceSession(
       source, sess_options=session_options(intra_op_threads), providers=["CPUExecutionProvider"]
   )
 
 
-@dataclasses.dataclass
-class CascadeResult:
-  """Per-image outcome of :meth:`OnnxEnsemble.cascade`.
+class OnnxEnsemble(ensemble.Ensemble):
+  """A bundle of ``python -m mamba_pkd.export --format=onnx``, run with onnxruntime.
 
-  Attributes:
-    logits: float32 [N, K], ``F_{m_i}`` of image i, m_i = members_used[i].
-    classes: int32 [N], argmax of ``logits``.
-    confidences: float32 [N], :func:`confidence` of ``logits`` at the exit prefix.
-    members_used: int32 [N], m_i in 1..k.
-    mean_flops: mean over images of the cumulative FLOPs of prefix 1..m_i.
-  """
-
-  logits: np.ndarray
-  classes: np.ndarray
-  confidences: np.ndarray
-  members_used: np.ndarray
-  mean_flops: float
-
-
-def cascade_mean_flops(members_used: np.ndarray, member_flops: Sequence[float]) -> float:
-  """``sum_i cumflops[m_i - 1] / N``: the mean cost of an early-exit run.
+  The :class:`mamba_pkd.ensemble.Ensemble` interface (``logits``,
+  ``member_forward``, ``costs``, ...), so budgets, ``anytime_predict`` and
+  ``cascade.cascade_predict`` run on it unchanged. Sessions are created on
+  first use.
 
   Args:
-    members_used: int [N], the prefix length m_i at which image i stopped (>= 1).
-    member_flops: FLOPs per image of each member, in ensemble order.
-  """
-  used = np.asarray(members_used, np.int64)
-  if used.size == 0:
-    return 0.0
-  cumulative = np.cumsum(np.asarray(member_flops, np.float64))
-  return float(cumulative[used - 1].mean())
-
-
-class OnnxEnsemble:
-  """Members as onnxruntime sessions; prefix logits and early exit.
-
-  Args:
-    members: one ONNX model per member, in ensemble order (paths or bytes).
-    member_meta: one dict per member with ``flops`` (per image) and optionally
-      ``connect_dim`` (default 0), ``prefix_scale`` (default 1.0), ``name``,
-      ``size`` (``export.json``'s ``members`` entries have all of these).
-    preprocessing: dict with ``mean``, ``std`` (per channel), ``image_shape``
-      (H, W, C) and ``num_classes`` (``export.json``'s ``preprocessing``).
-    intra_op_threads: threads per op in each session (:func:`session_options`).
-    max_batch: largest batch one session call gets; bigger inputs are run in
-      chunks (the dual scan form holds [b, 2, E, N, L(L+1)/2] float32
-      temporaries: a wide member at b = 256 needs gigabytes).
+    path: the bundle directory (or its ``export.json``).
+    int8: run the ``*.int8.onnx`` files (the bundle must have them).
+    intra_op_threads: threads per op (:func:`session_options`).
+    batch_size: largest batch of one call; bigger inputs run in chunks (no
+      padding: the graphs have a symbolic batch).
   """
 
   def __init__(
       self,
-      members: Sequence[str | os.PathLike | bytes],
-      member_meta: Sequence[Mapping],
-      preprocessing: Mapping,
+      path: str | os.PathLike,
       *,
+      int8: bool = False,
       intra_op_threads: int | None = 1,
-      max_batch: int = 256,
+      batch_size: int = ensemble.DEFAULT_BATCH_SIZE,
   ):
-    if len(members) != len(member_meta) or not members:
-      raise ValueError(
-          f"need one member_meta per member and at least one member, got "
-          f"{len(members)} members and {len(member_meta)} member_meta"
-      )
-    self.member_meta = [dict(m) for m in member_meta]
-    if self.member_meta[0].get("connect_dim", 0):
-      raise ValueError("the first member reads a previous member's features (connect_dim > 0)")
-    self.image_shape = tuple(int(s) for s in preprocessing["image_shape"])
-    self.num_classes = int(preprocessing["num_classes"])
-    self.mean = np.asarray(preprocessing["mean"], np.float32)
-    self.std = np.asarray(preprocessing["std"], np.float32)
-    if max_batch < 1:
-      raise ValueError(f"max_batch={max_batch!r} must be >= 1")
-    self.max_batch = int(max_batch)
-    self.sessions = [load_session(m, intra_op_threads=intra_op_threads) for m in members]
-    self.member_flops = [float(m["flops"]) for m in self.member_meta]
-    self.prefix_scales = [float(m.get("prefix_scale", 1.0)) for m in self.member_meta]
+    path = pathlib.Path(path)
+    directory = path.parent if path.name == sidecar.SIDECAR else path
+    self.meta = sidecar.read_sidecar(directory, "onnx")
+    self.directory = directory
+    self.preprocessing = Preprocessing.from_json(self.meta["preprocessing"])
+    self.members = [manifest.member_from_entry(m) for m in self.meta["members"]]
+    self.teacher_flops = int(self.meta["teacher_flops"])
+    self.prefix_accuracy = list(self.meta.get("prefix_accuracy") or [None] * len(self.members))
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    self.batch_size = int(batch_size)
+    self.int8 = bool(int8)
+    self.intra_op_threads = intra_op_threads
+    self.description = f"ONNX export {directory}" + (" (int8)" if int8 else "")
+    if int8 and not self.meta["onnx"].get("int8_files"):
+      raise ValueError(f"{directory} has no int8 files: export again with --format=onnx --int8")
+    self._sessions: dict[str, ort.InferenceSession] = {}
+    if self.meta.get("combination"):
+      self.combination = Combination.from_json(self.meta["combination"])
+    if self.meta.get("teacher"):
+      teacher = self.meta["teacher"]["file"]
+      self.teacher_fn = lambda x: self._run_padded(self._file_fn(teacher, 1), [x])[0]
 
-  @property
-  def num_members(self) -> int:
-    return len(self.sessions)
+  def session(self, filename: str) -> ort.InferenceSession:
+    """The (cached) session of a file of the bundle; ``int8`` picks its ``.int8.onnx``."""
+    if self.int8:
+      filename = filename.replace(".onnx", ".int8.onnx")
+    if filename not in self._sessions:
+      file = self.directory / filename
+      if not file.is_file():
+        raise ValueError(f"{file} is missing; the bundle in {self.directory} is incomplete")
+      self._sessions[filename] = load_session(file, intra_op_threads=self.intra_op_threads)
+    return self._sessions[filename]
 
-  def normalize(self, images: np.ndarray, *, normalized: bool = False) -> np.ndarray:
-    """The model input float32 [N, H, W, C] from uint8 pixels (0..255), float pixels
-    in [0, 1], or (``normalized=True``) already normalised floats."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != self.image_shape:
-      raise ValueError(
-          f"images must have shape [N, {', '.join(map(str, self.image_shape))}], "
-          f"got {tuple(images.shape)}"
-      )
-    if normalized:
-      return np.ascontiguousarray(images, np.float32)
-    if images.dtype == np.uint8:
-      images = images.astype(np.float32) / np.float32(255.0)
-    elif not np.issubdtype(images.dtype, np.floating):
-      raise ValueError(f"images must be uint8 or float pixels, got dtype {images.dtype}")
-    return np.ascontiguousarray((images.astype(np.float32) - self.mean) / self.std, np.float32)
+  def _file_fn(self, filename: str, n_out: int) -> Callable:
+    session = self.session(filename)
+    names = [o.name for o in session.get_outputs()][:n_out]
+    inputs = [i.name for i in session.get_inputs()]
 
-  def member_forward(
-      self, j: int, x: np.ndarray, prev_features: np.ndarray | None = None
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Member ``j`` (0-based) on normalised ``x``: (logits [N, K], features [N, d_j])."""
-    feeds = {"x": x}
-    if self.member_meta[j].get("connect_dim", 0):
-      if prev_features is None:
-        raise ValueError(f"member {j + 1} is connected: pass prev_features")
-      feeds["prev_features"] = np.ascontiguousarray(prev_features, np.float32)
-    if len(x) <= self.max_batch:
-      logits, features = self.sessions[j].run(None, feeds)
-      return logits, features
-    parts = [
-        self.sessions[j].run(None, {k: v[i : i + self.max_batch] for k, v in feeds.items()})
-        for i in range(0, len(x), self.max_batch)
-    ]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def run(*arrays):
+      out = session.run(names, dict(zip(inputs, arrays)))
+      return out[0] if n_out == 1 else tuple(out)
 
-  def _resolve_k(self, num_members: int | None) -> int:
-    k = self.num_members if num_members is None else num_members
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_members:
-      raise ValueError(f"num_members={num_members!r} must be in 1..{self.num_members}")
-    return int(k)
+    return run
 
-  def logits(
-      self, images: np.ndarray, num_members: int | None = None, *, normalized: bool = False
-  ) -> np.ndarray:
-    """``F_k = f_1 + ... + f_k`` (k = ``num_members``, default all): float32 [N, K]."""
-    k = self._resolve_k(num_members)
-    x = self.normalize(images, normalized=normalized)
-    total, prev = None, None
-    for j in range(k):
-      member_logits, prev = self.member_forward(j, x, prev)
-      total = member_logits if total is None else total + member_logits
-    return total
+  def _member_fn(self, j: int) -> Callable:
+    return self._file_fn(self.meta["members"][j]["file"], 2)
 
-  __call__ = logits
+  def _prefix_fn(self, k: int) -> Callable:
+    return self._file_fn(self.meta["onnx"]["prefix_files"][k - 1], 1)
 
-  def cascade(
-      self,
-      images: np.ndarray,
-      thresholds: float | Sequence[float],
-      *,
-      num_members: int | None = None,
-      rule: str = "margin",
-      scales: Sequence[float] | None = None,
-      normalized: bool = False,
-  ) -> CascadeResult:
-    """Early exit over the prefixes 1..k (see the module docstring).
+  def _run_padded(self, fn: Callable, arrays) -> list[np.ndarray]:
+    """``fn`` over row chunks of at most ``batch_size`` (the graphs take any batch: no padding)."""
+    arrays = [np.ascontiguousarray(a, np.float32) for a in arrays]
+    if len(arrays[0]) <= self.batch_size:
+      result = fn(*arrays)
+      return list(result) if isinstance(result, tuple) else [result]
+    outs = []
+    for start in range(0, len(arrays[0]), self.batch_size):
+      result = fn(*[a[start : start + self.batch_size] for a in arrays])
+      outs.append(result if isinstance(result, tuple) else (result,))
+    return [np.concatenate(parts) for parts in zip(*outs)]
 
-    Args:
-      images: [N, H, W, C] (see :meth:`normalize`).
-      thresholds: one threshold for every prefix, or k-1 values (prefix j's
-        threshold at index j-1; a k-th value is ignored: the last prefix
-        always stops).
-      num_members: k (default all).
-      rule: :func:`confidence` rule.
-      scales: per-prefix logit scale for :func:`confidence` (default: each
-        member's ``prefix_scale``).
-      normalized: inputs are already normalised.
+  def cascade(self, images: np.ndarray, budget: str, *, normalized: bool = False) -> AnytimeResult:
+    """The run's early-exit cascade for ``budget`` (``"2%"`` of the teacher's FLOPs or
+    FLOPs per image, ``"60k"``): the stored rule of the largest budget within it.
+
+    Raises:
+      BudgetError: the bundle stores no cascade (not all of the run's students)
+        or none fits.
     """
-    k = self._resolve_k(num_members)
-    x = self.normalize(images, normalized=normalized)
-    thr = np.asarray(thresholds, np.float64)
-    if thr.ndim == 0:
-      thr = np.full(k - 1, float(thr))
-    elif thr.ndim != 1 or len(thr) not in (k - 1, k):
-      raise ValueError(
-          f"thresholds must be one value or {k - 1} values (one per prefix 1..{k - 1}) "
-          f"for {k} members, got {np.shape(thresholds)}"
-      )
-    scales = self.prefix_scales[:k] if scales is None else [float(s) for s in scales]
-    n = len(x)
-    logits = np.zeros((n, self.num_classes), np.float32)
-    used = np.zeros(n, np.int32)
-    active = np.arange(n)
-    prev_all = None
-    for j in range(k):
-      if len(active) == 0:
-        break
-      prev = prev_all[active] if self.member_meta[j].get("connect_dim", 0) else None
-      member_logits, features = self.member_forward(j, x[active], prev)
-      logits[active] += member_logits
-      used[active] = j + 1
-      prev_all = np.zeros((n, features.shape[1]), np.float32)
-      prev_all[active] = features
-      if j < k - 1:
-        active = active[confidence(logits[active], scales[j], rule) < thr[j]]
-    conf = np.empty(n, np.float32)
-    for j in range(1, k + 1):
-      rows = used == j
-      if rows.any():
-        conf[rows] = confidence(logits[rows], scales[j - 1], rule)
-    return CascadeResult(
-        logits=logits,
-        classes=logits.argmax(-1).astype(np.int32),
-        confidences=conf,
-        members_used=used,
-        mean_flops=cascade_mean_flops(used, self.member_flops),
-    )
+    rule = cascade.rule_for_budget_text(self.combination, budget, self.teacher_flops)
+    x = self.preprocessing.normalize(images, normalized=normalized)
+    return cascade.cascade_predict(self, x, self.combination, rule, teacher=self.teacher_fn)
+
+  def measure_latency_ms(self, k: int, *, batch: int = 1, repeats: int = 10) -> float:
+    """Median ms of one ``prefix_<k>.onnx`` call on ``batch`` images, on this machine."""
+    fn = self._prefix_fn(self.resolve_num_members(k))
+    x = np.zeros((batch, *self.preprocessing.image_shape), np.float32)
+    fn(x)
+    fn(x)
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(x)
+      times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-  """The bytes of a file (to pass models as bytes)."""
-  return pathlib.Path(path).read_bytes()
+def load_onnx_export(
+    path: str | os.PathLike, *, int8: bool = False, batch_size: int = ensemble.DEFAULT_BATCH_SIZE
+) -> OnnxEnsemble:
+  """Loads an ONNX bundle: ``load_onnx_export(dir)(images) -> logits [N, K]`` (float32)."""
+  return OnnxEnsemble(path, int8=int8, batch_size=batch_size)
