@@ -223,6 +223,14 @@ def reference_output(workdir: pathlib.Path) -> tuple[str, str]:
   return tuple(workdir.with_name(f"{workdir.name}.{n}").read_text() for n in ("stdout", "stderr"))
 
 
+def metric_records(workdir: pathlib.Path) -> list[dict]:
+  """A run's metrics.jsonl without the timing field (steps/s is not deterministic)."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k != "steps_per_sec"} for l in lines]
+
+
 def small_dataset(n_train=50, n_test=23, shape=(6, 5, 2), num_classes=4, seed=0):
   """Random uint8 images with random labels, through the public constructor.
 
