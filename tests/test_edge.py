@@ -22,7 +22,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-posit
 from mamba_pkd import cascade, combine, export, predict, runs  # noqa: E402
 from mamba_pkd.edge import onnx_export, onnx_lower, runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 from mamba_pkd.models import ModelConfig, create_model, init_params  # noqa: E402
-from tests.conftest import shared_reference_run, smoke_data  # noqa: E402
+from conftest import shared_reference_run, smoke_data  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -51,10 +51,10 @@ def _config(**fields) -> ModelConfig:
 def _random_params(config: ModelConfig, seed: int) -> dict:
   """Initial params plus noise, so that A, D, dt bias and the norms are not at their init."""
   params = init_params(config, jax.random.key(seed))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return jax.device_get(jax.tree.unflatten(tree, noisy))
+  rng = np.random.default_rng(seed + 100)  # NumPy: no XLA program per leaf shape
+  return jax.tree.map(
+      lambda x: (np.asarray(x) + 0.3 * rng.standard_normal(x.shape)).astype(np.float32), params
+  )
 
 
 def _jax_forward(config, params, x, prev=None):
