@@ -155,9 +155,19 @@ def cascade_latency_ms(ctx, combination, rule, teacher, students) -> float:
 
 
 def cascade_report(
-    ctx, combination: combine.Combination, teacher, students: Sequence, *, latency: bool = False
+    ctx,
+    combination: combine.Combination,
+    teacher,
+    students: Sequence,
+    *,
+    latency: bool = False,
+    predictions: dict | None = None,
 ) -> tuple[list[report.Row], dict]:
-  """Evaluates the fixed rules once on test: ``cascade@<budget>`` rows and their meta."""
+  """Evaluates the fixed rules once on test: ``cascade@<budget>`` rows and their meta.
+
+  ``predictions``, when given, receives each cascade row's predicted class per test image
+  (int [N], by row name), as ``evaluate.build_rows`` does for the other rows.
+  """
   opts = settings(ctx.config)
   labels, teacher_flops = ctx.dataset.y_test, _flops(teacher)
   stage_flops = [_flops(m) for m in students] + [teacher_flops]
@@ -179,6 +189,8 @@ def cascade_report(
     out = stages.outcome(rule.threshold, labels)
     mean_flops = int(round(out["mean_flops"]))
     ms = cascade_latency_ms(ctx, combination, rule, teacher, students) if latency else None
+    if predictions is not None:
+      predictions[f"cascade@{label}"] = out["prediction"]
     rows.append(
         report.Row(
             name=f"cascade@{label}",
