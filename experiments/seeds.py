@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 
 import numpy as np
@@ -325,16 +323,11 @@ def main(argv=None) -> int:
     print(format_table(summary), end="")
     return 0
   if args.command == "run":
-    for seed in (int(s) for s in args.seeds.split(",")):
-      workdir = root / f"seed_{seed}"
-      if (workdir / report.PREDICTIONS_NPZ).is_file():
-        print(f"seed {seed}: {workdir} is finished, skipped", flush=True)
-        continue
-      print(f"seed {seed}: {workdir} (load average {os.getloadavg()})", flush=True)
-      done = subprocess.run(run_command(args.config, workdir, seed, extra), cwd=REPO)
-      if done.returncode:
-        print(f"error: the run of seed {seed} exited with {done.returncode}", file=sys.stderr)
-        return done.returncode
+    returncode = families.run_seeds(
+        run_command, args.config, args.seeds, root, extra, skip_finished=True
+    )
+    if returncode:
+      return returncode
   summary = summarize(families.seed_dirs(root))
   print(f"summary of seeds {summary['seeds']} -> {families.write_summary(summary, out)}")
   print(format_table(summary), end="")

@@ -242,3 +242,12 @@ def test_table_shows_every_row_and_test(two_seeds, tmp_path):
   assert "| student_1 | student_1 | 65.00 +- 7.07 | 1.00 +- 0.00 |" in table
   assert "| kd_vs_ce | student_1 | baseline_1 | +5.00 | 5 / 4 | 1 (1, 1) | no |" in table
   assert table.count("\n| cascade |") == 4
+
+
+def test_run_skips_finished_seeds_and_summarizes(two_seeds, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(seeds.families.subprocess, "run", None)  # no run may start
+  out = tmp_path / "out" / "seeds.json"
+  assert seeds.main(["run", "--seeds=0,1", f"--root={tmp_path}", f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  assert printed.count("is finished, skipped") == 2
+  assert json.loads(out.read_text())["seeds"] == [0, 1]
