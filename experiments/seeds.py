@@ -54,6 +54,11 @@ from mamba_pkd import paired, report  # pylint: disable=g-import-not-at-top,wron
 FORMAT = "mamba_pkd.seeds_summary"
 SINGLE_KINDS = ("teacher", "student", "baseline", "family", "direct")
 ALPHA = 0.05
+GROUPS = {
+    "cascade": "cascade vs single models of at least its mean FLOPs",
+    "kd_vs_ce": "distillation (student_k) vs cross-entropy (baseline_k), same size",
+    "prefix_vs_best": "prefix vs its best member",
+}
 
 
 def run_command(config: str, workdir: pathlib.Path, seed: int, extra=()) -> list[str]:
@@ -180,6 +185,17 @@ def paired_test(runs: list[dict], group: str, a: str, b: str) -> dict:
   }
 
 
+def holm(p_values) -> list[float]:
+  """Holm's step-down adjustment of ``p_values`` (one family of tests), in their order:
+  the i-th smallest becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))`` (j from 1)."""
+  order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+  out, running = [0.0] * len(p_values), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+    out[i] = running
+  return out
+
+
 def best_members(runs: list[dict], rows: list[dict]) -> tuple[str, dict[str, float]]:
   """(``"heldout"`` or ``"test"``, mean accuracy of each student over seeds on that split)."""
   students = [r["name"] for r in rows if r["kind"] == "student"]
@@ -232,20 +248,22 @@ def summarize(workdirs) -> dict:
       "best_member_by": basis,
       "alpha": ALPHA,
       "rows": rows,
-      "tests": [paired_test(runs, *p) for p in comparisons],
+      "tests": with_holm([paired_test(runs, *p) for p in comparisons]),
   }
+
+
+def with_holm(tests: list[dict]) -> list[dict]:
+  """``tests`` with ``p_holm``: Holm's adjustment within each comparison group."""
+  for group in GROUPS:
+    members = [t for t in tests if t["group"] == group]
+    for t, p in zip(members, holm([t["p_value"] for t in members])):
+      t["p_holm"] = p
+  return tests
 
 
 def _pm(spread: dict, scale: float, digits: int = 2) -> str:
   std = f" +- {scale * spread['std']:.{digits}f}" if len(spread["values"]) > 1 else ""
   return f"{scale * spread['mean']:.{digits}f}{std}"
-
-
-GROUPS = {
-    "cascade": "cascade vs single models of at least its mean FLOPs",
-    "kd_vs_ce": "distillation (student_k) vs cross-entropy (baseline_k), same size",
-    "prefix_vs_best": "prefix vs its best member",
-}
 
 
 def format_table(summary: dict) -> str:
@@ -261,24 +279,27 @@ def format_table(summary: dict) -> str:
         f"| {r['name']} | {r['size']} | {_pm(r['accuracy'], 100)} | "
         f"{_pm(r['pct_teacher_flops'], 1)} |"
     )
-  basis = {"heldout": "held-out", "test": "test (the runs stored no held-out accuracy)"}
+  basis = {
+      "heldout": "held-out accuracy",
+      "test": "test accuracy (these runs stored no held-out accuracy per student)",
+  }
   lines += [
       "",
       f"Paired tests: exact McNemar on the test digits, discordant digits pooled over the "
-      f"{n} seeds (p per seed in brackets); A - B is the mean accuracy difference in points; "
-      f"a prefix's best member is the student of highest mean "
-      f"{basis[summary['best_member_by']]} accuracy.",
+      f"{n} seeds (p per seed in brackets; the last column: Holm's step-down correction "
+      f"within each kind of comparison); A - B is the mean accuracy difference in points; "
+      f"a prefix's best member is its student of highest mean {basis[summary['best_member_by']]}.",
       "",
       "| comparison | A | B | A - B (points) | only A right / only B right | McNemar p | "
-      f"p < {summary['alpha']:g} |",
-      "|---|---|---|---:|---:|---|---|",
+      f"p < {summary['alpha']:g} | Holm p (within the comparison) |",
+      "|---|---|---|---:|---:|---|---|---:|",
   ]
   for t in summary["tests"]:
     per = ", ".join(f"{p:.2g}" for p in t["p_value_per_seed"])
     lines.append(
         f"| {t['group']} | {t['a']} | {t['b']} | {100 * t['accuracy_diff_mean']:+.2f} | "
         f"{t['a_only_right']} / {t['b_only_right']} | {t['p_value']:.3g} ({per}) | "
-        f"{'yes' if t['significant'] else 'no'} |"
+        f"{'yes' if t['significant'] else 'no'} | {t['p_holm']:.3g} |"
     )
   return "\n".join(lines) + "\n" + format_conclusions(summary)
 
@@ -299,7 +320,9 @@ def format_conclusions(summary: dict) -> str:
         + (f" ({'; '.join(better)})" if better else "")
         + f"; A significantly worse in {len(worse)}"
         + (f" ({'; '.join(worse)})" if worse else "")
-        + f"; not significant in {len(same)}."
+        + f"; not significant in {len(same)}; "
+        + f"{sum(t['p_holm'] < summary['alpha'] for t in tests)} stay below "
+        + f"{summary['alpha']:g} after Holm's correction for the {len(tests)} tests."
     )
   return ("\n" + "\n".join(out) + "\n") if out else ""
 

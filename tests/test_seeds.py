@@ -159,7 +159,7 @@ def test_prefix_best_member_falls_back_to_test_accuracy(tmp_path):
   assert summary["best_member_by"] == "test"
   prefix = [t for t in summary["tests"] if t["group"] == "prefix_vs_best"]
   assert [(t["a"], t["b"]) for t in prefix] == [("prefix_1..2", "student_2")]  # 0.85 > 0.65
-  assert "test (the runs stored no held-out accuracy)" in seeds.format_table(summary)
+  assert "highest mean test accuracy (these runs stored no held-out" in seeds.format_table(summary)
 
 
 def test_cascade_predictions_are_recomputed_only_when_not_stored(tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_table_shows_every_row_and_test(two_seeds, tmp_path):
   assert seeds.main(["table", f"--summary={out}"]) == 0
   table = seeds.format_table(json.loads(out.read_text()))
   assert "| student_1 | student_1 | 65.00 +- 7.07 | 1.00 +- 0.00 |" in table
-  assert "| kd_vs_ce | student_1 | baseline_1 | +5.00 | 5 / 4 | 1 (1, 1) | no |" in table
+  assert "| kd_vs_ce | student_1 | baseline_1 | +5.00 | 5 / 4 | 1 (1, 1) | no | 1 |" in table
   assert table.count("\n| cascade |") == 4
 
 
@@ -251,3 +251,9 @@ def test_run_skips_finished_seeds_and_summarizes(two_seeds, tmp_path, capsys, mo
   printed = capsys.readouterr().out
   assert printed.count("is finished, skipped") == 2
   assert json.loads(out.read_text())["seeds"] == [0, 1]
+
+
+def test_holm_adjustment_by_hand():
+  # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), 0.5
+  assert seeds.holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+  assert seeds.holm([0.4, 0.9]) == pytest.approx([0.8, 0.9])
