@@ -125,7 +125,9 @@ def read_seed(workdir: pathlib.Path) -> dict:
         raise ValueError(
             f"{workdir}: recomputed {r.name} has test accuracy {acc}, results.json {r.accuracy}"
         )
-  seed = meta.get("seed", int(workdir.name.split("_")[-1]) if "_" in workdir.name else None)
+  seed = meta.get("seed")
+  if seed is None and workdir.name.split("_")[-1].isdigit():  # seed_<s>
+    seed = int(workdir.name.split("_")[-1])
   return {
       "seed": seed,
       "rows": rows,

@@ -257,3 +257,21 @@ def test_holm_adjustment_by_hand():
   # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), 0.5
   assert seeds.holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
   assert seeds.holm([0.4, 0.9]) == pytest.approx([0.8, 0.9])
+
+
+def test_a_run_stores_its_cascade_predictions_and_heldout_accuracies(tmp_path_factory):
+  """The shared smoke run (made once per session): predictions.npz has every cascade row's
+  predictions, their accuracy the row's; meta has each student's held-out accuracy."""
+  from conftest import shared_reference_run  # pylint: disable=g-import-not-at-top
+
+  workdir = shared_reference_run(tmp_path_factory)
+  rows, meta = report.read_results(workdir / report.RESULTS_JSON)
+  labels, predictions = report.read_predictions(workdir / report.PREDICTIONS_NPZ)
+  cascades = [r for r in rows if r.kind == "cascade"]
+  assert cascades
+  for r in cascades:
+    assert np.mean(predictions[r.name] == labels) == pytest.approx(r.accuracy), r.name
+  students = [r.name for r in rows if r.kind == "student"]
+  assert students and set(meta["heldout_accuracy"]) == set(students)
+  assert all(0.0 <= a <= 1.0 for a in meta["heldout_accuracy"].values())
+  assert seeds.read_seed(workdir)["cascade_predictions"] == "stored"
