@@ -81,7 +81,7 @@ def recompute_cascade_predictions(workdir: pathlib.Path, labels: np.ndarray) -> 
   then its manifest's combination and rules through ``mamba_pkd.cascade`` as
   ``anytime.cascade_report`` evaluates them.
   """
-  from mamba_pkd import cascade, data, runs  # pylint: disable=g-import-not-at-top
+  from mamba_pkd import anytime, cascade, data, runs  # pylint: disable=g-import-not-at-top
 
   config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
   ds = data.load_dataset(
@@ -96,15 +96,16 @@ def recompute_cascade_predictions(workdir: pathlib.Path, labels: np.ndarray) -> 
   for j, member in enumerate(models.members):
     logits, prev = models.member_forward(j, x, prev if member.connect_dim else None)
     member_logits.append(np.asarray(logits, np.float64))
-  plain, with_teacher = cascade.stage_logits(run.combination, member_logits, models.teacher_fn(x))
   stage_flops = [m.flops for m in models.members] + [run.teacher_flops]
+  plain, with_teacher = anytime.cascade_stages(
+      run.combination, models.teacher_fn(x), member_logits, stage_flops
+  )
   out = {}
   for label, rule in run.combination.cascades.items():
     if rule is None:
       continue
     rule = cascade.CascadeRule.from_json(rule)
-    logits = with_teacher if rule.teacher_exit else plain
-    stages = cascade.Stages.from_logits(logits, stage_flops[: len(logits)])
+    stages = with_teacher if rule.teacher_exit else plain
     out[f"cascade@{label}"] = stages.outcome(rule.threshold, labels)["prediction"]
   return out
 
