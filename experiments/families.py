@@ -57,6 +57,31 @@ def run_command(config: str, workdir: pathlib.Path, seed: int, extra=()) -> list
   ]
 
 
+def run_seeds(
+    make_command,
+    config: str,
+    seeds: str,
+    root: pathlib.Path,
+    extra=(),
+    *,
+    skip_finished: bool = False,
+) -> int:
+  """Runs ``make_command(config, root / f"seed_{s}", s, extra)`` for each of ``seeds``
+  (``"0,1,2"``) in turn; returns the first non-zero exit status, else 0. With
+  ``skip_finished``, a workdir that has its ``predictions.npz`` (written last) is skipped."""
+  for seed in (int(s) for s in seeds.split(",")):
+    workdir = pathlib.Path(root) / f"seed_{seed}"
+    if skip_finished and (workdir / report.PREDICTIONS_NPZ).is_file():
+      print(f"seed {seed}: {workdir} is finished, skipped", flush=True)
+      continue
+    print(f"seed {seed}: {workdir} (load average {os.getloadavg()})", flush=True)
+    done = subprocess.run(make_command(config, workdir, seed, extra), cwd=REPO)
+    if done.returncode:
+      print(f"error: the run of seed {seed} exited with {done.returncode}", file=sys.stderr)
+      return done.returncode
+  return 0
+
+
 def seed_dirs(root: pathlib.Path) -> list[pathlib.Path]:
   """The finished runs under ``root`` (``seed_<s>`` folders with both result files)."""
   return sorted(
@@ -214,13 +239,9 @@ def main(argv=None) -> int:
     print(format_table(summary), end="")
     return 0
   if args.command == "run":
-    for seed in (int(s) for s in args.seeds.split(",")):
-      workdir = root / f"seed_{seed}"
-      print(f"seed {seed}: {workdir} (load average {os.getloadavg()})", flush=True)
-      done = subprocess.run(run_command(args.config, workdir, seed, extra), cwd=REPO)
-      if done.returncode:
-        print(f"error: the run of seed {seed} exited with {done.returncode}", file=sys.stderr)
-        return done.returncode
+    returncode = run_seeds(run_command, args.config, args.seeds, root, extra)
+    if returncode:
+      return returncode
   summary = summarize(seed_dirs(root))
   print(f"summary of seeds {summary['seeds']} -> {write_summary(summary, out)}")
   print(format_table(summary), end="")

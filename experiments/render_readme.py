@@ -28,7 +28,9 @@ left alone. The blocks:
   (``mamba_pkd.manifest.read_manifest``);
 * ``families-results`` (optional: rendered where the README has its markers): Mamba, CNN
   and MLP students per FLOPs rung over seeds, ``experiments/families.py``'s table of
-  ``docs/results/families/families.json``.
+  ``docs/results/families/families.json``;
+* ``seeds-results`` (optional, likewise): every row of the default job over seeds and the
+  paired McNemar tests, ``experiments/seeds.py``'s tables of ``docs/results/seeds/seeds.json``.
 """
 
 from __future__ import annotations
@@ -128,23 +130,36 @@ def render_ensemble_decisions(results_root: pathlib.Path) -> str:
   )
 
 
-def render_families_table(results_root: pathlib.Path) -> str:
-  """Mamba, CNN and MLP students per FLOPs rung over seeds, from ``families/families.json``
-  (written by ``python experiments/families.py summarize --out=...``)."""
+def _read_summary(results_root: pathlib.Path, name: str, script) -> dict:
+  """``<results_root>/<name>/<name>.json``, a summary written by ``experiments/<name>.py``."""
   import json  # pylint: disable=g-import-not-at-top
 
-  import families  # pylint: disable=g-import-not-at-top
-
-  path = pathlib.Path(results_root) / FAMILIES / "families.json"
+  path = pathlib.Path(results_root) / name / f"{name}.json"
   if not path.is_file():
     raise SourceError(
-        f"{_show(path)} does not exist; `python experiments/families.py summarize "
+        f"{_show(path)} does not exist; `python experiments/{name}.py summarize "
         f"--root=<the seeds' runs> --out={_show(path)}` writes it"
     )
   summary = json.loads(path.read_text(encoding="utf-8"))
-  if summary.get("format") != families.FORMAT:
-    raise SourceError(f"{_show(path)} is not a summary of experiments/families.py")
-  return families.format_table(summary)
+  if summary.get("format") != script.FORMAT:
+    raise SourceError(f"{_show(path)} is not a summary of experiments/{name}.py")
+  return summary
+
+
+def render_families_table(results_root: pathlib.Path) -> str:
+  """Mamba, CNN and MLP students per FLOPs rung over seeds, from ``families/families.json``
+  (written by ``python experiments/families.py summarize --out=...``)."""
+  import families  # pylint: disable=g-import-not-at-top
+
+  return families.format_table(_read_summary(results_root, FAMILIES, families))
+
+
+def render_seeds_table(results_root: pathlib.Path) -> str:
+  """Every row over seeds and the McNemar tests, from ``seeds/seeds.json`` (written by
+  ``python experiments/seeds.py summarize --out=...``)."""
+  import seeds  # pylint: disable=g-import-not-at-top
+
+  return seeds.format_table(_read_summary(results_root, SEEDS, seeds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +172,14 @@ class Block:
 
 
 FAMILIES = "families"  # docs/results/families/families.json: experiments/families.py's summary
+SEEDS = "seeds"  # docs/results/seeds/seeds.json: experiments/seeds.py's summary
 BLOCKS = (
     Block("default-results", render_results_table),
     Block("digits8x8-results", functools.partial(render_results_table, run="digits8x8")),
     Block("default-ensemble", render_ensemble_decisions),
     Block("paper-comparison", render_paper_comparison),
     Block("families-results", render_families_table, optional=True),
+    Block("seeds-results", render_seeds_table, optional=True),
 )
 
 

@@ -51,7 +51,9 @@ def _flops(model) -> int:
   return flops.count_flops(model.config)
 
 
-def _stages(combination, teacher_logits, member_logits, stage_flops):
+def cascade_stages(combination, teacher_logits, member_logits, stage_flops):
+  """(``cascade.Stages`` of the members' calibrated prefixes, the same with the teacher as
+  last stage or None), on one split: the stages the rules are chosen on and evaluated on."""
   students, with_teacher = cascade.stage_logits(combination, member_logits, teacher_logits)
   n = len(member_logits)
   return (
@@ -76,7 +78,7 @@ def fit_anytime(ctx, teacher, students: Sequence) -> combine.Combination:
   combination = combine.Combination(fits, combine.fit_temperature(teacher_held, labels))
   teacher_flops = _flops(teacher)
   stage_flops = [_flops(m) for m in students] + [teacher_flops]
-  plain, with_teacher = _stages(combination, teacher_held, held, stage_flops)
+  plain, with_teacher = cascade_stages(combination, teacher_held, held, stage_flops)
   for budget in opts["budgets_pct"]:
     rule = cascade.choose_rule(
         plain, labels, budget, teacher_flops, with_teacher=with_teacher, teacher=opts["teacher"]
@@ -155,17 +157,31 @@ def cascade_latency_ms(ctx, combination, rule, teacher, students) -> float:
 
 
 def cascade_report(
-    ctx, combination: combine.Combination, teacher, students: Sequence, *, latency: bool = False
+    ctx,
+    combination: combine.Combination,
+    teacher,
+    students: Sequence,
+    *,
+    latency: bool = False,
+    predictions: dict | None = None,
 ) -> tuple[list[report.Row], dict]:
-  """Evaluates the fixed rules once on test: ``cascade@<budget>`` rows and their meta."""
+  """Evaluates the fixed rules once on test: ``cascade@<budget>`` rows and their meta.
+
+  ``predictions``, when given, receives each cascade row's predicted class per test image
+  (int [N], by row name), as ``evaluate.build_rows`` does for the other rows.
+  """
   opts = settings(ctx.config)
   labels, teacher_flops = ctx.dataset.y_test, _flops(teacher)
   stage_flops = [_flops(m) for m in students] + [teacher_flops]
   test_logits = [m.test_logits for m in students]
-  test_plain, test_teacher = _stages(combination, teacher.test_logits, test_logits, stage_flops)
+  test_plain, test_teacher = cascade_stages(
+      combination, teacher.test_logits, test_logits, stage_flops
+  )
   val = ctx.val_index
   held = [m.train_logits[val] for m in students]
-  held_plain, held_teacher = _stages(combination, teacher.train_logits[val], held, stage_flops)
+  held_plain, held_teacher = cascade_stages(
+      combination, teacher.train_logits[val], held, stage_flops
+  )
   teacher_pred = teacher.test_logits.argmax(-1)
   student_params = sum(flops.count_params(m.config) for m in students)
   sizes = "+".join(m.size for m in students)
@@ -179,6 +195,8 @@ def cascade_report(
     out = stages.outcome(rule.threshold, labels)
     mean_flops = int(round(out["mean_flops"]))
     ms = cascade_latency_ms(ctx, combination, rule, teacher, students) if latency else None
+    if predictions is not None:
+      predictions[f"cascade@{label}"] = out["prediction"]
     rows.append(
         report.Row(
             name=f"cascade@{label}",

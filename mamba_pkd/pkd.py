@@ -451,12 +451,22 @@ def train_and_evaluate(
   }
   if warnings:
     meta["warnings"] = warnings
+  # Each student's held-out accuracy alone: experiments/seeds.py picks a prefix's best member
+  # by it (not by test accuracy).
+  meta["heldout_accuracy"] = {
+      m.name: accuracy(m.train_logits[ctx.val_index], ctx.val_labels) for m in students
+  }
   combination = None
   if ctx.settings.mode == "ensemble" and students:
     # Post-hoc: held-out data only, then evaluated once on test (mamba_pkd.anytime).
     combination = anytime.fit_anytime(ctx, teacher, students)
     cascade_rows, meta["cascade"] = anytime.cascade_report(
-        ctx, combination, teacher, students, latency=config.report.latency and ctx.is_writer
+        ctx,
+        combination,
+        teacher,
+        students,
+        latency=config.report.latency and ctx.is_writer,
+        predictions=predictions,
     )
     rows = rows + cascade_rows
   write_config(ctx)

@@ -98,11 +98,10 @@ def rendered(tmp_path, fake_run):
   results_root = tmp_path / "results"
   common = [f"--from_run={fake_run}", f"--readme={readme}", f"--results_dir={results_root}"]
   render_readme.copy_run(fake_run, results_root, "digits8x8")  # the second run's block
-  families = results_root / render_readme.FAMILIES / "families.json"  # the families block's
-  families.parent.mkdir(parents=True)
-  families.write_bytes(
-      (render_readme.RESULTS_ROOT / render_readme.FAMILIES / families.name).read_bytes()
-  )
+  for name in (render_readme.FAMILIES, render_readme.SEEDS):  # the optional blocks' summaries
+    summary = results_root / name / f"{name}.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_bytes((render_readme.RESULTS_ROOT / name / summary.name).read_bytes())
   assert render_readme.main(common) == 0
   return readme, results_root
 
