@@ -124,6 +124,35 @@ def chain():
   return [first, second], [p1, p2], x, [l1, l1 + l2]
 
 
+def test_a_cnn_member_is_refused_in_one_line_before_anything_is_written(tmp_path):
+  """The lowering covers Mamba members only: a CNN student (issue 16's families) stops the
+  export with one line naming it and the valid format, and no file is written."""
+  from mamba_pkd import cnn_mlp, ensemble, preprocessing  # pylint: disable=g-import-not-at-top
+
+  mamba = _config(image_shape=(8, 8, 1), patch_size=2)
+  cnn = cnn_mlp.CNNConfig(image_shape=(8, 8, 1), num_classes=5, channels=(2, 4), kernel=3, hidden=6)
+  fields = dict(stage="s", size="s1", flops=1, num_params=1, d_model=8, connect_dim=0)
+  members = [
+      ensemble.Member(name="student_1", config=mamba, params=_random_params(mamba, 0), **fields),
+      ensemble.Member(name="student_2", config=cnn, params={}, **fields),
+  ]
+  out = tmp_path / "bundle"
+  with pytest.raises(ValueError) as raised:
+    onnx_export.export_onnx(
+        members,
+        out,
+        preprocessing=preprocessing.Preprocessing(
+            image_shape=(8, 8, 1), num_classes=5, mean=(0.0,), std=(1.0,)
+        ),
+        teacher_flops=10,
+    )
+  assert str(raised.value) == (
+      "student_2 is a cnn student: the ONNX lowering covers Mamba members only; "
+      "export this run with --format=stablehlo"
+  )
+  assert not out.exists()
+
+
 def test_connected_member_has_second_input(chain):
   (first, second), (p1, p2), x, (f1, f2) = chain
   proto = onnx_lower.member_to_onnx(second, p2)

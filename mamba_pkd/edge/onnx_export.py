@@ -136,6 +136,8 @@ def export_onnx(
     raise ValueError("members is empty: nothing to export")
   if members[0].connect_dim:
     raise ValueError(f"{members[0].name} reads the previous student's features: export a prefix")
+  for m in members + ([teacher] if teacher is not None else []):
+    onnx_lower.check_lowerable(m.config, m.name)  # before anything is written
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written: list[pathlib.Path] = []

@@ -90,6 +90,16 @@ LOGITS = "logits"
 FEATURES = "features"
 
 
+def check_lowerable(config, name: str = "member") -> None:
+  """Raises ValueError unless ``config`` is a Mamba member (the only family lowered here)."""
+  family = getattr(config, "family", "mamba")
+  if family != "mamba":
+    raise ValueError(
+        f"{name} is a {family} student: the ONNX lowering covers Mamba members only; "
+        "export this run with --format=stablehlo"
+    )
+
+
 def resolve_scan_form(config: "ModelConfig", scan_form: str = "auto") -> str:
   """``"dual"`` or ``"recurrent"``: the form :func:`member_to_onnx` uses for ``config``."""
   if scan_form not in SCAN_FORMS:
@@ -476,6 +486,7 @@ def member_to_onnx(
   """
   if opset != OPSET:
     raise ValueError(f"opset={opset} is not supported; the lowering writes opset {OPSET}")
+  check_lowerable(config, name or "member")
   form = resolve_scan_form(config, scan_form)
   g = _Graph()
   inputs = [_image_input(config)]
