@@ -220,32 +220,53 @@ def write_summary(summary: dict, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def main(argv=None) -> int:
+def seeds_cli(
+    argv, *, doc: str, name: str, run_command, summarize_fn, format_table_fn, skip_finished: bool
+) -> int:
+  """The ``run | summarize | table`` command line shared by this script and seeds.py.
+
+  ``name``: the default root ``runs/<name>`` and summary ``<root>/<name>.json``; extra
+  flags after ``--`` go to every run (:func:`run_seeds`).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = argv[argv.index("--") + 1 :] if "--" in argv else []
   argv = argv[: argv.index("--")] if "--" in argv else argv
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("command", choices=("run", "summarize", "table"))
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--root", default="runs/families")
-  parser.add_argument("--out", default="", help="summary file (default: <root>/families.json)")
+  parser.add_argument("--root", default=f"runs/{name}")
+  parser.add_argument("--out", default="", help=f"summary file (default: <root>/{name}.json)")
   parser.add_argument("--summary", default="", help="table: the summary to print")
   args = parser.parse_args(argv)
   root = pathlib.Path(args.root)
-  out = pathlib.Path(args.out) if args.out else root / "families.json"
+  out = pathlib.Path(args.out) if args.out else root / f"{name}.json"
   if args.command == "table":
     summary = json.loads(pathlib.Path(args.summary or out).read_text(encoding="utf-8"))
-    print(format_table(summary), end="")
+    print(format_table_fn(summary), end="")
     return 0
   if args.command == "run":
-    returncode = run_seeds(run_command, args.config, args.seeds, root, extra)
+    returncode = run_seeds(
+        run_command, args.config, args.seeds, root, extra, skip_finished=skip_finished
+    )
     if returncode:
       return returncode
-  summary = summarize(seed_dirs(root))
+  summary = summarize_fn(seed_dirs(root))
   print(f"summary of seeds {summary['seeds']} -> {write_summary(summary, out)}")
-  print(format_table(summary), end="")
+  print(format_table_fn(summary), end="")
   return 0
+
+
+def main(argv=None) -> int:
+  return seeds_cli(
+      argv,
+      doc=__doc__,
+      name="families",
+      run_command=run_command,
+      summarize_fn=summarize,
+      format_table_fn=format_table,
+      skip_finished=False,
+  )
 
 
 if __name__ == "__main__":

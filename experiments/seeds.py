@@ -34,7 +34,6 @@ Extra flags after ``--`` go to every run (e.g. ``-- --config.report.latency=Fals
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -331,33 +330,15 @@ def format_conclusions(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-  argv = argv[: argv.index("--")] if "--" in argv else argv
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("command", choices=("run", "summarize", "table"))
-  parser.add_argument("--config", default="configs/default.py")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--root", default="runs/seeds")
-  parser.add_argument("--out", default="", help="summary file (default: <root>/seeds.json)")
-  parser.add_argument("--summary", default="", help="table: the summary to print")
-  args = parser.parse_args(argv)
-  root = pathlib.Path(args.root)
-  out = pathlib.Path(args.out) if args.out else root / "seeds.json"
-  if args.command == "table":
-    summary = json.loads(pathlib.Path(args.summary or out).read_text(encoding="utf-8"))
-    print(format_table(summary), end="")
-    return 0
-  if args.command == "run":
-    returncode = families.run_seeds(
-        run_command, args.config, args.seeds, root, extra, skip_finished=True
-    )
-    if returncode:
-      return returncode
-  summary = summarize(families.seed_dirs(root))
-  print(f"summary of seeds {summary['seeds']} -> {families.write_summary(summary, out)}")
-  print(format_table(summary), end="")
-  return 0
+  return families.seeds_cli(
+      argv,
+      doc=__doc__,
+      name="seeds",
+      run_command=run_command,
+      summarize_fn=summarize,
+      format_table_fn=format_table,
+      skip_finished=True,
+  )
 
 
 if __name__ == "__main__":

@@ -77,9 +77,10 @@ def test_students_start_near_one_percent_and_grow_about_1_75x(shape, bidirection
   assert students[0] <= 2.0, students  # the brief's bound
   assert 0.5 <= students[0], students
   assert all(b > a for a, b in zip(students, students[1:])), students
-  # The geometric mean step over 7 rungs is close to 1.75 (targets 1% * 1.75^k).
+  # The geometric mean step over 7 rungs is close to AUTO_GROWTH (targets 1% * 1.75^k;
+  # measured 1.71-1.76 over these shapes).
   mean_ratio = (students[-1] / students[0]) ** (1 / 7)
-  assert 1.5 <= mean_ratio <= 2.0, students
+  assert abs(mean_ratio - ladders.AUTO_GROWTH) <= 0.05, (mean_ratio, students)
   for c in sizes.values():
     assert c.bidirectional is bidirectional
 
