@@ -47,10 +47,33 @@ def resolve_dt_rank(d_model: int, dt_rank: int | str = "auto") -> int:
 
 
 def a_log_init(key: Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> Array:
-  """S4D-real initialisation: ``A_log[d, n] = log(n + 1)``, so ``A = -(n + 1)``."""
+  """S4D-real initialisation: ``A_log[d, n] = log(n + 1)``, so ``A = -(n + 1)``.
+
+  A constant, evaluated op by op even inside ``jit`` (``ensure_compile_time_eval``):
+  XLA's fused ``log`` of the broadcast ``arange`` rounds some entries 1 ulp away from
+  the eager one, and :func:`mamba_pkd.models.init_params` (jitted) must give the
+  parameters eager Flax init gives.
+  """
   del key
   d_inner, d_state = shape
-  return jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=dtype), (d_inner, d_state)))
+  with jax.ensure_compile_time_eval():
+    return jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=dtype), (d_inner, d_state)))
+
+
+def normal_init(stddev: float):
+  """``N(0, stddev^2)`` as ``flax.linen.initializers.normal(stddev)`` draws it, also under ``jit``.
+
+  Flax's ``normal(key) * stddev``, with an optimisation barrier between the draw and
+  the scaling: under ``jit`` XLA otherwise fuses the scaling into the draw, and some
+  products then differ by 1 ulp from the eager ones that
+  :func:`mamba_pkd.models.init_params` (jitted) must reproduce.
+  """
+
+  def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    draw = jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype))
+    return draw * jnp.asarray(stddev, dtype)
+
+  return init
 
 
 def dt_bias_init(dt_min: float, dt_max: float, dt_init_floor: float):
