@@ -147,7 +147,9 @@ def distil_ensemble(
   accepted: list[Trained] = []
   log: list[dict] = []
   used_flops = 0
-  for rung, size in enumerate(s.ladder):
+  rung = 0
+  while rung < len(s.ladder):
+    size = s.ladder[rung]
     if len(accepted) >= s.max_students:
       log.append({"stop": f"max_students={s.max_students} reached"})
       break
@@ -248,6 +250,10 @@ def distil_ensemble(
           }
       )
       break
+    # pkd.repeat_size (B-DISTIL's loop): a size that has just given a weak learner is
+    # tried again for the next student; a rejection moves on to the next size.
+    if not (s.repeat_size and decision.accepted):
+      rung += 1
   else:
     log.append({"stop": "ladder exhausted"})
   return accepted, log

@@ -45,9 +45,11 @@ class PKDSettings:
   loss: str = "kd"
   accept: str = "fit"
   margin: float = 0.0
+  margin_se: float = 0.0
   gamma: float = 0.0
   max_accuracy_drop: float = 0.005
   reseeds: int = 1
+  repeat_size: bool = False
   connect: bool = False
   family_rows: tuple[str, ...] = ()  # report.family_rows: cnn_k / mlp_k rows beside student_k
 
@@ -81,9 +83,11 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
       loss=p.loss,
       accept=p.accept,
       margin=p.margin,
+      margin_se=p.get("margin_se", 0.0),
       gamma=p.gamma,
       max_accuracy_drop=p.max_accuracy_drop,
       reseeds=p.reseeds,
+      repeat_size=p.get("repeat_size", False),
       connect=p.connect,
       family_rows=family_rows,
   )
@@ -112,6 +116,10 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
     raise ValueError(f"pkd.temperature must be > 0, got {s.temperature}")
   if not s.flops_budget_pct > 0:
     raise ValueError(f"pkd.flops_budget_pct must be > 0, got {s.flops_budget_pct}")
+  if not s.margin_se >= 0:
+    raise ValueError(
+        f"pkd.margin_se must be >= 0 (standard errors of the fit's drop), got {s.margin_se}"
+    )
   if s.reseeds < 0:
     raise ValueError(f"pkd.reseeds must be >= 0, got {s.reseeds}")
   if not 0 <= s.max_accuracy_drop <= 1:

@@ -1,7 +1,9 @@
 """The weak-learner test of PKD: pure functions of held-out logits.
 
 A trained candidate ``f_k`` joins the ensemble ``F_{k-1}`` when it improves
-the held-out fit to the teacher (``accept="fit"``) or has a large enough
+the held-out fit to the teacher (``accept="fit"``: by at least ``pkd.margin``
+plus ``pkd.margin_se`` standard errors of the paired per-row drop,
+:func:`fit_drop_se`; a searched weight of 0 is a rejection) or has a large enough
 B-DISTIL edge (``accept="edge"``) without costing held-out accuracy. With
 ``pkd.target="teacher"`` its weight ``eta_k`` comes from a line search
 (:func:`line_search`) on fits taken at the best overall logit scale
@@ -70,6 +72,33 @@ def calibrated_fit(
   return float(kl[best]), float(scales[best])
 
 
+def per_example_fit(
+    teacher_logits: np.ndarray, logits: np.ndarray, temperature: float, scale: float = 1.0
+) -> np.ndarray:
+  """Each row's ``T^2 KL(softmax(g/T) || softmax(c F/T))`` [N], float64.
+
+  Their mean is :func:`teacher_fit` (``scale = 1``) or, at the best ``c``, the value
+  :func:`calibrated_fit` returns.
+  """
+  t = float(temperature)
+  log_p = _log_softmax(np.asarray(teacher_logits, np.float64) / t)
+  log_q = _log_softmax(float(scale) * np.asarray(logits, np.float64) / t)
+  return np.sum(np.exp(log_p) * (log_p - log_q), -1) * t * t
+
+
+def fit_drop_se(per_row_before: np.ndarray, per_row_after: np.ndarray) -> float:
+  """Standard error of the held-out fit's drop: ``std(before_i - after_i) / sqrt(N)``.
+
+  The fit is a mean over held-out rows, and the rows are the same before and
+  after, so the drop's noise is that of a paired mean: the unit in which
+  ``pkd.margin_se`` states the drop a weak learner must achieve.
+  """
+  d = np.asarray(per_row_before, np.float64) - np.asarray(per_row_after, np.float64)
+  if d.size < 2:
+    return 0.0
+  return float(np.std(d, ddof=1) / np.sqrt(d.size))
+
+
 def line_search(
     teacher_logits: np.ndarray,
     prefix_logits: np.ndarray,
@@ -110,6 +139,7 @@ class Decision:
   accuracy_after: float
   weight: float = 1.0
   scale: float = 1.0
+  fit_drop_se: float = 0.0
 
 
 def weak_learner_decision(
@@ -129,9 +159,9 @@ def weak_learner_decision(
   with ``"residual"`` as ``F_{k-1} + f_k`` with plain fits (:func:`teacher_fit`).
   """
   before = np.zeros_like(candidate) if prefix is None else prefix
-  weight, scale = 1.0, 1.0
+  weight, scale, scale_before = 1.0, 1.0, 1.0
   if settings.target == "teacher":
-    fit_before, _ = calibrated_fit(teacher, before, settings.temperature)
+    fit_before, scale_before = calibrated_fit(teacher, before, settings.temperature)
     if prefix is None:
       fit_after, scale = calibrated_fit(teacher, candidate, settings.temperature)
     else:
@@ -140,6 +170,10 @@ def weak_learner_decision(
     fit_before = teacher_fit(teacher, before, settings.temperature)
     fit_after = teacher_fit(teacher, before + candidate, settings.temperature)
   after = before + weight * candidate
+  drop_se = fit_drop_se(
+      per_example_fit(teacher, before, settings.temperature, scale_before),
+      per_example_fit(teacher, after, settings.temperature, scale),
+  )
   k_plus, k_minus = losses.adversary_weights(jnp.asarray(teacher), jnp.asarray(before))
   edge = float(losses.weak_learner_edge(jnp.asarray(weight * candidate), k_plus, k_minus))
   acc_before = accuracy(before, labels) if prefix is not None else 0.0
@@ -147,10 +181,13 @@ def weak_learner_decision(
   searched = settings.target == "teacher" and prefix is not None  # eta came from line_search
   at_weight = f" at weight {weight:.3g}" if searched else ""
   if settings.accept == "fit":
-    improves = fit_after <= fit_before - settings.margin
+    needed = settings.margin + settings.margin_se * drop_se
+    improves = fit_after <= fit_before - needed
     why = (
         f"held-out fit to teacher{' (calibrated)' if searched else ''} {fit_before:.4f} -> "
-        f"{fit_after:.4f}{at_weight} (needs a drop of at least {settings.margin})"
+        f"{fit_after:.4f}{at_weight}, a drop of {_in_se(fit_before - fit_after, drop_se)} "
+        f"(needs at least {settings.margin:g} + {settings.margin_se:g} standard errors "
+        f"= {needed:.4f})"
     )
   else:
     improves = edge >= settings.gamma
@@ -172,4 +209,10 @@ def weak_learner_decision(
       accuracy_after=acc_after,
       weight=weight,
       scale=scale,
+      fit_drop_se=drop_se,
   )
+
+
+def _in_se(drop: float, se: float) -> str:
+  """``"0.1234 (5.6 standard errors)"``."""
+  return f"{drop:.4f} ({drop / se:.1f} standard errors)" if se > 0 else f"{drop:.4f}"

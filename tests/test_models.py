@@ -144,7 +144,6 @@ def test_wrong_image_shape_is_rejected():
     models.create_model(config).apply({"params": params}, jnp.zeros((1, 28, 28, 1)))
 
 
-
 # Run at XLA's default optimisation level, what a user's run compiles with (at the suite's
 # level 0 a fused exp rounds differently from an eager one, and eager init itself differs
 # from a user's): every leaf of jitted init_params against eager Flax init. One size, as

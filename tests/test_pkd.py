@@ -121,6 +121,39 @@ def _softmax_kl(teacher, logits, t):
   return t * t * np.mean(np.sum(np.exp(lp) * (lp - lq), -1))
 
 
+def test_fit_drop_is_stated_in_standard_errors_of_the_paired_drop():
+  teacher, labels = _teacher_and_labels(n=300)
+  rng = np.random.default_rng(1)
+  prefix = 0.3 * teacher
+  # A candidate that helps on average but is noisy row by row.
+  candidate = 0.02 * teacher + 0.3 * rng.normal(size=teacher.shape)
+  t = 4.0
+  before = weak_learner.per_example_fit(teacher, prefix, t)
+  after = weak_learner.per_example_fit(teacher, prefix + candidate, t)
+  # Per-row fits average to the fits of the whole held-out set (hand-written KL).
+  assert before.mean() == pytest.approx(_softmax_kl(teacher, prefix, t), rel=1e-9)
+  assert after.mean() == pytest.approx(_softmax_kl(teacher, prefix + candidate, t), rel=1e-9)
+  d = before - after
+  se = np.sqrt(np.sum((d - d.mean()) ** 2) / (len(d) - 1) / len(d))  # by hand
+  assert weak_learner.fit_drop_se(before, after) == pytest.approx(se, rel=1e-9)
+  z = d.mean() / se
+  assert 0.5 < z < 20  # an improvement, a few standard errors strong
+
+  def decide(margin_se):
+    return weak_learner.weak_learner_decision(
+        teacher=teacher,
+        prefix=prefix,
+        candidate=candidate,
+        labels=labels,
+        settings=_settings(target="residual", margin_se=margin_se, max_accuracy_drop=1.0),
+    )
+
+  below, above = decide(0.99 * z), decide(1.01 * z)
+  assert below.accepted and not above.accepted
+  assert below.fit_drop_se == pytest.approx(se, rel=1e-9)
+  assert f"({z:.1f} standard errors)" in above.reason
+
+
 def test_calibrated_fit_is_the_best_rescaled_fit():
   teacher, _ = _teacher_and_labels()
   rng = np.random.default_rng(1)
@@ -241,6 +274,7 @@ def _smoke_config():
         ("report.cascade_budgets_pct", (2.0, -1.0), "report.cascade_budgets_pct"),
         ("report.cascade_teacher", "maybe", "report.cascade_teacher"),
         ("report.cascade_bootstrap", -1, "report.cascade_bootstrap"),
+        ("pkd.margin_se", -1.0, "pkd.margin_se"),
     ],
 )
 def test_bad_config_values_are_named(path, value, match):
@@ -274,6 +308,7 @@ RESIDUAL = (
     "--config.pkd.connect=True",
     "--config.baselines=False",
     "--config.pkd.margin=-1000.0",
+    "--config.pkd.repeat_size=True",  # every student is accepted: s1 again, not s2
 )
 
 
@@ -433,7 +468,8 @@ def _export_and_predict_8(workdir: pathlib.Path, ds, tmp_path: pathlib.Path) -> 
 
 def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual, tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
-  features, with the prefix logits and features computed on the view pool. Its dataset
+  features, with the prefix logits and features computed on the view pool, and a size
+  that gave a weak learner is tried again (``pkd.repeat_size``). Its dataset
   file moved away, the run is still exported and predicted from (manifest + checkpoints)."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -444,6 +480,8 @@ def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residu
   results = json.loads((workdir / "results.json").read_text())
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == 2 and all(d["weight"] == 1.0 for d in accepted)
+  # pkd.repeat_size: the accepted s1 is tried again (a new seed), never s2.
+  assert [d["candidate"] for d in accepted] == ["student_1_s1_try1", "student_2_s1_try1"]
   assert [r["name"] for r in results["rows"] if r["kind"] == "prefix"] == [
       "prefix_1..1",
       "prefix_1..2",
