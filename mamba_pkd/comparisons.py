@@ -18,8 +18,7 @@ from typing import Sequence
 
 from mamba_pkd import losses, train
 from mamba_pkd.ladders import family_size_name, split_size_name
-from mamba_pkd.stages import PoolTables, RunContext, Trained, learned_sections, run_stage
-from mamba_pkd.stages import stage_fingerprint
+from mamba_pkd.stages import PoolTables, RunContext, Trained, run_stage
 
 
 def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Trained]:
@@ -38,13 +37,7 @@ def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Traine
         seed=seed,
         augment=ctx.config.student.augment,
         views=ctx.views,
-        fingerprint=stage_fingerprint(
-            ctx,
-            model_config=model_config,
-            sections=learned_sections(ctx, "baseline"),
-            optim=ctx.student_optim,
-            seed=seed,
-        ),
+        kind="baseline",
     )
     out.append(dataclasses.replace(member, name=f"baseline_{k}"))
   return out
@@ -82,14 +75,6 @@ def train_family_rows(
   for family, k, size in family_row_plan(students, families):
     seed = int(students[k - 1].info["seed"])
     model_config = ctx.sizes[size]
-    fingerprint = stage_fingerprint(
-        ctx,
-        model_config=model_config,
-        sections=learned_sections(ctx, "student"),
-        optim=ctx.student_optim,
-        seed=seed,
-        frozen={"teacher": teacher.fingerprint},
-    )
     member = run_stage(
         ctx,
         f"{family}_{k}_{split_size_name(size)[1]}",
@@ -103,7 +88,8 @@ def train_family_rows(
         spec=train.FrozenSpec(teacher=teacher.config),
         frozen=train.Frozen(teacher=teacher.params),
         views=ctx.views,
-        fingerprint=fingerprint,
+        kind="student",
+        frozen_hashes={"teacher": teacher.fingerprint},
     )
     out.append(dataclasses.replace(member, name=f"{family}_{k}"))
   return out

@@ -66,8 +66,7 @@ from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig
 from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.settings import PKDSettings
-from mamba_pkd.stages import PoolTables, RunContext, Trained, create_context, run_stage
-from mamba_pkd.stages import learned_sections, stage_fingerprint, write_config
+from mamba_pkd.stages import PoolTables, RunContext, Trained, create_context, run_stage, write_config
 from mamba_pkd.weak_learner import weak_learner_decision
 
 
@@ -83,13 +82,6 @@ def stage_loss_for(settings: PKDSettings, *, first: bool) -> losses.StageLoss:
 
 
 def train_teacher(ctx: RunContext) -> Trained:
-  fingerprint = stage_fingerprint(
-      ctx,
-      model_config=ctx.sizes["teacher"],
-      sections=learned_sections(ctx, "teacher"),
-      optim=ctx.teacher_optim,
-      seed=ctx.config.seed,
-  )
   return run_stage(
       ctx,
       "teacher",
@@ -99,7 +91,7 @@ def train_teacher(ctx: RunContext) -> Trained:
       ctx.teacher_optim,
       seed=ctx.config.seed,
       augment=ctx.config.teacher.augment,
-      fingerprint=fingerprint,
+      kind="teacher",
   )
 
 
@@ -193,14 +185,6 @@ def distil_ensemble(
     for attempt in range(1 + s.reseeds):
       seed = cfg.seed + 1000 * k + 100 * rung + attempt
       name = f"student_{k}_{size}_try{attempt + 1}"
-      fingerprint = stage_fingerprint(
-          ctx,
-          model_config=model_config,
-          sections=learned_sections(ctx, "student"),
-          optim=ctx.student_optim,
-          seed=seed,
-          frozen=frozen_hashes,
-      )
       candidate = run_stage(
           ctx,
           name,
@@ -215,7 +199,8 @@ def distil_ensemble(
           frozen=frozen,
           prev=prev,
           views=ctx.views,
-          fingerprint=fingerprint,
+          kind="student",
+          frozen_hashes=frozen_hashes,
       )
       decision = weak_learner_decision(
           teacher=teacher.train_logits[val],
@@ -286,14 +271,6 @@ def distil_from(
 ) -> Trained:
   """Stage ``name``: ``size`` distilled from the frozen model ``source`` alone (chain mode),
   whose fingerprint it records under ``role`` (``"previous"`` or ``"teacher"``)."""
-  fingerprint = stage_fingerprint(
-      ctx,
-      model_config=ctx.sizes[size],
-      sections=learned_sections(ctx, "student"),
-      optim=ctx.student_optim,
-      seed=seed,
-      frozen={role: source.fingerprint},
-  )
   return run_stage(
       ctx,
       name,
@@ -309,7 +286,8 @@ def distil_from(
       spec=train.FrozenSpec(teacher=source.config),
       frozen=train.Frozen(teacher=source.params),
       views=ctx.views,
-      fingerprint=fingerprint,
+      kind="student",
+      frozen_hashes={role: source.fingerprint},
   )
 
 

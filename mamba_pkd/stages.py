@@ -344,13 +344,17 @@ def run_stage(
     frozen: train.Frozen = train.Frozen(),
     prev: Trained | None = None,
     views: np.ndarray | None = None,
-    fingerprint: Mapping[str, Any] | None = None,
+    kind: str,
+    frozen_hashes: Mapping[str, str] | None = None,
 ) -> Trained:
   """Trains (or restores, if complete) one stage and predicts the train and test sets.
 
-  ``fingerprint`` (:func:`stage_fingerprint`) is compared with the one stored with the
-  stage before anything is restored or resumed: a difference stops the run with one line
-  naming the fields (:class:`mamba_pkd.provenance.ChangedStageError`), or with
+  The stage's fingerprint (:func:`stage_fingerprint` of ``model_config``, ``optim``,
+  ``seed``, the config sections a stage of ``kind`` learns from,
+  :func:`learned_sections`, and ``frozen_hashes``, the fingerprints of the frozen
+  models it reads by role) is compared with the one stored with the stage before
+  anything is restored or resumed: a difference stops the run with one line naming the
+  fields (:class:`mamba_pkd.provenance.ChangedStageError`), or with
   ``ctx.retrain_changed`` moves the stage aside (``ckpt/.replaced/``) and trains it again.
 
   ``views`` (the student pool) makes ``tables`` index the pool's rows.
@@ -360,15 +364,22 @@ def run_stage(
   connected model reads.
   """
   directory = checkpoints.stage_dir(ctx.workdir, name)
-  if fingerprint is not None:
-    keep = provenance.check_stage(
-        name,
-        provenance.read_fingerprint(directory),
-        fingerprint,
-        retrain_changed=ctx.retrain_changed,
-    )
-    if not keep:
-      _set_aside(ctx, directory)
+  fingerprint = stage_fingerprint(
+      ctx,
+      model_config=model_config,
+      sections=learned_sections(ctx, kind),
+      optim=optim,
+      seed=seed,
+      frozen=frozen_hashes,
+  )
+  keep = provenance.check_stage(
+      name,
+      provenance.read_fingerprint(directory),
+      fingerprint,
+      retrain_changed=ctx.retrain_changed,
+  )
+  if not keep:
+    _set_aside(ctx, directory)
   ckpt = checkpoints.StageCheckpointer(directory, is_writer=ctx.is_writer)
   if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
     # Shapes and dtypes only: nothing is computed or compiled to restore a stage.
@@ -377,7 +388,7 @@ def run_stage(
     logging.info("stage %s: already complete, not retrained", name)
   else:
     write_config(ctx)
-    if fingerprint is not None and ctx.is_writer:
+    if ctx.is_writer:
       provenance.write_fingerprint(directory, fingerprint)
     data = train.StageData(
         ctx.dataset,
@@ -406,7 +417,7 @@ def run_stage(
     parallel.sync(f"stage {name} saved")  # process 0 has written it before anyone reads
   ckpt.close()
   trained = predict(ctx, name, size, model_config, params, info, prev=prev)
-  return dataclasses.replace(trained, fingerprint=(fingerprint or {}).get("hash", ""))
+  return dataclasses.replace(trained, fingerprint=fingerprint["hash"])
 
 
 def _set_aside(ctx: RunContext, directory: pathlib.Path) -> None:
