@@ -61,15 +61,14 @@ def calibrated_fit(
   t = float(temperature)
   log_p = _log_softmax(np.asarray(teacher_logits, np.float64) / t)  # [N, K]
   f = np.asarray(ensemble_logits, np.float64)
-  kl = (
-      np.array(
-          [np.mean(np.sum(np.exp(log_p) * (log_p - _log_softmax(c * f / t)), -1)) for c in scales]
-      )
-      * t
-      * t
-  )  # [S]
+  kl = np.array([np.mean(_row_kl(log_p, f, t, c)) for c in scales]) * t * t  # [S]
   best = int(np.argmin(kl))
   return float(kl[best]), float(scales[best])
+
+
+def _row_kl(log_p: np.ndarray, f: np.ndarray, t: float, c: float) -> np.ndarray:
+  """Each row's ``KL(p || softmax(c f/T))`` [N] (no ``T^2``), ``log_p`` the teacher's log-probs."""
+  return np.sum(np.exp(log_p) * (log_p - _log_softmax(c * f / t)), -1)
 
 
 def per_example_fit(
@@ -82,8 +81,7 @@ def per_example_fit(
   """
   t = float(temperature)
   log_p = _log_softmax(np.asarray(teacher_logits, np.float64) / t)
-  log_q = _log_softmax(float(scale) * np.asarray(logits, np.float64) / t)
-  return np.sum(np.exp(log_p) * (log_p - log_q), -1) * t * t
+  return _row_kl(log_p, np.asarray(logits, np.float64), t, float(scale)) * t * t
 
 
 def fit_drop_se(per_row_before: np.ndarray, per_row_after: np.ndarray) -> float:
