@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pkd.reseeds = 1  # retries with another seed before the next ladder size
   config.pkd.repeat_size = False  # after an accepted student try the same size again (B-DISTIL)
   config.pkd.connect = False  # student k reads student k-1's frozen features
+  # Cascade-aware training: a share f of student k's loss mass moved onto the examples its
+  # prefix is unsure of, in proportion to 1 - (held-out-calibrated top-1 probability);
+  # 0: uniform (needs cached views otherwise).
+  config.pkd.cascade_focus = 0.0
 
   config.report = ml_collections.ConfigDict()
   config.report.latency = True  # measure CPU latency per image (batch 1 and 256)

@@ -43,8 +43,9 @@ def _model(name, size, config, params, held, test):
   )
 
 
-def load(workdir: pathlib.Path, batch_size: int):
-  """(config, dataset, val labels, teacher, students, baselines) with held-out/test logits."""
+def load(workdir: pathlib.Path, batch_size: int, *, with_test: bool = True):
+  """(config, dataset, val labels, teacher, students, baselines) with held-out/test logits
+  (``with_test=False``: the test images are never predicted; test logits are None)."""
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   m = manifest.read_manifest(workdir)
   ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir or None, seed=config.seed)
@@ -59,9 +60,11 @@ def load(workdir: pathlib.Path, batch_size: int):
     held, held_f = evaluate.predict_dataset(
         member.config, member.params, x_val, prev_features=prev[0] if connect else None, **kw
     )
-    test, test_f = evaluate.predict_dataset(
-        member.config, member.params, ds.x_test, prev_features=prev[1] if connect else None, **kw
-    )
+    test, test_f = None, None
+    if with_test:
+      test, test_f = evaluate.predict_dataset(
+          member.config, member.params, ds.x_test, prev_features=prev[1] if connect else None, **kw
+      )
     return (held, test), (held_f, test_f)
 
   (t_held, t_test), _ = predict(run.teacher)

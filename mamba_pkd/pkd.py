@@ -60,8 +60,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from mamba_pkd import anytime, comparisons, ensemble, flops, losses, manifest, parallel, report
-from mamba_pkd import sanity, train
+from mamba_pkd import anytime, combine, comparisons, ensemble, flops, losses, manifest, parallel
+from mamba_pkd import report, sanity, train, weak_learner
 from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig
 from mamba_pkd.preprocessing import Preprocessing
@@ -109,21 +109,34 @@ def student_tables(
     *,
     with_prefix: bool,
     connected: bool,
+    focus: float = 0.0,
+    temperature: float = 1.0,
 ) -> dict[str, np.ndarray]:
   """What a student stage reads of the frozen models, per row of the pool.
 
   The teacher's logits; with ``with_prefix`` the prefix ``F_{k-1}`` of the
   accepted students (residual target or connections); with ``connected`` the
-  last accepted student's features.
+  last accepted student's features; with ``focus > 0`` the rows' loss weights
+  from the prefix's confidence at ``temperature`` (:func:`weak_learner.focus_weights`).
   """
   tables = {"teacher_logits": pool.logits(teacher)}
-  if with_prefix:
+  if accepted and (with_prefix or focus):
     previous = [None, *accepted[:-1]]
-    tables["prefix_logits"] = ensemble.prefix_logits(
-        [pool.logits(m, p) for m, p in zip(accepted, previous)]
-    )
-    if connected:
-      tables["prev_features"] = pool.features(accepted[-1], previous[-1])
+    prefix = ensemble.prefix_logits([pool.logits(m, p) for m, p in zip(accepted, previous)])
+    if with_prefix:
+      tables["prefix_logits"] = prefix
+      if connected:
+        tables["prev_features"] = pool.features(accepted[-1], previous[-1])
+    if focus:
+      w = weak_learner.focus_weights(prefix, temperature, focus)
+      tables["example_weight"] = w
+      logging.info(
+          "cascade_focus=%g at T=%.3f: effective sample size %.1f%% of %d rows",
+          focus,
+          temperature,
+          100 * w.sum() ** 2 / (len(w) * np.sum(np.square(w, dtype=np.float64))),
+          len(w),
+      )
   return tables
 
 
@@ -164,6 +177,10 @@ def distil_ensemble(
     # What the stage reads of the frozen models: the teacher's logits, the
     # prefix's (residual target) and the previous student's features (connect).
     with_prefix = bool(accepted) and (s.target == "residual" or bool(model_config.connect_dim))
+    # Cascade-aware training: the examples weighted by how unsure the prefix is, at its
+    # temperature fitted on held-out labels.
+    focus = s.cascade_focus if accepted else 0.0
+    temperature = combine.fit_temperature(prefix_val, ctx.val_labels) if focus else 1.0
     tables = functools.partial(
         student_tables,
         pool,
@@ -171,6 +188,8 @@ def distil_ensemble(
         tuple(accepted),
         with_prefix=with_prefix,
         connected=bool(model_config.connect_dim),
+        focus=focus,
+        temperature=temperature,
     )
     frozen_students = accepted if with_prefix else []
     spec = train.FrozenSpec(
@@ -179,7 +198,7 @@ def distil_ensemble(
     frozen = train.Frozen(teacher=teacher.params, students=tuple(m.params for m in frozen_students))
     frozen_hashes = {
         "teacher": teacher.fingerprint,
-        **{m.name: m.fingerprint for m in frozen_students},
+        **{m.name: m.fingerprint for m in (accepted if focus else frozen_students)},
     }
     decision = None
     for attempt in range(1 + s.reseeds):
@@ -201,6 +220,7 @@ def distil_ensemble(
           views=ctx.views,
           kind="student",
           frozen_hashes=frozen_hashes,
+          weighting={"cascade_focus": focus} if focus else None,
       )
       decision = weak_learner_decision(
           teacher=teacher.train_logits[val],

@@ -51,6 +51,7 @@ class PKDSettings:
   reseeds: int = 1
   repeat_size: bool = False
   connect: bool = False
+  cascade_focus: float = 0.0
   family_rows: tuple[str, ...] = ()  # report.family_rows: cnn_k / mlp_k rows beside student_k
 
 
@@ -89,6 +90,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
       reseeds=p.reseeds,
       repeat_size=p.get("repeat_size", False),
       connect=p.connect,
+      cascade_focus=p.get("cascade_focus", 0.0),
       family_rows=family_rows,
   )
   _choice(s.mode, MODES, "pkd.mode")
@@ -119,6 +121,16 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
   if not s.margin_se >= 0:
     raise ValueError(
         f"pkd.margin_se must be >= 0 (standard errors of the fit's drop), got {s.margin_se}"
+    )
+  focus = s.cascade_focus
+  if isinstance(focus, bool) or not isinstance(focus, (int, float)) or not 0 <= focus <= 1:
+    raise ValueError(
+        f"pkd.cascade_focus must be a number in [0, 1] (0: off), got {s.cascade_focus!r}"
+    )
+  if s.cascade_focus and s.mode != "ensemble":
+    raise ValueError(
+        f"pkd.cascade_focus={s.cascade_focus} weights a student's examples by its ensemble "
+        f"prefix's confidence; it needs pkd.mode='ensemble', got {s.mode!r}"
     )
   if s.reseeds < 0:
     raise ValueError(f"pkd.reseeds must be >= 0, got {s.reseeds}")
@@ -158,6 +170,12 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
         f"student.cached_views={views} needs an augmentation to draw the views "
         "from: set student.augment to 'shift', 'crop_flip' or 'affine', or "
         "cached_views to 0"
+    )
+  if settings.cascade_focus and not views and config.student.augment != "none":
+    raise ValueError(
+        f"pkd.cascade_focus={settings.cascade_focus} weights examples by the prefix's "
+        "outputs cached per training row: set student.cached_views >= 1 (or "
+        f"student.augment='none'), got cached_views=0 with augment={config.student.augment!r}"
     )
   if config.model.ladder not in ladder_families():
     raise ValueError(

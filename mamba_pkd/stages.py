@@ -346,6 +346,7 @@ def run_stage(
     views: np.ndarray | None = None,
     kind: str,
     frozen_hashes: Mapping[str, str] | None = None,
+    weighting: Mapping[str, Any] | None = None,
 ) -> Trained:
   """Trains (or restores, if complete) one stage and predicts the train and test sets.
 
@@ -361,13 +362,17 @@ def run_stage(
   ``tables`` returns the frozen models' cached outputs; it is called only
   when the stage has to be trained, so restoring a finished stage never runs
   the frozen models over the pool. ``prev`` is the member whose features a
-  connected model reads.
+  connected model reads. ``weighting`` says how ``tables``' ``example_weight`` column
+  was made (recorded in the fingerprint; None: no weights, every example counts the same).
   """
   directory = checkpoints.stage_dir(ctx.workdir, name)
+  sections = learned_sections(ctx, kind)
+  if weighting:
+    sections = {**sections, "example_weights": dict(weighting)}
   fingerprint = stage_fingerprint(
       ctx,
       model_config=model_config,
-      sections=learned_sections(ctx, kind),
+      sections=sections,
       optim=optim,
       seed=seed,
       frozen=frozen_hashes,

@@ -207,7 +207,7 @@ def make_train_step(
       named = {"student": logits, **context}
       if "teacher" in named:
         named["previous"] = named["teacher"]  # chain mode's name for the same model
-      loss, metrics = stage_loss(named, batch["label"], None)
+      loss, metrics = stage_loss(named, batch["label"], batch.get("example_weight"))
       return loss, (metrics, logits)
 
     (loss, (metrics, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

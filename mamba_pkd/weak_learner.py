@@ -8,7 +8,8 @@ B-DISTIL edge (``accept="edge"``) without costing held-out accuracy. With
 ``pkd.target="teacher"`` its weight ``eta_k`` comes from a line search
 (:func:`line_search`) on fits taken at the best overall logit scale
 (:func:`calibrated_fit`). Everything here takes NumPy arrays ([N, K] logits)
-and returns numbers: no state, no files.
+and returns numbers: no state, no files. :func:`focus_weights` gives the
+per-example loss weights of cascade-aware training (``pkd.cascade_focus``).
 """
 
 from __future__ import annotations
@@ -209,6 +210,35 @@ def weak_learner_decision(
       scale=scale,
       fit_drop_se=drop_se,
   )
+
+
+def focus_weights(prefix: np.ndarray, temperature: float, focus: float) -> np.ndarray:
+  """Per-example loss weights of the next student: ``(1 - focus) + focus * u / mean(u)``.
+
+  ``u = 1 - c``, ``c`` the prefix's top-1 probability at ``temperature`` (fitted on
+  held-out labels): roughly the chance that an early-exit cascade passes the example
+  on to the next member. ``focus`` is the share of the loss's mass moved from the
+  uniform distribution to the examples in proportion to ``u``: 0 is uniform, 1 weights
+  by ``u`` alone. The weights have mean 1 (the losses normalise by their sum anyway).
+
+  Args:
+    prefix: [R, K] logits of ``F_{k-1}`` on the rows the student trains on.
+    temperature: > 0.
+    focus: in [0, 1].
+
+  Returns:
+    float32 [R], mean 1.
+  """
+  if not 0.0 <= focus <= 1.0:
+    raise ValueError(f"focus must be in [0, 1], got {focus}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  z = np.asarray(prefix, np.float64) / temperature
+  z = z - z.max(axis=-1, keepdims=True)
+  unsure = 1.0 - 1.0 / np.exp(z).sum(axis=-1)  # 1 - the top-1 probability exp(0) / sum
+  if not unsure.mean() > 0:  # every row certain: nothing to emphasise
+    return np.ones(len(unsure), np.float32)
+  return ((1.0 - focus) + focus * unsure / unsure.mean()).astype(np.float32)
 
 
 def _in_se(drop: float, se: float) -> str:

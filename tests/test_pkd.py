@@ -217,6 +217,23 @@ def test_teacher_target_decision_records_the_weight():
   assert first.accepted and first.weight == 1.0 and first.accuracy_before == 0.0
 
 
+def test_focus_weights_move_a_share_of_the_loss_onto_what_the_prefix_is_unsure_of():
+  """Hand count: top-1 probabilities 0.75 and 0.5 (logits ln 3, 0 and 0, 0 at T = 1)
+  leave unsure shares 0.25 and 0.5 (mean 0.375); focus 1 weights 2/3 and 4/3, focus 0.5
+  halfway to uniform, focus 0 uniform. The temperature divides the logits first."""
+  prefix = np.array([[np.log(3.0), 0.0], [0.0, 0.0]])
+  np.testing.assert_allclose(weak_learner.focus_weights(prefix, 1.0, 1.0), [2 / 3, 4 / 3], 1e-6)
+  np.testing.assert_allclose(weak_learner.focus_weights(prefix, 1.0, 0.5), [5 / 6, 7 / 6], 1e-6)
+  np.testing.assert_array_equal(weak_learner.focus_weights(prefix, 1.0, 0.0), [1.0, 1.0])
+  # At T = 2 the first row's top-1 probability is sqrt(3) / (sqrt(3) + 1).
+  u = np.array([1 - np.sqrt(3) / (np.sqrt(3) + 1), 0.5])
+  np.testing.assert_allclose(weak_learner.focus_weights(prefix, 2.0, 1.0), u / u.mean(), 1e-6)
+  certain = np.array([[1e4, 0.0], [0.0, 1e4]])  # nothing left to emphasise: uniform
+  np.testing.assert_array_equal(weak_learner.focus_weights(certain, 1.0, 1.0), [1.0, 1.0])
+  with pytest.raises(ValueError, match="focus must be in"):
+    weak_learner.focus_weights(prefix, 1.0, 1.5)
+
+
 def test_weighted_member_folds_the_weight_into_head_and_logits():
   from mamba_pkd import models  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -275,6 +292,7 @@ def _smoke_config():
         ("report.cascade_teacher", "maybe", "report.cascade_teacher"),
         ("report.cascade_bootstrap", -1, "report.cascade_bootstrap"),
         ("pkd.margin_se", -1.0, "pkd.margin_se"),
+        ("pkd.cascade_focus", 1.5, r"pkd.cascade_focus must be a number in \[0, 1\]"),
     ],
 )
 def test_bad_config_values_are_named(path, value, match):
@@ -295,6 +313,23 @@ def test_shipped_configs_are_valid(name):
   assert parsed["settings"].target in settings.TARGETS
 
 
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        ("student.cached_views", 0, "pkd.cascade_focus=0.5 weights examples by the prefix"),
+        ("pkd.mode", "chain", "it needs pkd.mode='ensemble'"),
+    ],
+)
+def test_cascade_focus_needs_the_ensemble_and_cached_views(path, value, match):
+  config = _smoke_config()
+  config.pkd.cascade_focus = 0.5
+  settings.validate_config(config)  # valid as shipped, with the focus on
+  section, field = path.split(".")
+  config[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    settings.validate_config(config)
+
+
 def test_views_without_augmentation_are_rejected():
   config = _smoke_config()
   config.student.augment = "none"
@@ -309,6 +344,7 @@ RESIDUAL = (
     "--config.baselines=False",
     "--config.pkd.margin=-1000.0",
     "--config.pkd.repeat_size=True",  # every student is accepted: s1 again, not s2
+    "--config.pkd.cascade_focus=0.5",  # student 2's examples weighted by student 1's doubt
 )
 
 
@@ -477,6 +513,16 @@ def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residu
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
   assert "student_1: outputs on the 1536 pooled views" in out.stderr
+  # ... and its loss weighted the views by student 1's doubt (pkd.cascade_focus), which the
+  # stage's fingerprint records with student 1 among the frozen models; student 1 has none.
+  assert "cascade_focus=0.5 at T=" in out.stderr
+  prints = {
+      name: json.loads((workdir / "ckpt" / name / "fingerprint.json").read_text())["fields"]
+      for name in ("student_1_s1_try1", "student_2_s1_try1")
+  }
+  assert prints["student_2_s1_try1"]["example_weights"] == {"cascade_focus": 0.5}
+  assert "student_1" in prints["student_2_s1_try1"]["frozen"]
+  assert "example_weights" not in prints["student_1_s1_try1"]
   results = json.loads((workdir / "results.json").read_text())
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == 2 and all(d["weight"] == 1.0 for d in accepted)

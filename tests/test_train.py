@@ -101,6 +101,50 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
   np.testing.assert_allclose(m_cached["loss"], m_computed["loss"], rtol=1e-5)
 
 
+def test_example_weights_in_the_batch_weight_the_stage_loss(dataset):
+  """``example_weight`` (pkd.cascade_focus) reaches the loss: the step's loss is the
+  weighted mean of per-row KD losses computed by hand in NumPy, rows of weight 0 excluded."""
+  alpha, t = 0.3, 2.0
+  batch, _ = _batch(dataset)
+  images, labels = batch["image"][0], batch["label"][0]
+  params = models.init_params(STUDENT, jax.random.key(3))
+  teacher = np.asarray(
+      models.create_model(TEACHER).apply(
+          {"params": models.init_params(TEACHER, jax.random.key(1))}, jnp.asarray(images)
+      ),
+      np.float64,
+  )
+  student = np.asarray(
+      models.create_model(STUDENT).apply({"params": params}, jnp.asarray(images)), np.float64
+  )
+  w = np.zeros(len(labels))
+  w[: len(w) // 2] = np.linspace(0.5, 3.0, len(w) // 2)
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+  ce = -log_softmax(student)[np.arange(len(labels)), labels]
+  p_t = np.exp(log_softmax(teacher / t))
+  kl = (p_t * (log_softmax(teacher / t) - log_softmax(student / t))).sum(-1)
+  per_row = alpha * ce + (1 - alpha) * t**2 * kl
+  expected = (w * per_row).sum() / w.sum()
+
+  tx = train.create_optimizer(train.OptimConfig(), 10)
+  step = parallel.data_parallel(
+      train.make_train_step(STUDENT, tx, losses.kd(alpha, t), train.FrozenSpec())
+  )
+  state = parallel.replicate(train.create_train_state(params, tx))
+  rngs = parallel.device_rngs(jax.random.key(0), 0)
+  frozen = parallel.replicate(train.Frozen())
+  cached = dict(batch, teacher_logits=teacher.astype(np.float32)[None])
+  _, weighted = step(state, dict(cached, example_weight=w.astype(np.float32)[None]), frozen, rngs)
+  _, uniform = step(state, cached, frozen, rngs)
+  np.testing.assert_allclose(float(np.ravel(weighted["loss"])[0]), expected, rtol=1e-4)
+  np.testing.assert_allclose(float(np.ravel(uniform["loss"])[0]), per_row.mean(), rtol=1e-4)
+  assert abs(expected - per_row.mean()) > 1e-3  # the weights matter in this batch
+
+
 def test_view_pool_batches_carry_the_outputs_of_their_own_view():
   """With a view pool, each example's cached row is the row of the view it is shown in."""
   n, num_views = 48, 3
