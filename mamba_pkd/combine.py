@@ -11,10 +11,12 @@ by minimising the negative log-likelihood (NLL) of the held-out labels with a
 continuous optimiser (L-BFGS-B on ``log(w_kj / T_k)``, started at the run's
 weights and calibration scale; no grid). The weights are stored normalised
 (``sum_j w_kj = k``, so all ones is the run's plain sum) and ``T_k`` carries
-the overall scale. On held-out data prefix ``k`` is never worse (NLL) than
-prefix ``k - 1`` (its weights padded with a 0 for the new member) nor than its
-best member alone (with its own temperature): when the fit is worse than one
-of those, that one is kept (``PrefixFit.source`` says which).
+the overall scale. On held-out data prefix ``k`` is never less accurate than
+prefix ``k - 1`` (its weights padded with a 0 for the new member) nor than any of
+its members alone, and among the combinations that keep that accuracy it has the
+lowest NLL found: the fit itself, the previous prefix, a member alone (with its own
+temperature) or a point between the fit and one of those (``PrefixFit.source``
+says which).
 
 What lives here (NumPy; SciPy is imported inside :func:`fit_scales` only, so
 loading an export needs neither): :func:`nll`, :func:`ece`,
@@ -136,8 +138,10 @@ class PrefixFit:
   Attributes:
     weights: ``w_k1..w_kk`` relative to the folded members (sum k; 0: unused).
     temperature: ``T_k``; the calibrated logits are ``sum_j w_kj f_j / T_k``.
-    source: ``"fit"``, ``"previous"`` (prefix k-1 padded with 0) or
-      ``"member_<j>"`` (member j alone), whichever had the lowest held-out NLL.
+    source: ``"fit"``, ``"previous"`` (prefix k-1 padded with 0),
+      ``"member_<j>"`` (member j alone) or ``"fit-><one of those>@<t>"`` (a fraction
+      t of the way from the fit to it): the lowest held-out NLL among those that
+      keep the held-out accuracy floor (:func:`fit_prefixes`).
     heldout_nll: held-out NLL at these weights.
   """
 
@@ -162,12 +166,27 @@ class PrefixFit:
     return combined(member_logits[: len(self.weights)], self.scales)
 
 
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Fraction of rows whose argmax is the label."""
+  return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+
+
+SEGMENT_POINTS = 20  # points tried on each segment from the NLL fit toward a safe candidate
+
+
 def fit_prefixes(
     member_logits: Sequence[np.ndarray],
     labels: np.ndarray,
     init_scales: Sequence[float] | None = None,
 ) -> list[PrefixFit]:
   """Per-prefix weights and temperatures on held-out logits, each prefix never worse.
+
+  Prefix k's candidates: the NLL fit (:func:`fit_scales`), the previous prefix
+  (padded with a 0), and each member j <= k alone at its best temperature. Its
+  held-out accuracy must be at least the previous prefix's and every such member's
+  (the accuracy floor); when the fit falls below, points on the segment from the fit
+  toward each candidate that keeps the floor are tried too (``SEGMENT_POINTS`` each).
+  Of those that keep the floor, the one with the lowest held-out NLL wins.
 
   Args:
     member_logits: the n members' held-out logits [N, K] (weights folded).
@@ -176,15 +195,19 @@ def fit_prefixes(
       starts at ``v = c_k * ones(k)``, the run's ``softmax(c_k F_k)``); default 1.
 
   Returns:
-    n :class:`PrefixFit` s; ``fits[k-1].heldout_nll`` is non-increasing in k
-    and at most the NLL of every member j <= k alone at its best temperature.
+    n :class:`PrefixFit` s: on held-out data prefix k's accuracy is at least prefix
+    k-1's and each of its members', and its NLL at most that of every candidate that
+    keeps that accuracy (so at most prefix k-1's whenever k-1 keeps it).
   """
   n = len(member_logits)
   init_scales = list(init_scales) if init_scales is not None else [1.0] * n
   singles = [fit_scales([m], labels, [init_scales[0]]) for m in member_logits]  # (v, nll)
+  single_acc = [accuracy(m, labels) for m in member_logits]
   fits: list[PrefixFit] = []
+  prev_acc = 0.0
   for k in range(1, n + 1):
-    v, loss = fit_scales(member_logits[:k], labels, [init_scales[k - 1]] * k)
+    members = member_logits[:k]
+    v, loss = fit_scales(members, labels, [init_scales[k - 1]] * k)
     candidates = [(loss, "fit", v)]
     if fits:
       prev = np.concatenate([fits[-1].scales, [0.0]])
@@ -193,8 +216,18 @@ def fit_prefixes(
       single = np.zeros(k)
       single[j] = singles[j][0][0]
       candidates.append((singles[j][1], f"member_{j + 1}", single))
-    best = min(candidates, key=lambda c: c[0])  # first of equals: the fit
+    floor = max([prev_acc, *single_acc[:k]])
+    acc = lambda u: accuracy(combined(members, u), labels)  # noqa: E731
+    safe = [c for c in candidates if acc(c[2]) >= floor]  # never empty: the floor's own
+    if acc(v) < floor:  # the fit loses accuracy: also try the way from it to each safe one
+      for _, source, u in list(safe):
+        for t in np.arange(1, SEGMENT_POINTS) / SEGMENT_POINTS:
+          w = (1 - t) * v + t * u
+          if acc(w) >= floor:
+            safe.append((nll(combined(members, w), labels), f"fit->{source}@{t:.2f}", w))
+    best = min(safe, key=lambda c: c[0])  # first of equals: the fit
     fits.append(PrefixFit.from_scales(best[2], best[1], best[0]))
+    prev_acc = acc(best[2])
   return fits
 
 

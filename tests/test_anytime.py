@@ -55,6 +55,42 @@ def test_prefixes_are_never_worse_on_heldout():
   assert nlls[3] < plain
 
 
+@pytest.mark.parametrize("seed", [5, 23, 32])
+def test_prefixes_keep_the_heldout_accuracy_of_the_previous_prefix_and_every_member(seed):
+  """Members whose NLL fit loses held-out accuracy (these seeds): each prefix is at least
+  as accurate as prefix k-1 and as each member alone, and has the lowest NLL of the
+  candidates that are (previous prefix, members alone), lower when it lies between."""
+  rng = np.random.default_rng(seed)
+  n, k = 200, 5
+  labels = rng.integers(0, k, n)
+  logits = [
+      rng.normal(size=(n, k)) * s + q * np.eye(k)[labels]
+      for q, s in zip(rng.uniform(0.5, 3, 4), rng.uniform(0.5, 2, 4))
+  ]
+  fits = combine.fit_prefixes(logits, labels)
+  acc = lambda g: float(np.mean(np.argmax(g, -1) == labels))  # noqa: E731
+  single_nll = [combine.fit_scales([m], labels, [1.0])[1] for m in logits]
+  between = 0
+  for j, fit in enumerate(fits):
+    g = fit.logits(logits)
+    assert fit.heldout_nll == pytest.approx(combine.nll(g, labels), rel=1e-9)
+    floor = max(acc(m) for m in logits[: j + 1])
+    safe_nll = [single_nll[i] for i in range(j + 1) if acc(logits[i]) >= floor]
+    if j:
+      previous = fits[j - 1].logits(logits)
+      floor = max(floor, acc(previous))
+      if acc(previous) >= floor:
+        safe_nll.append(fits[j - 1].heldout_nll)
+    assert acc(g) >= floor
+    assert fit.heldout_nll <= min(safe_nll) + 1e-9
+    if "->" in fit.source:
+      between += 1
+      assert fit.heldout_nll < min(safe_nll) - 1e-6
+      unconstrained = combine.fit_scales(logits[: j + 1], labels, [1.0] * (j + 1))[0]
+      assert acc(combine.combined(logits[: j + 1], unconstrained)) < floor
+  assert between >= 1  # these seeds reach the case where the fit alone would lose accuracy
+
+
 def test_a_harmful_last_member_falls_back_to_the_previous_prefix():
   logits, labels = _members(qualities=(2.0, 2.0))
   rng = np.random.default_rng(1)
