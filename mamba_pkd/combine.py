@@ -217,18 +217,26 @@ def fit_prefixes(
       single[j] = singles[j][0][0]
       candidates.append((singles[j][1], f"member_{j + 1}", single))
     floor = max([prev_acc, *single_acc[:k]])
-    acc = lambda u: accuracy(combined(members, u), labels)  # noqa: E731
-    safe = [c for c in candidates if acc(c[2]) >= floor]  # never empty: the floor's own
-    if acc(v) < floor:  # the fit loses accuracy: also try the way from it to each safe one
-      for _, source, u in list(safe):
-        for t in np.arange(1, SEGMENT_POINTS) / SEGMENT_POINTS:
-          w = (1 - t) * v + t * u
-          if acc(w) >= floor:
-            safe.append((nll(combined(members, w), labels), f"fit->{source}@{t:.2f}", w))
+    safe = [c for c in candidates if accuracy(combined(members, c[2]), labels) >= floor]
+    if accuracy(combined(members, v), labels) < floor:  # also the way from the fit to each
+      safe += _toward(members, labels, v, safe, floor)
     best = min(safe, key=lambda c: c[0])  # first of equals: the fit
     fits.append(PrefixFit.from_scales(best[2], best[1], best[0]))
-    prev_acc = acc(best[2])
+    prev_acc = accuracy(combined(members, best[2]), labels)
   return fits
+
+
+def _toward(members, labels, v, targets, floor: float) -> list[tuple[float, str, np.ndarray]]:
+  """(NLL, source, scales) of the points a fraction t of the way from scales ``v`` to each
+  target's that keep held-out accuracy >= ``floor`` (``SEGMENT_POINTS - 1`` per target)."""
+  out = []
+  for _, source, u in targets:
+    for t in np.arange(1, SEGMENT_POINTS) / SEGMENT_POINTS:
+      w = (1 - t) * v + t * u
+      g = combined(members, w)
+      if accuracy(g, labels) >= floor:
+        out.append((nll(g, labels), f"fit->{source}@{t:.2f}", w))
+  return out
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, init: float = 1.0) -> float:
