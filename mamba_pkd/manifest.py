@@ -25,7 +25,8 @@ Schema (``"version": 2``)::
 
     COMBINATION = {                 # fitted on held-out data after training (mamba_pkd.anytime)
       "prefixes": [{"k", "weights" (k floats, sum k, relative to the folded members),
-                    "temperature", "source" ("fit" | "previous" | "member_<j>"),
+                    "temperature", "source" ("fit" | "previous" | "member_<j>" |
+                    "fit-><one of those>@<t>", combine.fit_prefixes),
                     "heldout_nll"}, ...],       # G_k = sum_j weights[j] f_j / temperature
       "teacher_temperature",
       "cascades": {"<budget>%": {"budget_pct", "threshold", "teacher_exit",
