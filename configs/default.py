@@ -94,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.pkd.connect = False  # student k reads student k-1's frozen features
   # Cascade-aware training: a share f of student k's loss mass moved onto the examples its
   # prefix is unsure of, in proportion to 1 - (held-out-calibrated top-1 probability);
-  # 0: uniform, else needs cached views. 0.5 beat 0, 0.25 and 1 on held-out digits (README).
+  # 0: uniform, else needs cached views. 0.5 beat 0, 0.25 and 1 on held-out digits in 3 seeds;
+  # the test digits did not confirm it (README, "How it gets there").
   config.pkd.cascade_focus = 0.5
 
   config.report = ml_collections.ConfigDict()
