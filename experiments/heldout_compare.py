@@ -56,21 +56,16 @@ def out_of_fold(teacher, students, labels, budgets, *, repeats: int, seed: int, 
         (order[n // 2 :], order[: n // 2]),
     ):
       y_fit, y_score = labels[fit_rows], labels[score_rows]
-      fits = combine.fit_prefixes(
-          [m[fit_rows] for m in member], y_fit, [s.prefix_scale for s in students]
-      )
+      fit_m, score_m = [m[fit_rows] for m in member], [m[score_rows] for m in member]
+      fits = combine.fit_prefixes(fit_m, y_fit, [s.prefix_scale for s in students])
       comb = combine.Combination(fits, combine.fit_temperature(teacher_logits[fit_rows], y_fit))
       for j, fit in enumerate(fits):
-        g = fit.logits([m[score_rows] for m in member])
+        g = fit.logits(score_m)
         lp = combine.log_softmax(g)
         nll[j, score_rows] -= lp[np.arange(len(score_rows)), y_score]
         prefix_correct[j, score_rows] += np.argmax(g, -1) == y_score
-      fit_stages = anytime.cascade_stages(
-          comb, teacher_logits[fit_rows], [m[fit_rows] for m in member], stage_flops
-      )
-      score_stages = anytime.cascade_stages(
-          comb, teacher_logits[score_rows], [m[score_rows] for m in member], stage_flops
-      )
+      fit_stages = anytime.cascade_stages(comb, teacher_logits[fit_rows], fit_m, stage_flops)
+      score_stages = anytime.cascade_stages(comb, teacher_logits[score_rows], score_m, stage_flops)
       for b in budgets:
         rule = cascade.choose_rule(
             fit_stages[0],

@@ -167,7 +167,7 @@ class PrefixFit:
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-  """Fraction of rows whose argmax is the label."""
+  """Fraction of rows whose argmax equals the label (the project's one accuracy)."""
   return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
 
 
@@ -217,8 +217,9 @@ def fit_prefixes(
       single[j] = singles[j][0][0]
       candidates.append((singles[j][1], f"member_{j + 1}", single))
     floor = max([prev_acc, *single_acc[:k]])
-    safe = [c for c in candidates if accuracy(combined(members, c[2]), labels) >= floor]
-    if accuracy(combined(members, v), labels) < floor:  # also the way from the fit to each
+    accs = [accuracy(combined(members, c[2]), labels) for c in candidates]
+    safe = [c for c, a in zip(candidates, accs) if a >= floor]  # never empty: the floor's own
+    if accs[0] < floor:  # the fit loses accuracy: also the way from it to each safe one
       safe += _toward(members, labels, v, safe, floor)
     best = min(safe, key=lambda c: c[0])  # first of equals: the fit
     fits.append(PrefixFit.from_scales(best[2], best[1], best[0]))

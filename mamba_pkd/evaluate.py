@@ -19,6 +19,7 @@ import numpy as np
 
 from mamba_pkd import ensemble, flops, parallel, report, sanity
 from mamba_pkd import data as data_lib
+from mamba_pkd.combine import accuracy  # one owner: combine (pkd imports it from here)
 from mamba_pkd.models import ModelConfig, apply_members, create_model
 
 PyTree = Any
@@ -103,11 +104,6 @@ def predict_dataset(
 # ----------------------------------------------------------------------------
 # Rows of the report.
 # ----------------------------------------------------------------------------
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-  """Fraction of rows whose argmax equals the label."""
-  return float(np.mean(np.argmax(logits, -1) == labels))
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,13 +19,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import losses
+from mamba_pkd import combine, losses
+from mamba_pkd.combine import accuracy  # one owner: combine
 from mamba_pkd.settings import PKDSettings
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-  """Fraction of rows whose argmax equals the label."""
-  return float(np.mean(np.argmax(logits, -1) == labels))
 
 
 def teacher_fit(
@@ -233,9 +229,7 @@ def focus_weights(prefix: np.ndarray, temperature: float, focus: float) -> np.nd
     raise ValueError(f"focus must be in [0, 1], got {focus}")
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  z = np.asarray(prefix, np.float64) / temperature
-  z = z - z.max(axis=-1, keepdims=True)
-  unsure = 1.0 - 1.0 / np.exp(z).sum(axis=-1)  # 1 - the top-1 probability exp(0) / sum
+  unsure = 1.0 - combine.max_probability(np.asarray(prefix, np.float64) / temperature)
   if not unsure.mean() > 0:  # every row certain: nothing to emphasise
     return np.ones(len(unsure), np.float32)
   return ((1.0 - focus) + focus * unsure / unsure.mean()).astype(np.float32)
