@@ -159,8 +159,20 @@ _pmapped_identity = jax.pmap(lambda tree: tree, axis_name=AXIS)
 
 
 def unreplicate(tree: Any) -> Any:
-  """Host NumPy copy of device 0's replica: leaf [devices, ...] -> [...]."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+  """Host NumPy copy of the first local device's replica: leaf [devices, ...] -> [...].
+
+  A device array's first shard is read directly (``x[0]`` would be a small XLA program per
+  leaf shape, compiled the first time each shape is seen).
+  """
+
+  def first(x):
+    if isinstance(x, jax.Array):
+      shard = np.asarray(x.addressable_data(0))
+      if shard.shape == (1, *x.shape[1:]):
+        return shard[0]
+    return np.asarray(x)[0]
+
+  return jax.tree.map(first, tree)
 
 
 def split_rngs(rng: jax.Array, num: int | None = None) -> jax.Array:

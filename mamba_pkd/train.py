@@ -123,7 +123,11 @@ def create_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTran
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  # The optimizer's state in one jitted program (eagerly, every leaf's zeros would be a program
+  # of its own, compiled for each new shape).
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params)
+  )
 
 
 # ----------------------------------------------------------------------------
