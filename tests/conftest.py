@@ -259,10 +259,12 @@ def flat(batch):
 # Test modules that start `main` in subprocesses (tens of seconds each), most expensive
 # first: the two pytest-xdist workers (setup.cfg, `--dist loadfile --no-loadscope-reorder`)
 # take modules in this order, so the long ones start early instead of finishing last.
-# test_notebooks (which trains its own small run) comes second so that the second worker
-# does not wait for the shared reference run the first is making.
+# test_scan (in-process, compile-bound) comes second: the second worker runs it while the
+# first makes the shared reference run, which test_notebooks and the others after it wait
+# for (their stages then read its programs from the compilation cache).
 HEAVY_MODULES_FIRST = (
     "test_multihost.py",
+    "test_scan.py",
     "test_notebooks.py",
     "test_pkd.py",
     "test_resume.py",

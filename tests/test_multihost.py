@@ -14,10 +14,13 @@ must agree:
   more devices sums the per-device gradient means in another order, which
   changes float32 rounding (measured: <= 2e-5 relative after a smoke run).
 
-A second two-process run over the first one's workdir, with the last stage's
-final checkpoint and newest step removed (as if both processes had been killed
-after the step before), restores every stage on every process, resumes the
-last one from that step and writes the same ``results.json`` bytes.
+The two-process run starts from a copy of the 2-device run's workdir with its last stage
+removed (trained again from a fresh init, across both processes) and the stage before it cut
+back to an earlier checkpoint (as if both processes had been killed after that step): every
+process restores the stages before, resumes the cut one from that step and trains the last,
+and the run must write the 2-device run's ``results.json`` bytes and metrics. (One
+two-process run instead of a fresh one plus a resumed one: each process compiles every
+program it runs, and the teacher's are the costliest.)
 """
 
 import json
@@ -30,7 +33,8 @@ import subprocess
 
 import pytest
 
-from conftest import shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env, smoke_runs
+from conftest import metric_records, shared_reference_run, smoke_cmd, smoke_data_flag, smoke_env
+from conftest import smoke_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-4  # floats in results.json, 1 vs 2 vs 4 devices (see the module docstring)
@@ -143,10 +147,33 @@ def two_devices(single_process_runs):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_processes")
-  logs = tmp_path_factory.mktemp("two_processes_logs")
-  return workdir, _two_process_run(workdir, logs, smoke_data_flag(tmp_path_factory))
+def two_processes(single_process_runs, tmp_path_factory):
+  """(workdir, logs, (complete, resumed, retrained, previous, total)) of the two-process run
+  over a copy of the 2-device workdir: the last stage trained removed, the one before cut
+  back to its second newest checkpoint step, their metrics records and the report removed."""
+  workdir = tmp_path_factory.mktemp("two_processes") / "run"
+  shutil.copytree(single_process_runs[2], workdir)
+  records = (workdir / "metrics.jsonl").read_text().splitlines()
+  order = list(dict.fromkeys(json.loads(r)["stage"] for r in records))  # in training order
+  *complete, resumed, retrained = order
+  shutil.rmtree(workdir / "ckpt" / retrained)
+  cut = workdir / "ckpt" / resumed
+  *_, previous, total = sorted(int(p.name) for p in (cut / "steps").iterdir() if p.name.isdigit())
+  shutil.rmtree(cut / "final")  # as if both processes were killed after step `previous`
+  shutil.rmtree(cut / "steps" / str(total))
+  kept = [
+      r
+      for r in records
+      if json.loads(r)["stage"] in complete
+      or (json.loads(r)["stage"] == resumed and json.loads(r)["step"] <= previous)
+  ]
+  (workdir / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+  for name in ("results.json", "results.md", "predictions.npz"):
+    (workdir / name).unlink()
+  logs = _two_process_run(
+      workdir, tmp_path_factory.mktemp("two_processes_logs"), smoke_data_flag(tmp_path_factory)
+  )
+  return workdir, logs, (complete, resumed, retrained, previous, total)
 
 
 # -- tests ------------------------------------------------------------------------
@@ -174,11 +201,11 @@ def test_one_two_and_four_devices_give_the_same_results(single_process_runs):
   assert _stage_names(two_devices) == _stage_names(four_devices) == _stage_names(one_device)
 
 
-@pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
+@pytest.mark.slow  # two processes that each compile what they run: a minute on 2 cores
 def test_two_processes_equal_one_process_and_only_process_0_writes(
     two_processes, one_device, two_devices
 ):
-  workdir, logs = two_processes
+  workdir, logs, (_, resumed, retrained, _, _) = two_processes
   for i, log in enumerate(logs):
     assert f"process {i} of 2, 2 global" in log, log[-3000:]
     assert "| teacher |" in log  # every process prints the table
@@ -188,35 +215,19 @@ def test_two_processes_equal_one_process_and_only_process_0_writes(
   # Only process 0 wrote: checkpoints, metrics (each record once), report.
   assert "Saved step" in logs[0] and "Saved step" not in logs[1]
   assert "report written" in logs[0] and "report written" not in logs[1]
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  keys = [(r["stage"], r["step"]) for r in records]
-  assert keys and len(keys) == len(set(keys))
+  assert metric_records(workdir) == metric_records(two_devices)  # every record, once, in order
+  assert {r["stage"] for r in metric_records(workdir)} >= {resumed, retrained}
   assert not [p for p in workdir.rglob("*") if "process_1" in p.name]
   assert _stage_names(workdir) == _stage_names(two_devices)
 
 
-@pytest.mark.slow  # two processes that each compile everything: minutes on 2 cores
-def test_two_processes_restore_everything_and_resume_the_last_stage(
-    two_processes, tmp_path_factory
-):
-  first, _ = two_processes
-  workdir = tmp_path_factory.mktemp("two_processes_resumed") / "run"
-  shutil.copytree(first, workdir)
-  records = (workdir / "metrics.jsonl").read_text().splitlines()
-  last_name = json.loads(records[-1])["stage"]  # the stage trained last
-  last = workdir / "ckpt" / last_name
-  *_, previous, total = sorted(int(p.name) for p in (last / "steps").iterdir() if p.name.isdigit())
-  shutil.rmtree(last / "final")  # as if both processes were killed after step `previous`
-  shutil.rmtree(last / "steps" / str(total))
-  (workdir / "results.json").unlink()
-  logs = _two_process_run(
-      workdir,
-      tmp_path_factory.mktemp("two_processes_resumed_logs"),
-      smoke_data_flag(tmp_path_factory),
-  )
-  complete = [s for s in _stage_names(first) if s != last_name]
+@pytest.mark.slow  # shares the run above
+def test_two_processes_restore_resume_and_retrain_stages(two_processes):
+  _, logs, (complete, resumed, retrained, previous, total) = two_processes
+  assert complete and "teacher" in complete
   for log in logs:
     for stage in complete:
       assert f"stage {stage}: already complete, not retrained" in log, log[-3000:]
-    assert f"stage {last_name}: resuming from step {previous} of {total}" in log, log[-3000:]
-  assert (workdir / "results.json").read_bytes() == (first / "results.json").read_bytes()
+    assert f"stage {resumed}: resuming from step {previous} of {total}" in log, log[-3000:]
+    assert f"stage {retrained}: " in log and f"stage {retrained}: already complete" not in log
+    assert f"stage {retrained}: resuming" not in log

@@ -21,6 +21,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conftest import shared_reference_run  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = "mamba-pkd-test"
 CELL_TIMEOUT_S = 240
@@ -90,9 +92,15 @@ def _text(nb) -> str:
 
 
 @pytest.fixture(scope="module")
-def quickstart(notebook_env):
+def quickstart(notebook_env, tmp_path_factory):
   """(notebook, workdir, error): a failing cell is reported by the quickstart test;
-  the report and plot tests still check what the run wrote before it."""
+  the report and plot tests still check what the run wrote before it.
+
+  Waits for conftest's shared reference run first: the notebook's smoke stages (teacher, s1,
+  s2 on one device) are the same programs, which it then reads from the compilation cache
+  instead of compiling them at the same time.
+  """
+  shared_reference_run(tmp_path_factory)
   try:
     return _execute("quickstart"), notebook_env, None
   except nbclient.exceptions.CellExecutionError as e:

@@ -1,8 +1,8 @@
 """Surviving faults: SIGKILL + rerun, a corrupted checkpoint, NaN losses.
 
-(That the same command gives the same bytes, results and every logged metric, is checked
-by test_workdir_lock.py's two runs started on one workdir: the one that runs is compared
-with the reference here too.)
+The killed-and-rerun run also shows that the same command gives the same bytes and the same
+logged metrics: its teacher is trained from scratch, and what it and the rerun log matches
+the reference's records.
 
 Every run is ``python -m mamba_pkd.main --config=configs/smoke.py`` in a
 subprocess on one CPU device; the reference is conftest's shared run (on the
@@ -27,7 +27,7 @@ import signal
 import subprocess
 import time
 
-
+import numpy as np
 import pytest
 
 from conftest import metric_records, run_smoke, shared_reference_run, smoke_cmd, smoke_data_flag
@@ -145,6 +145,23 @@ def test_sigkill_mid_student_stage_then_rerun_equals_uninterrupted(reference, da
   assert f"stage {stage.name}: resuming from step {previous} of {STUDENT_STEPS}" in err, err[-5000:]
   assert [p.name.split("-")[0] for p in (stage / "corrupted").iterdir()] == [str(newest)]
   assert (workdir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
+  # Every logged loss, accuracy and gradient norm equals the uninterrupted run's: the stages
+  # only the rerun trained record for record; the teacher, which the killed run logged at every
+  # step (a run logs at each checkpoint), as the float32 mean of each of the reference's
+  # logging windows (how the trainer averages a window).
+  want, got = metric_records(reference), metric_records(workdir)
+  teacher = [r for r in got if r["stage"] == "teacher"]
+  assert [r["step"] for r in teacher] == list(range(1, len(teacher) + 1))
+  start = 0
+  for record in (r for r in want if r["stage"] == "teacher"):
+    window, start = teacher[start : record["step"]], record["step"]
+    for key in set(record) - {"stage", "step"}:
+      assert record[key] == float(np.mean(np.float32([r[key] for r in window]))), (record, key)
+  others = ("teacher", stage.name)
+  assert [r for r in got if r["stage"] not in others] == [
+      r for r in want if r["stage"] not in others
+  ]
+  assert {r["stage"] for r in want} - set(others)
 
 
 def test_non_finite_loss_stops_names_stage_and_steps_keeps_last_good_checkpoint(non_finite_run):

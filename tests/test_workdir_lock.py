@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,12 +110,16 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
 
 
 def test_two_smoke_runs_on_one_workdir(tmp_path_factory, tmp_path):
-  """Started together: the other exits with code 2 and one line naming the holder while
-  the first is still running; the first runs to the end, and its results.json, results.md
-  and every logged loss, accuracy and gradient norm equal the shared reference run's (the
-  same command) bit for bit: the run is deterministic."""
+  """Started together on a copy of the shared reference run, with its command: the other
+  exits with code 2 and one line naming the holder while the first is still running; the
+  first restores every stage and rewrites the report, and its results.json and results.md
+  equal the reference's bit for bit. (That training the same command again gives the same
+  bytes and every logged metric is checked by test_resume.py's killed-and-rerun run.)"""
   reference = shared_reference_run(tmp_path_factory)
   workdir = tmp_path / "shared"
+  shutil.copytree(reference, workdir)
+  for name in ("results.json", "results.md"):
+    (workdir / name).unlink()
   logs = [tmp_path / "a.log", tmp_path / "b.log"]
   files = [open(p, "w") for p in logs]
   command = smoke_cmd(workdir, smoke_data_flag(tmp_path_factory))  # the reference's
@@ -154,6 +159,9 @@ def test_two_smoke_runs_on_one_workdir(tmp_path_factory, tmp_path):
   assert procs[winner].returncode == 0, logs[winner].read_text()[-5000:]
   assert not (workdir / "run.lock").exists()  # released at exit
 
+  log = logs[winner].read_text()
+  assert log.count("already complete, not retrained") == len(list((reference / "ckpt").iterdir()))
+  assert "compiling" not in log  # nothing trained
   for name in ("results.json", "results.md"):
     assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
-  assert metric_records(workdir) == metric_records(reference)
+  assert metric_records(workdir) == metric_records(reference)  # no record added
