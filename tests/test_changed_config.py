@@ -40,19 +40,20 @@ def test_changed_config_stops_with_one_line_and_keeps_config_json(reference, tmp
 
 def test_retrain_changed_retrains_exactly_the_changed_stages(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
-  out = run_smoke(workdir, 1, reference[1], "--config.pkd.alpha=0.9", "--retrain_changed")
+  out = run_smoke(workdir, 1, reference[1], "--config.pkd.cascade_focus=0.25", "--retrain_changed")
   assert out.returncode == 0, out.stderr[-3000:]
   trained = sorted(
       line.split("stage ")[1].split(":")[0]
       for line in out.stderr.splitlines()
       if "compiled in" in line
   )
-  # pkd.alpha is part of the distilled students' loss only: the teacher and the CE baseline stay.
-  assert trained == ["student_1_s1_try1", "student_2_s2_try1"]
-  assert "stage teacher: already complete" in out.stderr
-  assert "stage baseline_1_s1: already complete" in out.stderr
+  # pkd.cascade_focus weights a student's examples by the doubt of the students before it:
+  # student 1 (nobody before it), the teacher and the CE baseline stay; student 2 is retrained.
+  assert trained == ["student_2_s2_try1"]
+  for stage in ("teacher", "student_1_s1_try1", "baseline_1_s1"):
+    assert f"stage {stage}: already complete" in out.stderr
   replaced = sorted(p.name.rsplit("-", 2)[0] for p in (workdir / "ckpt" / ".replaced").iterdir())
-  assert replaced == ["student_1_s1_try1", "student_2_s2_try1"]
-  assert json.loads((workdir / "config.json").read_text())["pkd"]["alpha"] == 0.9
+  assert replaced == ["student_2_s2_try1"]
+  assert json.loads((workdir / "config.json").read_text())["pkd"]["cascade_focus"] == 0.25
   history = (workdir / "config_history.jsonl").read_text().splitlines()
-  assert json.loads(history[-1])["config"]["pkd"]["alpha"] == 0.9
+  assert json.loads(history[-1])["config"]["pkd"]["cascade_focus"] == 0.25

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import jit_apply
+
 from mamba_pkd import checkpoints, ensemble, export, flops, manifest, models, predict, runs
 from mamba_pkd.models import init_params
 from mamba_pkd.ladders import ladder_configs
@@ -116,8 +118,7 @@ def _reference_prefixes(reference, x):
   """[F_1, F_2, F_3] on normalised x: each member applied by hand, features chained by hand."""
   f, prev = [], None
   for cfg, params, weight in zip(reference["configs"], reference["params"], WEIGHTS):
-    model = models.create_model(cfg)
-    logits, prev = model.apply({"params": params}, x, prev, return_features=True)
+    logits, prev = jit_apply(cfg)({"params": params}, x, prev, return_features=True)
     f.append(weight * np.asarray(logits, np.float64))
   return [f[0], f[0] + f[1], f[0] + f[1] + f[2]]
 

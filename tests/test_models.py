@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mamba_pkd import ensemble, flops, models
-from conftest import REPO
+from conftest import REPO, jit_apply
 
 # Hand-computed parameter counts (see the comments; dt_rank = ceil(d_model / 16)).
 MNIST_TEACHER = models.ModelConfig(
@@ -61,9 +61,7 @@ def test_classifier_forward_shapes_and_features():
   )
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-  logits, features = models.create_model(config).apply(
-      {"params": params}, images, return_features=True
-  )
+  logits, features = jit_apply(config)({"params": params}, images, return_features=True)
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   assert features.shape == (3, 8)
   # The head is linear in the pooled features.
@@ -82,10 +80,10 @@ def test_fold_weight_scales_logits_not_features():
   )
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-  model = models.create_model(config)
-  logits, features = model.apply({"params": params}, images, return_features=True)
+  apply = jit_apply(config)
+  logits, features = apply({"params": params}, images, return_features=True)
   scaled = ensemble.fold_weight(params, 2.5)
-  logits2, features2 = model.apply({"params": scaled}, images, return_features=True)
+  logits2, features2 = apply({"params": scaled}, images, return_features=True)
   np.testing.assert_allclose(logits2, 2.5 * logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(features2, features)
   np.testing.assert_array_equal(
@@ -109,10 +107,10 @@ def test_connection_reads_previous_features_and_is_frozen():
   model = models.create_model(config)
   images = jnp.ones((2, 8, 8, 1))
   prev = jax.random.normal(jax.random.key(2), (2, 5))
-  out_a = model.apply({"params": params}, images, prev)
-  out_b = model.apply({"params": params}, images, prev + 1.0)
+  out_a = jit_apply(config)({"params": params}, images, prev)
+  out_b = jit_apply(config)({"params": params}, images, prev + 1.0)
   assert not np.allclose(out_a, out_b)
-  grad = jax.grad(lambda f: model.apply({"params": params}, images, f).sum())(prev)
+  grad = jax.jit(jax.grad(lambda f: model.apply({"params": params}, images, f).sum()))(prev)
   np.testing.assert_array_equal(grad, 0.0)  # stop_gradient: the previous student stays frozen
   with pytest.raises(ValueError, match="connect_dim=5"):
     model.apply({"params": params}, images)

@@ -349,29 +349,25 @@ RESIDUAL = (
 
 
 @pytest.fixture(scope="module")
-def rerun_and_residual(tmp_path_factory):
-  """Two runs of `main`, made side by side (they compile different programs):
+def copy_and_residual(tmp_path_factory):
+  """A copy of the shared reference run (the export and predict checks read it), and the
+  residual-target run with connections (``RESIDUAL``) in its own workdir, on its own copy
+  of the smoke arrays (``data.npz`` beside the workdir; the test moves it away). (The
+  reference's command run again on a copy, restoring every stage and rewriting the same
+  report bytes, is tests/test_workdir_lock.py's winning run.)
 
-  * the shared reference's command again, on a copy of its workdir (which it rewrites);
-  * the residual-target run with connections (``RESIDUAL``), in its own workdir, on its own
-    copy of the smoke arrays (``data.npz`` beside the workdir; the test moves it away).
-
-  Returns ((workdir, CompletedProcess), (workdir, CompletedProcess)).
+  Returns (copy, (workdir, CompletedProcess)).
   """
   reference = shared_reference_run(tmp_path_factory)
-  rerun = tmp_path_factory.mktemp("rerun") / "run"
-  shutil.copytree(reference, rerun)
+  copy = tmp_path_factory.mktemp("copy") / "run"
+  shutil.copytree(reference, copy)
   residual = tmp_path_factory.mktemp("residual") / "run"
   own_data = residual.with_name("data.npz")
   shutil.copy(smoke_data(tmp_path_factory), own_data)
-  outs = smoke_runs(
-      tmp_path_factory,
-      [
-          (rerun, 1, (smoke_data_flag(tmp_path_factory),)),
-          (residual, 1, (f"--config.dataset=npz:{own_data}", *RESIDUAL)),
-      ],
+  (out,) = smoke_runs(
+      tmp_path_factory, [(residual, 1, (f"--config.dataset=npz:{own_data}", *RESIDUAL))]
   )
-  return (rerun, outs[0]), (residual, outs[1])
+  return copy, (residual, out)
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -382,10 +378,10 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_run_through_main_writes_a_consistent_report(
-    tmp_path_factory, tmp_path, rerun_and_residual
+    tmp_path_factory, tmp_path, copy_and_residual
 ):
   """The smoke job on the user's own arrays (npz; conftest's shared reference run): report,
-  manifest, resume (on a copy), export and predict (with its budgets)."""
+  manifest, export and predict (with its budgets; on a copy)."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
 
   reference = shared_reference_run(tmp_path_factory)
@@ -415,13 +411,7 @@ def test_smoke_run_through_main_writes_a_consistent_report(
   assert {m["stage"] for m in metrics} >= {"teacher"}
   assert list((reference / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard summaries
 
-  # Re-running the same command (on a copy) restores every finished stage instead of
-  # training it.
-  (workdir, again), _ = rerun_and_residual
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "already complete, not retrained" in again.stderr
-  assert "compiled in" not in again.stderr  # no train step was built
-  assert json.loads((workdir / "results.json").read_text()) == results
+  workdir, _ = copy_and_residual  # a copy of the reference
 
   # The manifest, written by the run, agrees with its decisions and its report.
   m = manifest.read_manifest(workdir)
@@ -502,14 +492,14 @@ def _export_and_predict_8(workdir: pathlib.Path, ds, tmp_path: pathlib.Path) -> 
   return bundle
 
 
-def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residual, tmp_path):
+def test_residual_target_with_connections_runs_on_the_view_pool(copy_and_residual, tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
   features, with the prefix logits and features computed on the view pool, and a size
   that gave a weak learner is tried again (``pkd.repeat_size``). Its dataset
   file moved away, the run is still exported and predicted from (manifest + checkpoints)."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
 
-  _, (workdir, out) = rerun_and_residual  # RESIDUAL
+  _, (workdir, out) = copy_and_residual  # RESIDUAL
   assert out.returncode == 0, out.stderr[-3000:]
   # Stage 2 read student 1's logits and features on the 8 x 192 pooled views.
   assert "student_1: outputs on the 1536 pooled views" in out.stderr
@@ -533,7 +523,7 @@ def test_residual_target_with_connections_runs_on_the_view_pool(rerun_and_residu
       "prefix_1..2",
   ]
 
-  data_file = workdir.with_name("data.npz")  # this run's own copy (rerun_and_residual)
+  data_file = workdir.with_name("data.npz")  # this run's own copy (copy_and_residual)
   assert results["meta"]["dataset"] == f"npz:{data_file}"
   ds = data_lib.load_dataset(f"npz:{data_file}", seed=0)
   data_file.rename(data_file.with_name("moved_away.npz"))

@@ -13,7 +13,7 @@ import pytest
 from mamba_pkd import checkpoints, evaluate, losses, models, parallel, train
 from mamba_pkd import data as data_lib
 
-from conftest import smoke_env
+from conftest import jit_apply, smoke_env
 
 TINY = dict(image_shape=(8, 8, 1), num_classes=3, patch_size=4, d_state=2, scan_method="sequential")
 TEACHER = models.ModelConfig(d_model=8, n_layers=1, **TINY)
@@ -82,10 +82,10 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
   batch, _ = _batch(dataset)
   images = jnp.asarray(batch["image"][0])
   computed = train.frozen_outputs(spec, frozen, {"image": images})
-  g = models.create_model(TEACHER).apply({"params": teacher}, images)
-  f1 = models.create_model(STUDENT).apply({"params": s1}, images)
-  np.testing.assert_allclose(computed["teacher"], g, rtol=1e-6)
-  np.testing.assert_allclose(computed["prefix"], f1, rtol=1e-6)
+  g = jit_apply(TEACHER)({"params": teacher}, images)
+  f1 = jit_apply(STUDENT)({"params": s1}, images)
+  np.testing.assert_allclose(computed["teacher"], g, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(computed["prefix"], f1, rtol=1e-6, atol=1e-6)
 
   tx = train.create_optimizer(train.OptimConfig(), 10)
   step = parallel.data_parallel(
@@ -109,14 +109,12 @@ def test_example_weights_in_the_batch_weight_the_stage_loss(dataset):
   images, labels = batch["image"][0], batch["label"][0]
   params = models.init_params(STUDENT, jax.random.key(3))
   teacher = np.asarray(
-      models.create_model(TEACHER).apply(
+      jit_apply(TEACHER)(
           {"params": models.init_params(TEACHER, jax.random.key(1))}, jnp.asarray(images)
       ),
       np.float64,
   )
-  student = np.asarray(
-      models.create_model(STUDENT).apply({"params": params}, jnp.asarray(images)), np.float64
-  )
+  student = np.asarray(jit_apply(STUDENT)({"params": params}, jnp.asarray(images)), np.float64)
   w = np.zeros(len(labels))
   w[: len(w) // 2] = np.linspace(0.5, 3.0, len(w) // 2)
 
@@ -183,14 +181,12 @@ def test_frozen_prefix_chains_connected_students_like_hand_chained_apply():
       train.FrozenSpec(students=cfgs), train.Frozen(students=params), {"image": images}
   )
   # By hand: student 2 reads student 1's pooled features.
-  f1, h1 = models.create_model(cfgs[0]).apply({"params": params[0]}, images, return_features=True)
-  f2, h2 = models.create_model(cfgs[1]).apply(
-      {"params": params[1]}, images, h1, return_features=True
-  )
+  f1, h1 = jit_apply(cfgs[0])({"params": params[0]}, images, return_features=True)
+  f2, h2 = jit_apply(cfgs[1])({"params": params[1]}, images, h1, return_features=True)
   np.testing.assert_allclose(out["prefix"], f1 + f2, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out["prev_features"], h2, rtol=1e-6, atol=1e-6)
   # Not chained, student 2 would see zeros instead of features: a different prefix.
-  f2_alone = models.create_model(cfgs[1]).apply({"params": params[1]}, images, jnp.zeros_like(h1))
+  f2_alone = jit_apply(cfgs[1])({"params": params[1]}, images, jnp.zeros_like(h1))
   assert not np.allclose(out["prefix"], f1 + f2_alone)
 
 
@@ -201,7 +197,7 @@ def test_predict_dataset_covers_every_example(dataset):
   )
   assert logits.shape == (37, 3) and feats.shape == (37, 4)
   images = data_lib.normalize(dataset.x_test, dataset.mean, dataset.std)
-  direct = models.create_model(STUDENT).apply({"params": params}, images)
+  direct = jit_apply(STUDENT)({"params": params}, images)
   np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-6)
 
 
