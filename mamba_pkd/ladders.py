@@ -308,8 +308,22 @@ def match_mlp(target: int, image_shape, num_classes: int) -> MLPConfig:
   """The two-layer MLP (widths (h, h // 2), h in :data:`MLP_WIDTHS`) closest to
   ``target`` FLOPs (in log scale)."""
   base = MLPConfig(image_shape=tuple(image_shape), num_classes=num_classes)
-  configs = [base.replace(hidden=(h, max(1, h // 2))) for h in MLP_WIDTHS]
-  return min(configs, key=lambda c: _log_error(flops.count_flops(c), target))
+
+  def config(h: int) -> MLPConfig:
+    return base.replace(hidden=(h, max(1, h // 2)))
+
+  # FLOPs grow strictly with h (the first layer alone adds pixels x 2 per unit of h), so
+  # the error in log scale falls, then rises: the closest width is one of the two around
+  # the first whose FLOPs reach the target (found by bisection instead of counting all).
+  lo, hi = 0, len(MLP_WIDTHS) - 1
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if flops.count_flops(config(MLP_WIDTHS[mid])) >= target:
+      hi = mid
+    else:
+      lo = mid + 1
+  near = [config(h) for h in MLP_WIDTHS[max(lo - 1, 0) : lo + 1]]
+  return min(near, key=lambda c: _log_error(flops.count_flops(c), target))
 
 
 def family_sizes(sizes: dict[str, ModelConfig]) -> dict[str, CNNConfig | MLPConfig]:

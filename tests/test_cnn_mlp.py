@@ -93,6 +93,22 @@ def test_every_rung_is_within_ten_percent_of_its_mamba_size(ladder, shape):
     assert models.count_tree_params(params) == flops.count_params(other[name]), name
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (8, 8, 1)])
+def test_mlp_match_by_bisection_equals_the_closest_of_every_width(shape):
+  """match_mlp bisects; the brute force counts every width and keeps the first closest."""
+  base = cnn_mlp.MLPConfig(image_shape=shape, num_classes=10)
+  costs = [flops.count_flops(base.replace(hidden=(h, max(1, h // 2)))) for h in ladders.MLP_WIDTHS]
+  targets = [1, costs[0], costs[0] + 1, costs[-1], 10 * costs[-1]]
+  targets += [costs[i] for i in (1, 57, 1000)] + [
+      (costs[i] * costs[i + 1]) ** 0.5 for i in (3, 999)
+  ]
+  targets += list(np.geomspace(costs[0], costs[-1], 25))
+  for target in targets:
+    want = min(range(len(costs)), key=lambda i: abs(np.log(costs[i] / target)))
+    got = ladders.match_mlp(target, shape, 10)
+    assert got.hidden[0] == ladders.MLP_WIDTHS[want], (shape, target)
+
+
 def test_configs_round_trip_through_a_dict_and_ignore_scan_fields():
   for config in (CNN(channels=(3, 5), hidden=9, connect_dim=4), MLP(hidden=(12, 6))):
     record = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
