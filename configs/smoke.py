@@ -19,8 +19,8 @@ def get_config():
   config.dataset = "synthetic:num_train=256,num_test=100,height=16,width=16,num_classes=4"
   config.validation_size = 64
   config.eval_batch_size = 64
-  config.checkpoint_every = 4
-  config.log_every = 4
+  config.checkpoint_every = 6  # 2 step checkpoints a 12-step stage: a resume point and the end
+  config.log_every = 6
   config.model.ladder = "tiny"
   config.model.scan_method = "sequential"
   config.teacher.epochs = 2
