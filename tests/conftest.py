@@ -211,9 +211,11 @@ def shared_reference_run(tmp_path_factory) -> pathlib.Path:
   read after (a test that changes a run copies it first, ``shutil.copytree``).
 
   Its stdout and stderr are kept beside it (:func:`reference_output`). Used by
-  tests/test_pkd.py (report, manifest, restore, export), tests/test_resume.py and
-  tests/test_multihost.py as their common reference; :func:`smoke_runs` makes it side by
-  side with other runs.
+  tests/test_pkd.py (report, manifest, export), tests/test_workdir_lock.py (its command
+  again on a copy: every stage restored, the same report bytes), tests/test_resume.py,
+  tests/test_changed_config.py, tests/test_cnn_mlp.py and tests/test_multihost.py as their
+  common reference, and by tests/test_notebooks.py for its compiled programs;
+  :func:`smoke_runs` makes it side by side with other runs.
   """
   smoke_runs(tmp_path_factory)
   return _reference_dir(tmp_path_factory)
