@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pkd.reseeds = 1  # retries with another seed before the next ladder size
   config.pkd.repeat_size = False  # after an accepted student try the same size again (B-DISTIL)
   config.pkd.connect = False  # student k reads student k-1's frozen features
+  # With connect: those features are student k-1's token-level hidden states, added to
+  # student k's embedded patches (prefix k becomes one deeper network with k exits).
+  config.pkd.connect_tokens = False
   # Cascade-aware training: a share f of student k's loss mass moved onto the examples its
   # prefix is unsure of, in proportion to 1 - (held-out-calibrated top-1 probability);
   # 0: uniform, else needs cached views. 0.5 beat 0, 0.25 and 1 on held-out digits in 3 seeds;

@@ -26,6 +26,8 @@ def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Traine
   out = []
   for k, student in enumerate(students, start=1):
     model_config = student.config.replace(connect_dim=0)
+    if getattr(model_config, "token_features", False):
+      model_config = model_config.replace(token_features=False)  # a standalone model
     seed = ctx.config.seed + 7 + 1000 * k
     member = run_stage(
         ctx,

@@ -8,7 +8,8 @@ Notation (see ``pkd``): member ``j`` has logits ``f_j(x)`` with its ensemble
 weight ``eta_j`` already folded into its output layer (:func:`fold_weight`), so
 the prefix ``F_k(x) = sum_{j<=k} eta_j f_j(x)`` is the plain running sum
 ``f_1 + ... + f_k`` (:func:`cumulative`). A *connected* member
-(``connect_dim > 0``) also reads the pooled features of the member before it;
+(``connect_dim > 0``) also reads the features of the member before it (pooled,
+or its token states flattened: ``models.ModelConfig.token_features``);
 :func:`chain` runs members in order and hands each one its predecessor's
 features.
 
@@ -117,7 +118,8 @@ class Member:
     size: ladder size name (``"s3"``, ``"teacher"``).
     flops: inference FLOPs per image.
     num_params: parameter count.
-    d_model: width of its pooled features.
+    d_model: width of the features it hands to a connected successor (its
+      ``d_model``, or ``num_tokens * d_model`` with token features).
     connect_dim: width of the previous member's features it reads (0: none).
     weight: its ensemble weight ``eta`` (folded into ``params`` by the loaders).
     prefix_scale: the overall scale ``c`` that calibrates the logits of the

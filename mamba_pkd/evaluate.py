@@ -20,7 +20,7 @@ import numpy as np
 from mamba_pkd import ensemble, flops, parallel, report, sanity
 from mamba_pkd import data as data_lib
 from mamba_pkd.combine import accuracy  # one owner: combine (pkd imports it from here)
-from mamba_pkd.models import ModelConfig, apply_members, create_model
+from mamba_pkd.models import ModelConfig, apply_members, create_model, feature_width
 
 PyTree = Any
 
@@ -62,19 +62,20 @@ def predict_dataset(
     prev_features: np.ndarray | None = None,
     replicated_params: PyTree | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and pooled features of every example (padding and mask, no drop).
+  """Logits and features of every example (padding and mask, no drop).
 
   Each process evaluates its slice of every batch; the slices are gathered, so
   every process returns the full arrays.
 
   Returns:
-    (logits float32 [N, K], features float32 [N, d_model]).
+    (logits float32 [N, K], features float32 [N, models.feature_width(model_config)]).
   """
   predict = _pmapped_predict(model_config)
   rep = replicated_params if replicated_params is not None else parallel.replicate(params)
   num = len(images_uint8)
   logits_out = np.zeros((num, model_config.num_classes), np.float32)
-  feats_out = np.zeros((num, model_config.d_model), np.float32)
+  width_out = feature_width(model_config)
+  feats_out = np.zeros((num, width_out), np.float32)
   width = prev_features.shape[1] if prev_features is not None else 1
   for batch in data_lib.eval_batches(
       images_uint8,
@@ -94,7 +95,7 @@ def predict_dataset(
     logits = parallel.gather_from_processes(
         np.asarray(logits).reshape(-1, model_config.num_classes)
     )
-    feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, model_config.d_model))
+    feats = parallel.gather_from_processes(np.asarray(feats).reshape(-1, width_out))
     real = index >= 0
     logits_out[index[real]] = logits[real]
     feats_out[index[real]] = feats[real]

@@ -78,11 +78,22 @@ def model_flops(config: ModelConfig) -> dict[str, int]:
       "blocks": config.n_layers * block,
       "final_norm": tokens * d * _RMSNORM,
       "pool": tokens * d if config.pool == "mean" else 0,
-      "connect": (2 * config.connect_dim + 2) * d if config.connect_dim else 0,
+      "connect": _mamba_connect_flops(config),
       "head": config.num_classes * (2 * d + 1),
   }
   parts["total"] = sum(parts.values())
   return parts
+
+
+def _mamba_connect_flops(config: ModelConfig) -> int:
+  """The connection: a projection to ``d_model``, its bias and the add, once per image
+  on the pooled features, or once per token on the previous member's token states."""
+  cd, d = config.connect_dim, config.d_model
+  if not cd:
+    return 0
+  if config.token_features:  # per token: [cd / L] -> d, + bias, + add
+    return (2 * cd + 2 * config.num_tokens) * d
+  return (2 * cd + 2) * d
 
 
 def _head_flops(config, features: int) -> dict[str, int]:
@@ -165,6 +176,14 @@ def count_params(config) -> int:
   return _mamba_params(config)
 
 
+def _connect_width_in(config: ModelConfig) -> int:
+  """The connection's input width: the previous member's pooled features, or one
+  token's state when it reads token states."""
+  if config.token_features:
+    return config.connect_dim // config.num_tokens
+  return config.connect_dim
+
+
 def _mamba_params(config: ModelConfig) -> int:
   """Analytic parameter count of ``MambaClassifier(config)``."""
   d, e, n = config.d_model, config.d_inner, config.d_state
@@ -179,7 +198,7 @@ def _mamba_params(config: ModelConfig) -> int:
       + config.num_tokens * d  # position embedding
       + config.n_layers * block
       + d  # final norm
-      + (config.connect_dim * d + d if config.connect_dim else 0)
+      + (_connect_width_in(config) * d + d if config.connect_dim else 0)
       + d * config.num_classes
       + config.num_classes
   )

@@ -86,10 +86,16 @@ class Manifest:
     return [self.test_accuracy.get(m.name) for m in self.students]
 
 
-def _config_dict(config: Any) -> dict:
+def config_record(config: Any) -> dict:
+  """A model config as plain JSON fields (the manifest's ``config``, the stage
+  fingerprints' ``model``): every field, tuples as lists, except ``token_features``
+  while it is off, so that records written before the field existed still match."""
   if dataclasses.is_dataclass(config):
     config = dataclasses.asdict(config)
-  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
+  record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
+  if record.get("token_features", None) is False:
+    del record["token_features"]
+  return record
 
 
 def member_entry(member: Member, test_accuracy: float | None = None) -> dict:
@@ -100,7 +106,7 @@ def member_entry(member: Member, test_accuracy: float | None = None) -> dict:
       "name": member.name,
       "stage": member.stage,
       "size": member.size,
-      "config": _config_dict(member.config),
+      "config": config_record(member.config),
       "flops": int(member.flops),
       "params": int(member.num_params),
       "d_model": int(member.d_model),

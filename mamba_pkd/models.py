@@ -39,8 +39,17 @@ class ModelConfig:
     dt_rank: step-size projection rank, "auto" = ceil(d_model / 16).
     bidirectional: add a reversed scan branch in every mixer.
     pool: "mean" over tokens or the "last" token.
-    connect_dim: width of the previous student's penultimate features that this
-      model reads through a learned projection (0 = no connection).
+    connect_dim: width of the previous student's features that this model reads
+      through a learned projection (0 = no connection): its pooled features,
+      added to this model's pooled features before the head, or, with
+      ``token_features``, its token-level hidden states flattened to
+      ``[batch, num_tokens * d_prev]``, added token by token to this model's
+      embedded patches before the first block (the previous student's work is
+      reused: prefix k is one deeper network with k exits).
+    token_features: the features this model returns (and, when connected,
+      reads) are the token-level hidden states after the final norm, flattened,
+      instead of the pooled ones; a stage property, not a change of the
+      classifier: the logits are the same either way for an unconnected model.
     scan_method: selective-scan method, a ``mamba_pkd.ssm.ScanMethod`` or its name
       (``mamba_pkd.ssm.SCAN_METHODS``).
     scan_unroll: ``unroll`` of the "sequential" scan (True: fully unrolled,
@@ -59,6 +68,7 @@ class ModelConfig:
   bidirectional: bool = False
   pool: str = "mean"
   connect_dim: int = 0
+  token_features: bool = False
   scan_method: str = "auto"
   scan_unroll: int | bool = 1
 
@@ -105,6 +115,12 @@ def validate_model_config(config: ModelConfig) -> None:
     raise ValueError(f"pool must be one of {POOLINGS}, got {config.pool!r}")
   if not isinstance(config.connect_dim, int) or config.connect_dim < 0:
     raise ValueError(f"connect_dim must be an int >= 0, got {config.connect_dim!r}")
+  if config.token_features and config.connect_dim % config.num_tokens:
+    raise ValueError(
+        f"connect_dim={config.connect_dim} with token_features must be num_tokens "
+        f"({config.num_tokens}) x the previous model's d_model: both models need the same "
+        "number of tokens (the same patch size)"
+    )
   as_scan_method(config.scan_method, "scan_method")
 
 
@@ -113,9 +129,11 @@ class MambaClassifier(nn.Module):
 
   Call with ``images`` [batch, H, W, C] float; returns logits [batch, num_classes]
   (float32), or ``(logits, features)`` with ``return_features=True`` where
-  ``features`` [batch, d_model] is the pooled penultimate representation. A model
-  with ``connect_dim > 0`` also takes ``prev_features`` [batch, connect_dim]
-  (the frozen previous student's features), projected and added before the head.
+  ``features`` [batch, d_model] is the pooled penultimate representation (with
+  ``token_features``: the normed token states, [batch, num_tokens * d_model]). A
+  model with ``connect_dim > 0`` also takes ``prev_features`` [batch, connect_dim]
+  (the frozen previous student's features), projected and added before the head
+  (with ``token_features``: to every token's embedding, before the first block).
   """
 
   config: ModelConfig
@@ -133,6 +151,17 @@ class MambaClassifier(nn.Module):
     tokens = layers.PatchEmbed(cfg.patch_size, cfg.d_model, name="patch_embed")(images)
     pos = self.param("pos_embed", layers.normal_init(0.02), (1, cfg.num_tokens, cfg.d_model))
     hidden = tokens + pos  # [B, L, d_model]
+    if cfg.connect_dim:
+      if prev_features is None or prev_features.shape[-1] != cfg.connect_dim:
+        raise ValueError(
+            f"this model has connect_dim={cfg.connect_dim}: pass prev_features of shape "
+            f"[batch, {cfg.connect_dim}], got "
+            f"{None if prev_features is None else tuple(prev_features.shape)}"
+        )
+      prev_features = jax.lax.stop_gradient(prev_features)
+    if cfg.connect_dim and cfg.token_features:
+      prev_tokens = prev_features.reshape(-1, cfg.num_tokens, cfg.connect_dim // cfg.num_tokens)
+      hidden = hidden + nn.Dense(cfg.d_model, name="connect")(prev_tokens)
     for i in range(cfg.n_layers):
       hidden = layers.ResidualBlock(
           d_model=cfg.d_model,
@@ -147,18 +176,19 @@ class MambaClassifier(nn.Module):
       )(hidden)
     hidden = layers.RMSNorm(name="norm_f")(hidden)
     features = hidden.mean(axis=1) if cfg.pool == "mean" else hidden[:, -1]  # [B, d_model]
-    if cfg.connect_dim:
-      if prev_features is None or prev_features.shape[-1] != cfg.connect_dim:
-        raise ValueError(
-            f"this model has connect_dim={cfg.connect_dim}: pass prev_features of shape "
-            f"[batch, {cfg.connect_dim}], got "
-            f"{None if prev_features is None else tuple(prev_features.shape)}"
-        )
-      features = features + nn.Dense(cfg.d_model, name="connect")(
-          jax.lax.stop_gradient(prev_features)
-      )
+    if cfg.connect_dim and not cfg.token_features:
+      features = features + nn.Dense(cfg.d_model, name="connect")(prev_features)
     logits = nn.Dense(cfg.num_classes, name="head")(features).astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    if not return_features:
+      return logits
+    return logits, (hidden.reshape(-1, feature_width(cfg)) if cfg.token_features else features)
+
+
+def feature_width(config) -> int:
+  """Width of the features a model returns (what a connected successor reads)."""
+  if getattr(config, "token_features", False):
+    return config.num_tokens * config.d_model
+  return config.d_model
 
 
 def model_family(config) -> str:

@@ -63,7 +63,7 @@ import numpy as np
 from mamba_pkd import anytime, combine, comparisons, ensemble, flops, losses, manifest, parallel
 from mamba_pkd import report, sanity, train, weak_learner
 from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
-from mamba_pkd.models import ModelConfig
+from mamba_pkd.models import ModelConfig, feature_width
 from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.settings import PKDSettings
 from mamba_pkd.stages import PoolTables, RunContext, Trained, create_context, run_stage, write_config
@@ -97,8 +97,10 @@ def train_teacher(ctx: RunContext) -> Trained:
 
 def _student_config(ctx: RunContext, size: str, prev: Trained | None) -> ModelConfig:
   model_config = ctx.sizes[size]
+  if ctx.settings.connect_tokens:  # every student hands its token states to the next
+    model_config = model_config.replace(token_features=True)
   if ctx.settings.connect and prev is not None:
-    model_config = model_config.replace(connect_dim=prev.config.d_model)
+    model_config = model_config.replace(connect_dim=feature_width(prev.config))
   return model_config
 
 

@@ -51,6 +51,7 @@ class PKDSettings:
   reseeds: int = 1
   repeat_size: bool = False
   connect: bool = False
+  connect_tokens: bool = False
   cascade_focus: float = 0.0
   family_rows: tuple[str, ...] = ()  # report.family_rows: cnn_k / mlp_k rows beside student_k
 
@@ -90,6 +91,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
       reseeds=p.reseeds,
       repeat_size=p.get("repeat_size", False),
       connect=p.connect,
+      connect_tokens=p.get("connect_tokens", False),
       cascade_focus=p.get("cascade_focus", 0.0),
       family_rows=family_rows,
   )
@@ -131,6 +133,17 @@ def settings_from_config(config: ml_collections.ConfigDict) -> PKDSettings:
     raise ValueError(
         f"pkd.cascade_focus={s.cascade_focus} weights a student's examples by its ensemble "
         f"prefix's confidence; it needs pkd.mode='ensemble', got {s.mode!r}"
+    )
+  if s.connect_tokens and not s.connect:
+    raise ValueError(
+        "pkd.connect_tokens=True says what a connected student reads; it needs "
+        "pkd.connect=True, got pkd.connect=False"
+    )
+  other = [n for n in s.ladder if split_size_name(n)[0] != "mamba"]
+  if s.connect_tokens and other:
+    raise ValueError(
+        f"pkd.connect_tokens=True passes token-level hidden states, which only Mamba "
+        f"students have; the ladder has {other} (use Mamba sizes or pkd.connect_tokens=False)"
     )
   if s.reseeds < 0:
     raise ValueError(f"pkd.reseeds must be >= 0, got {s.reseeds}")

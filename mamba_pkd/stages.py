@@ -24,10 +24,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from mamba_pkd import checkpoints, ensemble, evaluate, flops, parallel, provenance, settings, train
+from mamba_pkd import checkpoints, ensemble, evaluate, flops, manifest, parallel, provenance
+from mamba_pkd import settings, train
 from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
-from mamba_pkd.models import ModelConfig, init_params
+from mamba_pkd.models import ModelConfig, feature_width, init_params
 from mamba_pkd.ladders import family_sizes, ladder_configs
 
 PyTree = Any
@@ -196,10 +197,13 @@ def stage_fingerprint(
   """The fingerprint of a stage (:mod:`mamba_pkd.provenance`): data, model, the config
   sections it learned with, steps, seed and the hashes of the frozen models it read."""
   steps = train.stage_steps(len(ctx.train_index), optim.batch_size, optim.epochs, optim.min_steps)
+  model = manifest.config_record(model_config)
+  if not model.get("connect_dim"):
+    model.pop("token_features", None)  # what it hands on does not change how it trains
   return provenance.stage_fingerprint(
       provenance.stage_fields(
           data=ctx.data_identity,
-          model=model_config,
+          model=model,
           sections=sections,
           steps=steps,
           seed=seed,
@@ -275,7 +279,7 @@ class Trained:
         size=self.size,
         flops=flops.count_flops(self.config),
         num_params=flops.count_params(self.config),
-        d_model=self.config.d_model,
+        d_model=feature_width(self.config),
         connect_dim=self.config.connect_dim,
         weight=self.weight,
         prefix_scale=self.prefix_scale,
@@ -301,7 +305,7 @@ class PoolTables:
     return self._of(model, prev)[0]
 
   def features(self, model: Trained, prev: Trained | None = None) -> np.ndarray:
-    """Pooled features [R, d] of ``model`` on the indexed rows."""
+    """Features [R, d] of ``model`` on the indexed rows (``models.feature_width``)."""
     return self._of(model, prev)[1]
 
   def _of(self, model: Trained, prev: Trained | None) -> tuple[np.ndarray, np.ndarray]:

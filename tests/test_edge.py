@@ -151,6 +151,12 @@ def test_a_cnn_member_is_refused_in_one_line_before_anything_is_written(tmp_path
       "export this run with --format=stablehlo"
   )
   assert not out.exists()
+  # A member that hands on token states (pkd.connect_tokens) is refused the same way.
+  tokens = mamba.replace(token_features=True)
+  members = [ensemble.Member(name="student_1", config=tokens, params={}, **fields)]
+  with pytest.raises(ValueError, match="^student_1 hands on or reads token-level hidden states"):
+    onnx_export.export_onnx(members, out, preprocessing=None, teacher_flops=10)
+  assert not out.exists()
 
 
 def test_connected_member_has_second_input(chain):

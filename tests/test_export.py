@@ -43,7 +43,7 @@ def _member(name, stage, size, cfg, params=None, weight=1.0, scale=1.0):
       size=size,
       flops=flops.count_flops(cfg),
       num_params=flops.count_params(cfg),
-      d_model=cfg.d_model,
+      d_model=models.feature_width(cfg),
       connect_dim=cfg.connect_dim,
       weight=weight,
       prefix_scale=scale,
@@ -52,17 +52,18 @@ def _member(name, stage, size, cfg, params=None, weight=1.0, scale=1.0):
   )
 
 
-def _write_run(workdir: pathlib.Path) -> dict:
-  """A finished ensemble-mode run with connected students s1, s2, s3 (random weights)."""
+def _write_run(workdir: pathlib.Path, tokens: bool = False) -> dict:
+  """A finished ensemble-mode run with connected students s1, s2, s3 (random weights);
+  with ``tokens`` each student reads its predecessor's token states (pkd.connect_tokens)."""
   sizes = ladder_configs("tiny", image_shape=(H, W, C), num_classes=K, scan_method="sequential")
   teacher, students, reference = None, [], {"configs": [], "params": []}
   prev = None
   for seed, size in enumerate(("teacher",) + ACCEPTED):
-    cfg = (
-        sizes[size]
-        if prev is None or size == "teacher"
-        else sizes[size].replace(connect_dim=prev.d_model)
-    )
+    cfg = sizes[size]
+    if tokens and size != "teacher":
+      cfg = cfg.replace(token_features=True)
+    if prev is not None and size != "teacher":
+      cfg = cfg.replace(connect_dim=models.feature_width(prev))
     stage = "teacher" if size == "teacher" else f"student_{seed}_{size}_try1"
     params = jax.tree.map(
         np.asarray, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))
@@ -155,6 +156,28 @@ def test_load_run_rebuilds_members_from_the_manifest(run_dir, images, reference_
     np.testing.assert_allclose(
         in_process.logits(x, num_members=k, normalized=True), prefixes[k - 1], atol=ATOL, rtol=RTOL
     )
+
+
+def test_token_connected_run_exports_and_runs_like_hand_chained_apply(images, tmp_path):
+  """Students that read their predecessor's token states (16 tokens x d_model): the manifest
+  records the flattened widths, and the export's prefixes and the in-process runtime equal
+  the hand-chained reference."""
+  workdir = tmp_path / "run"
+  reference = _write_run(workdir, tokens=True)
+  run = runs.load_run(workdir)
+  assert [m.config.connect_dim for m in run.students] == [0, 16 * 4, 16 * 6]  # s1, s2 tokens
+  assert [m.d_model for m in run.students] == [16 * 4, 16 * 6, 16 * 8]
+  assert all(m.config.token_features for m in run.students)
+  x = PREPROCESSING.normalize(images)
+  prefixes = _reference_prefixes(reference, x)
+  in_process = runs.ensemble_from_run(run)
+  export.export_run(workdir, tmp_path / "bundle")
+  exported = export.load_export(tmp_path / "bundle")
+  for k in (1, 2, 3):
+    np.testing.assert_allclose(
+        in_process.logits(x, num_members=k, normalized=True), prefixes[k - 1], atol=ATOL, rtol=RTOL
+    )
+  np.testing.assert_allclose(exported(images), prefixes[2], atol=ATOL, rtol=RTOL)
 
 
 def test_loading_an_export_imports_no_training_library(bundle, images):

@@ -12,6 +12,7 @@ from mamba_pkd import flops, ladders, models
         dict(d_model=16, n_layers=1, d_state=4),
         dict(d_model=64, n_layers=2, d_state=16, bidirectional=True),
         dict(d_model=24, n_layers=1, d_state=8, connect_dim=8),
+        dict(d_model=24, n_layers=1, d_state=8, connect_dim=8, token_features=True),
         dict(d_model=32, n_layers=3, d_state=16, expand=1, d_conv=2),
     ],
 )
@@ -75,6 +76,23 @@ def test_whole_model_total_is_a_hand_count():
   assert (mixer, total) == (8192, 18122)
   assert flops.count_flops(config) == total
   assert sum(flops.mixer_flops(config).values()) == mixer
+
+
+def test_connection_counts_by_hand_pooled_and_per_token():
+  """The connection of a model with L = 4 tokens (8x8 image, 4x4 patches), d = 8: reading
+  pooled features of width 6, one [6 -> 8] projection per image; reading the token states
+  of a predecessor of width 3 (connect_dim = 4 x 3 = 12), one [3 -> 8] projection per token."""
+  base = models.ModelConfig(image_shape=(8, 8, 1), patch_size=4, d_model=8, n_layers=1, d_state=4)
+  plain = flops.count_flops(base)
+  pooled = base.replace(connect_dim=6)
+  tokens = base.replace(connect_dim=12, token_features=True)
+  assert flops.count_flops(pooled) - plain == 2 * 6 * 8 + 8 + 8  # matmul, bias, add
+  assert flops.count_flops(tokens) - plain == 4 * (2 * 3 * 8 + 8 + 8)
+  assert flops.count_params(pooled) - flops.count_params(base) == 6 * 8 + 8
+  assert flops.count_params(tokens) - flops.count_params(base) == 3 * 8 + 8
+  for config in (pooled, tokens):
+    params = jax.eval_shape(lambda c=config: models.init_params(c, jax.random.key(0)))
+    assert models.count_tree_params(params) == flops.count_params(config)
 
 
 @pytest.mark.parametrize("family, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3))])

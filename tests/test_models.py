@@ -116,6 +116,49 @@ def test_connection_reads_previous_features_and_is_frozen():
     model.apply({"params": params}, images)
 
 
+def test_token_connection_adds_the_projected_states_to_each_token():
+  """A model reading its predecessor's token states (``token_features``) equals, image by
+  image, the same model without the connection whose position embedding has the projected
+  states added token by token (an independent reference: the add happens before the first
+  block, in token order); its own features are its final-norm token states, flattened, and
+  their mean over tokens is what the head reads."""
+  base = models.ModelConfig(
+      image_shape=(8, 8, 1),
+      patch_size=4,
+      d_model=8,
+      n_layers=1,
+      d_state=2,
+      scan_method="sequential",
+      token_features=True,
+  )  # 4 tokens
+  config = base.replace(connect_dim=4 * 3)  # a 3-wide predecessor
+  params = models.init_params(config, jax.random.key(0))
+  params["connect"]["bias"] = jax.random.normal(jax.random.key(3), (8,))
+  images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  prev = jax.random.normal(jax.random.key(2), (2, 12))
+  logits, feats = jit_apply(config)({"params": params}, images, prev, return_features=True)
+  plain = {k: v for k, v in params.items() if k != "connect"}
+  w, b = params["connect"]["kernel"], params["connect"]["bias"]
+  for i in range(2):
+    moved = dict(plain, pos_embed=plain["pos_embed"] + (prev[i].reshape(4, 3) @ w + b)[None])
+    want, want_feats = jit_apply(base)({"params": moved}, images[i : i + 1], return_features=True)
+    np.testing.assert_allclose(logits[i], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats[i], want_feats[0], rtol=1e-5, atol=1e-6)
+  assert feats.shape == (2, 4 * 8) and models.feature_width(config) == 32
+  # The unconnected token model is the pooled model with wider features.
+  pooled = base.replace(token_features=False)
+  own = models.init_params(base, jax.random.key(4))
+  tok_logits, tok_feats = jit_apply(base)({"params": own}, images, return_features=True)
+  pool_logits, pool_feats = jit_apply(pooled)({"params": own}, images, return_features=True)
+  np.testing.assert_array_equal(tok_logits, pool_logits)
+  np.testing.assert_allclose(tok_feats.reshape(2, 4, 8).mean(1), pool_feats, rtol=1e-6, atol=1e-6)
+  model = models.create_model(config)
+  grad = jax.jit(jax.grad(lambda f: model.apply({"params": params}, images, f).sum()))(prev)
+  np.testing.assert_array_equal(grad, 0.0)  # the predecessor stays frozen
+  with pytest.raises(ValueError, match="num_tokens"):
+    base.replace(connect_dim=10)  # not 4 tokens x a width
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [

@@ -314,6 +314,25 @@ def test_shipped_configs_are_valid(name):
 
 
 @pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"connect": False}, "it needs pkd.connect=True"),
+        ({"ladder": ("s1", "cnn_s2")}, r"only Mamba students have; the ladder has \['cnn_s2'\]"),
+    ],
+)
+def test_token_connections_need_connected_mamba_students(changes, match):
+  config = _smoke_config()
+  config.pkd.connect = True
+  config.pkd.connect_tokens = True
+  settings.validate_config(config)  # valid as shipped, with token connections on
+  with config.unlocked():
+    for field, value in changes.items():
+      config.pkd[field] = value
+  with pytest.raises(ValueError, match=match):
+    settings.validate_config(config)
+
+
+@pytest.mark.parametrize(
     "path, value, match",
     [
         ("student.cached_views", 0, "pkd.cascade_focus=0.5 weights examples by the prefix"),
@@ -341,6 +360,7 @@ def test_views_without_augmentation_are_rejected():
 RESIDUAL = (
     "--config.pkd.target=residual",
     "--config.pkd.connect=True",
+    "--config.pkd.connect_tokens=True",  # student 2 reads student 1's token states
     "--config.baselines=False",
     "--config.pkd.margin=-1000.0",
     "--config.pkd.repeat_size=True",  # every student is accepted: s1 again, not s2
@@ -494,7 +514,7 @@ def _export_and_predict_8(workdir: pathlib.Path, ds, tmp_path: pathlib.Path) -> 
 
 def test_residual_target_with_connections_runs_on_the_view_pool(copy_and_residual, tmp_path):
   """The B-DISTIL path: students fit the residual and read the previous student's
-  features, with the prefix logits and features computed on the view pool, and a size
+  token-level features (``pkd.connect_tokens``), with the prefix logits and features computed on the view pool, and a size
   that gave a weak learner is tried again (``pkd.repeat_size``). Its dataset
   file moved away, the run is still exported and predicted from (manifest + checkpoints)."""
   from mamba_pkd import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -513,6 +533,16 @@ def test_residual_target_with_connections_runs_on_the_view_pool(copy_and_residua
   assert prints["student_2_s1_try1"]["example_weights"] == {"cascade_focus": 0.5}
   assert "student_1" in prints["student_2_s1_try1"]["frozen"]
   assert "example_weights" not in prints["student_1_s1_try1"]
+  # pkd.connect_tokens: student 1 hands on its token states, student 2 reads all of them.
+  s1, s2 = prints["student_1_s1_try1"]["model"], prints["student_2_s1_try1"]["model"]
+  # (An unconnected stage trains the same whatever it hands on: its fingerprint leaves
+  # token_features out, so a run's student 1 is reused by a token-connected rerun.)
+  assert "token_features" not in s1 and s2["token_features"] and s1["connect_dim"] == 0
+  patches = (s1["image_shape"][0] // s1["patch_size"]) * (s1["image_shape"][1] // s1["patch_size"])
+  assert s2["connect_dim"] == patches * s1["d_model"]
+  members = json.loads((workdir / "ensemble.json").read_text())["students"]
+  assert [m["config"]["token_features"] for m in members] == [True, True]
+  assert [m["d_model"] for m in members][:1] == [s2["connect_dim"]]  # the width handed on
   results = json.loads((workdir / "results.json").read_text())
   accepted = [d for d in results["meta"]["decisions"] if d.get("accepted")]
   assert len(accepted) == 2 and all(d["weight"] == 1.0 for d in accepted)

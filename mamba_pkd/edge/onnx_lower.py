@@ -91,12 +91,18 @@ FEATURES = "features"
 
 
 def check_lowerable(config, name: str = "member") -> None:
-  """Raises ValueError unless ``config`` is a Mamba member (the only family lowered here)."""
+  """Raises ValueError unless ``config`` is a Mamba member (the only family lowered here)
+  with pooled features (token-connected members are not lowered)."""
   family = getattr(config, "family", "mamba")
   if family != "mamba":
     raise ValueError(
         f"{name} is a {family} student: the ONNX lowering covers Mamba members only; "
         "export this run with --format=stablehlo"
+    )
+  if getattr(config, "token_features", False):
+    raise ValueError(
+        f"{name} hands on or reads token-level hidden states (pkd.connect_tokens=True), "
+        "which the ONNX lowering does not cover; export this run with --format=stablehlo"
     )
 
 
