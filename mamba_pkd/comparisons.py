@@ -25,9 +25,7 @@ def train_baselines(ctx: RunContext, students: Sequence[Trained]) -> list[Traine
   """Each student's size trained alone with cross-entropy on the same budget."""
   out = []
   for k, student in enumerate(students, start=1):
-    model_config = student.config.replace(connect_dim=0)
-    if getattr(model_config, "token_features", False):
-      model_config = model_config.replace(token_features=False)  # a standalone model
+    model_config = ctx.sizes[student.size]  # the size alone: not connected, pooled features
     seed = ctx.config.seed + 7 + 1000 * k
     member = run_stage(
         ctx,

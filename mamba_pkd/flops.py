@@ -88,12 +88,10 @@ def model_flops(config: ModelConfig) -> dict[str, int]:
 def _mamba_connect_flops(config: ModelConfig) -> int:
   """The connection: a projection to ``d_model``, its bias and the add, once per image
   on the pooled features, or once per token on the previous member's token states."""
-  cd, d = config.connect_dim, config.d_model
-  if not cd:
+  if not config.connect_dim:
     return 0
-  if config.token_features:  # per token: [cd / L] -> d, + bias, + add
-    return (2 * cd + 2 * config.num_tokens) * d
-  return (2 * cd + 2) * d
+  applications = config.num_tokens if config.token_features else 1
+  return applications * (2 * _connect_width_in(config) + 2) * config.d_model
 
 
 def _head_flops(config, features: int) -> dict[str, int]:

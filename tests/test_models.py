@@ -50,15 +50,21 @@ def test_exact_parameter_counts(config, expected):
   assert models.count_tree_params(params) == expected
 
 
-def test_classifier_forward_shapes_and_features():
-  config = models.ModelConfig(
+def _tiny(**changes) -> models.ModelConfig:
+  """An 8x8 single-channel model with 4x4 patches (4 tokens), d_model 8, one block."""
+  fields = dict(
       image_shape=(8, 8, 1),
       patch_size=4,
       d_model=8,
-      n_layers=2,
+      n_layers=1,
       d_state=2,
       scan_method="sequential",
   )
+  return models.ModelConfig(**{**fields, **changes})
+
+
+def test_classifier_forward_shapes_and_features():
+  config = _tiny(n_layers=2)
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   logits, features = jit_apply(config)({"params": params}, images, return_features=True)
@@ -70,14 +76,7 @@ def test_classifier_forward_shapes_and_features():
 
 
 def test_fold_weight_scales_logits_not_features():
-  config = models.ModelConfig(
-      image_shape=(8, 8, 1),
-      patch_size=4,
-      d_model=8,
-      n_layers=1,
-      d_state=2,
-      scan_method="sequential",
-  )
+  config = _tiny()
   params = models.init_params(config, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   apply = jit_apply(config)
@@ -94,15 +93,7 @@ def test_fold_weight_scales_logits_not_features():
 
 
 def test_connection_reads_previous_features_and_is_frozen():
-  config = models.ModelConfig(
-      image_shape=(8, 8, 1),
-      patch_size=4,
-      d_model=8,
-      n_layers=1,
-      d_state=2,
-      connect_dim=5,
-      scan_method="sequential",
-  )
+  config = _tiny(connect_dim=5)
   params = models.init_params(config, jax.random.key(0))
   model = models.create_model(config)
   images = jnp.ones((2, 8, 8, 1))
@@ -122,15 +113,7 @@ def test_token_connection_adds_the_projected_states_to_each_token():
   states added token by token (an independent reference: the add happens before the first
   block, in token order); its own features are its final-norm token states, flattened, and
   their mean over tokens is what the head reads."""
-  base = models.ModelConfig(
-      image_shape=(8, 8, 1),
-      patch_size=4,
-      d_model=8,
-      n_layers=1,
-      d_state=2,
-      scan_method="sequential",
-      token_features=True,
-  )  # 4 tokens
+  base = _tiny(token_features=True)  # 4 tokens
   config = base.replace(connect_dim=4 * 3)  # a 3-wide predecessor
   params = models.init_params(config, jax.random.key(0))
   params["connect"]["bias"] = jax.random.normal(jax.random.key(3), (8,))
