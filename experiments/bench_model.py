@@ -235,7 +235,7 @@ def bench_ours_pmap(args) -> dict:
   }
   batch = jax.pmap(lambda x: x)(batch)  # placed on the devices once, like the data in ours-jit
   frozen = parallel.replicate(train.Frozen())
-  rngs = parallel.split_rngs(jax.random.key(args.seed))
+  rngs = parallel.device_keys(jax.random.key(args.seed))
   state = [parallel.replicate(train.create_train_state(params, tx))]
 
   def step():

@@ -77,7 +77,7 @@ def main() -> None:
         donate_first=True,
     )
     frozen = parallel.replicate(train.Frozen())
-    rngs = parallel.device_rngs(jax.random.key(0), 0)  # reused by every step on purpose
+    rngs = parallel.device_keys(jax.random.key(0))  # reused by every step, as in training
     state, metrics = step(state, batch, frozen, rngs)
     jax.block_until_ready(metrics)
     in_flight = collections.deque()

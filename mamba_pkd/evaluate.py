@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mamba_pkd import ensemble, flops, parallel, report, sanity
+from mamba_pkd import ensemble, flops, parallel, report, runs, sanity
 from mamba_pkd import data as data_lib
 from mamba_pkd.combine import accuracy  # one owner: combine (pkd imports it from here)
 from mamba_pkd.models import ModelConfig, apply_members, create_model, feature_width
@@ -107,21 +107,11 @@ def predict_dataset(
 # ----------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _summed_forward(configs: tuple[ModelConfig, ...]) -> Callable:
-  """One jitted ``(params, images) -> F_k`` per member configs: the rows of one size (a
-  student, its prefix of one, its baseline) share the compiled program; params are an
-  argument, not constants baked into the program."""
-  return jax.jit(
-      lambda params, images: ensemble.prefix_logits(apply_members(configs, params, images)[0])
-  )
-
-
 def latency_ms(
     configs: Sequence[ModelConfig], params: Sequence[Any], image_shape, batch: int, repeats: int
 ) -> float:
   """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
-  forward = _summed_forward(tuple(configs))
+  forward = runs.prefix_program(tuple(configs))
   params = jax.device_put(tuple(params))
   images = jnp.zeros((batch, *image_shape), jnp.float32)
   ms = report.compute_latency_ms(

@@ -137,7 +137,7 @@ def export_members(
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   configs = tuple(m.config.replace(scan_method=scan_method) for m in members)
-  params = [jax.tree.map(jnp.asarray, m.params) for m in members]
+  params = [jax.tree.map(jax.device_put, m.params) for m in members]
   h, w, c = preprocessing.image_shape
   (batch,) = jax.export.symbolic_shape("b")
   image_spec = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32)
@@ -178,7 +178,7 @@ def export_members(
   teacher_entry = None
   if teacher is not None:
     t_model = models.create_model(teacher.config.replace(scan_method=scan_method))
-    t_params = jax.tree.map(jnp.asarray, teacher.params)
+    t_params = jax.tree.map(jax.device_put, teacher.params)
     export_to(
         lambda x: t_model.apply({"params": t_params}, x, return_features=True),
         (image_spec,),

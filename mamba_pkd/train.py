@@ -200,7 +200,9 @@ def make_train_step(
   model = create_model(model_config)
 
   def train_step(state: TrainState, batch: Mapping[str, Array], frozen: Frozen, rng: Array):
-    del rng  # The models are deterministic; kept in the signature for stochastic layers.
+    # ``rng`` is this device's key for the stage (parallel.device_keys); a stochastic layer
+    # would use jax.random.fold_in(rng, state.step). The models are deterministic.
+    del rng
     context = frozen_outputs(spec, frozen, batch)
     prev_features = context.pop("prev_features", None)
     if not model_config.connect_dim:
@@ -365,7 +367,7 @@ def train_stage(
     restored = checkpointer.restore_latest(parallel.to_host(state))
     if restored is not None:
       start, host_state = restored
-      state = jax.tree.map(jnp.asarray, host_state)
+      state = jax.tree.map(jax.device_put, host_state)
       logging.info("stage %s: resuming from step %d of %d", name, start, total_steps)
   start = parallel.agree(start, f"stage {name}: step to resume from")  # also a barrier
   if start >= total_steps:
@@ -376,6 +378,7 @@ def train_stage(
   )
   state_r = parallel.replicate(state)
   frozen_r = parallel.replicate(frozen)
+  keys_r = parallel.device_keys(rng)
   logging.info(
       "stage %s: %d steps (%d epochs x %d), batch %d, %s, on %s; compiling...",
       name,
@@ -397,7 +400,7 @@ def train_stage(
     ):
       if i < skip:
         continue
-      state_r, metrics = step_fn(state_r, batch, frozen_r, parallel.device_rngs(rng, step))
+      state_r, metrics = step_fn(state_r, batch, frozen_r, keys_r)
       step += 1
       window_steps += 1
       if t_window is None:  # first step: compile finished

@@ -94,7 +94,7 @@ def test_cached_frozen_outputs_equal_computed_ones(dataset):
   state = parallel.replicate(
       train.create_train_state(models.init_params(STUDENT, jax.random.key(3)), tx)
   )
-  rngs = parallel.device_rngs(jax.random.key(0), 0)
+  rngs = parallel.device_keys(jax.random.key(0))
   _, m_computed = step(state, batch, parallel.replicate(frozen), rngs)
   cached = dict(batch, teacher_logits=np.asarray(g)[None], prefix_logits=np.asarray(f1)[None])
   _, m_cached = step(state, cached, parallel.replicate(frozen), rngs)
@@ -133,7 +133,7 @@ def test_example_weights_in_the_batch_weight_the_stage_loss(dataset):
       train.make_train_step(STUDENT, tx, losses.kd(alpha, t), train.FrozenSpec())
   )
   state = parallel.replicate(train.create_train_state(params, tx))
-  rngs = parallel.device_rngs(jax.random.key(0), 0)
+  rngs = parallel.device_keys(jax.random.key(0))
   frozen = parallel.replicate(train.Frozen())
   cached = dict(batch, teacher_logits=teacher.astype(np.float32)[None])
   _, weighted = step(state, dict(cached, example_weight=w.astype(np.float32)[None]), frozen, rngs)
