@@ -40,13 +40,22 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # busy, and OpenBLAS threads spinning beside XLA's made a 0.04 s scikit-learn fit take 1.2 s.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ.setdefault(_var, "1")
-# (flag, checked): a checked flag is added only if this jaxlib accepts it (XLA aborts the
-# process on an unknown flag), tried once in a subprocess; the result travels to the xdist
-# workers and every subprocess in XLA_FLAGS.
+# (flag, jaxlib versions known to accept it): XLA aborts a process on an unknown flag, so
+# on another jaxlib the flag is tried once in a subprocess (~1.5 s) before it is added; the
+# result travels to the xdist workers and every subprocess in XLA_FLAGS.
 _FAST_COMPILE_FLAGS = (
-    ("--xla_backend_optimization_level=0", False),
-    ("--xla_cpu_use_fusion_emitters=false", True),
+    ("--xla_backend_optimization_level=0", None),  # None: every supported jaxlib
+    ("--xla_cpu_use_fusion_emitters=false", ("0.10.",)),
 )
+
+
+def _jaxlib_version() -> str:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return ""
 
 
 def _xla_accepts(flag: str) -> bool:
@@ -59,12 +68,13 @@ def _xla_accepts(flag: str) -> bool:
 
 
 if os.environ.get("MAMBA_PKD_TEST_XLA_OPT", "0") != "default":
-  for _flag, _checked in _FAST_COMPILE_FLAGS:
+  for _flag, _versions in _FAST_COMPILE_FLAGS:
     _name, _current = _flag.split("=")[0], os.environ.get("XLA_FLAGS", "")
     _rejected = os.environ.get("MAMBA_PKD_TEST_XLA_REJECTED", "").split()
     if _name in _current or _name in _rejected:
       continue
-    if _checked and not _xla_accepts(_flag):
+    _known = _versions is None or _jaxlib_version().startswith(_versions)
+    if not _known and not _xla_accepts(_flag):
       os.environ["MAMBA_PKD_TEST_XLA_REJECTED"] = " ".join(_rejected + [_name])
       continue
     os.environ["XLA_FLAGS"] = f"{_current} {_flag}".strip()
