@@ -20,7 +20,7 @@ import numpy as np
 from mamba_pkd import ensemble, flops, parallel, report, runs, sanity
 from mamba_pkd import data as data_lib
 from mamba_pkd.combine import accuracy  # one owner: combine (pkd imports it from here)
-from mamba_pkd.models import ModelConfig, apply_members, create_model, feature_width
+from mamba_pkd.models import ModelConfig, create_model, feature_width
 
 PyTree = Any
 

@@ -165,9 +165,8 @@ def select_members(
 @functools.lru_cache(maxsize=None)
 def member_program(config: ModelConfig) -> Callable:
   """``(params, x, prev) -> (logits, features)`` of one member config, jitted once per
-  process and shared by every ensemble in it, params an argument (the report times a
-  cascade per budget over the same members: programs made per ensemble were compiled
-  again for each, ~40 s of the default run's report)."""
+  process and shared by every ensemble in it, params an argument (the report builds an
+  ensemble per cascade budget over the same members)."""
   model = create_model(config)
   return jax.jit(lambda p, x, prev=None: model.apply({"params": p}, x, prev, return_features=True))
 

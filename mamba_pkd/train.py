@@ -20,12 +20,9 @@ axis ``"batch"``; :mod:`mamba_pkd.parallel` maps them over devices.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import pathlib
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 import flax

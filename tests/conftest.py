@@ -12,9 +12,9 @@ one process: 34.0 s of XLA backend compile for 201 programs with XLA's default e
 cold, side by side within the hour: 239 s and 431 s of user CPU, against 314 s and 574 s
 with the default emitters) while running the fused scan 2-4x slower, which the suite's
 small programs do not notice and a training run would: these settings are for the tests
-only. They change how XLA's kernels are generated, not what
-they compute: every numerical test compares with an independent reference within its
-tolerance, and runs are compared with runs of the same suite.
+only. They change how XLA's kernels are generated, not what they compute: every
+numerical test compares with an independent reference within its tolerance, and runs are
+compared with runs of the same suite.
 ``MAMBA_PKD_TEST_XLA_OPT=default`` runs the suite with XLA's defaults (what a user's run
 compiles with).
 """
