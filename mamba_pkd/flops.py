@@ -211,9 +211,13 @@ def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, flo
   Returns: {"flops", "transcendentals", "total"} per image.
   """
   cfg = config.replace(scan_method="sequential", scan_unroll=True)
-  params = init_params(cfg, jax.random.key(0))
-  images = jnp.zeros((batch_size, *cfg.image_shape), jnp.float32)
-  prev = jnp.zeros((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None
+  # Shapes only: XLA counts the compiled program, whatever the values (initialising
+  # would compile the model's random draws for nothing).
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  images = jax.ShapeDtypeStruct((batch_size, *cfg.image_shape), jnp.float32)
+  prev = (
+      jax.ShapeDtypeStruct((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None
+  )
   model = create_model(cfg)
   compiled = (
       jax.jit(lambda p, x, f: model.apply({"params": p}, x, f))

@@ -357,15 +357,22 @@ def train_stage(
   num_epochs = -(-total_steps // steps_per_epoch)  # the last one partial with min_steps
   tx = create_optimizer(optim, total_steps)
   rng = jax.random.key(seed)
-  params = init if init is not None else init_params(model_config, jax.random.fold_in(rng, 0))
-  state = create_train_state(params, tx)
-  start = 0
+
+  def initial_state():
+    params = init if init is not None else init_params(model_config, jax.random.fold_in(rng, 0))
+    return create_train_state(params, tx)
+
+  state, start = None, 0
   if checkpointer is not None:
-    restored = checkpointer.restore_latest(parallel.to_host(state))
+    # Restored against the state's shapes alone: initialising a model compiles its
+    # random draws (4-6 s a model at XLA's defaults on a 2-core CPU), wasted on a resume.
+    restored = checkpointer.restore_latest(jax.eval_shape(initial_state))
     if restored is not None:
       start, host_state = restored
       state = jax.tree.map(jax.device_put, host_state)
       logging.info("stage %s: resuming from step %d of %d", name, start, total_steps)
+  if state is None:
+    state = initial_state()
   start = parallel.agree(start, f"stage {name}: step to resume from")  # also a barrier
   if start >= total_steps:
     return parallel.to_host(state.params)

@@ -84,6 +84,17 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 
+def user_xla_env() -> dict:
+  """This process's environment for a subprocess without the suite's fast-compile XLA flags
+  (:data:`_FAST_COMPILE_FLAGS`): it compiles as a user's run does."""
+  names = tuple(flag.split("=")[0] for flag, _ in _FAST_COMPILE_FLAGS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(names)
+  )
+  return env
+
+
 def smoke_env(devices: int = 1) -> dict:
   """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices."""
   import os as _os  # pylint: disable=g-import-not-at-top,reimported

@@ -1,7 +1,6 @@
 """MambaClassifier, ModelConfig validation and exact parameter counts."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from mamba_pkd import ensemble, flops, models
-from conftest import REPO, jit_apply
+from conftest import REPO, jit_apply, user_xla_env
 
 # Hand-computed parameter counts (see the comments; dt_rank = ceil(d_model / 16)).
 MNIST_TEACHER = models.ModelConfig(
@@ -168,9 +167,9 @@ def test_wrong_image_shape_is_rejected():
     models.create_model(config).apply({"params": params}, jnp.zeros((1, 28, 28, 1)))
 
 
-# Run at XLA's default optimisation level, what a user's run compiles with (at the suite's
-# level 0 a fused exp rounds differently from an eager one, and eager init itself differs
-# from a user's): every leaf of jitted init_params against eager Flax init, for the default
+# Run with XLA's default settings, what a user's run compiles with (conftest's
+# user_xla_env; at the suite's level 0 a fused exp rounds differently from an eager one, and
+# eager init itself differs from a user's): every leaf of jitted init_params against eager Flax init, for the default
 # job's s1 (every Mamba initialiser, both branches, and Flax's Dense/Conv ones). One size,
 # as each eager op is a program of its own (~20 s of compiling); checked by hand at this
 # level with two seeds: mnist teacher and s1..s5, tiny s1 connected, tiny s3 with "last"
@@ -193,14 +192,10 @@ print(json.dumps([jax.tree_util.keystr(p) for (p, a), (_, b) in zip(got, want)
 def test_jitted_init_equals_eager_flax_init_bit_for_bit():
   # init_params is one jitted program; eager Flax init (the reference) runs op by op.
   # A rounding difference in any leaf would change every run's numbers.
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split() if "optimization_level" not in f
-  )
   proc = subprocess.run(
       [sys.executable, "-c", _INIT_CHECK],
       cwd=REPO,
-      env=env,
+      env=user_xla_env(),
       capture_output=True,
       text=True,
       timeout=600,
