@@ -154,7 +154,7 @@ def _create_manager(
           read_only=not is_writer,
           save_interval_steps=1 if is_writer else 0,  # Orbax warns otherwise
           create=False,  # made by the writer; Orbax refuses create + active_processes
-          cleanup_tmp_directories=is_writer,
+          cleanup_tmp_directories=False,  # the writer's StageCheckpointer deletes them
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}
           ),
@@ -304,8 +304,12 @@ class StageCheckpointer:
     self._steps_dir = self.directory / STEPS_SUBDIR
     self._final_dir = self.directory / FINAL_SUBDIR
     for root in (self._steps_dir, self._final_dir):
-      self._report_half_written(root)
+      half_written = self._report_half_written(root)
       if self.is_writer:
+        # Deleted here, before anything else: Orbax's own cleanup runs in a background
+        # thread that its close() does not wait for.
+        for path in half_written:
+          shutil.rmtree(path, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     self._steps = _create_manager(
         self._steps_dir,
@@ -514,17 +518,18 @@ class StageCheckpointer:
     self._steps.reload()
     return list(self._steps.all_steps())
 
-  def _report_half_written(self, root: pathlib.Path) -> None:
-    """Logs each temporary (half-written) Orbax directory under ``root``."""
+  def _report_half_written(self, root: pathlib.Path) -> list[pathlib.Path]:
+    """Logs and returns each temporary (half-written) Orbax directory under ``root``."""
     if not root.is_dir():
-      return
-    for path in sorted(root.iterdir()):
-      if ORBAX_TMP_MARKER in path.name:
-        logging.warning(
-            "Ignoring half-written checkpoint %s (a save that was interrupted)%s.",
-            path,
-            "; the writer deletes it" if self.is_writer else "",
-        )
+      return []
+    found = [path for path in sorted(root.iterdir()) if ORBAX_TMP_MARKER in path.name]
+    for path in found:
+      logging.warning(
+          "Ignoring half-written checkpoint %s (a save that was interrupted)%s.",
+          path,
+          "; the writer deletes it" if self.is_writer else "",
+      )
+    return found
 
   def _set_aside(self, steps: list[int]) -> None:
     """Writer only: moves unreadable steps to ``corrupted/`` (never deletes)."""
