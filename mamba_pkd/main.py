@@ -40,8 +40,7 @@ flags.DEFINE_integer(
     -1,
     "On CPU, split the host's cores into this many XLA devices for the pmap-ed steps "
     "(-1: as many as there are cores, reduced until every batch size divides; 1: one "
-    "device). Ignored when XLA_FLAGS sets xla_force_host_platform_device_count or "
-    "JAX_NUM_CPU_DEVICES is set.",
+    "device). Ignored when XLA_FLAGS already sets xla_force_host_platform_device_count.",
 )
 flags.DEFINE_bool(
     "distributed_auto", False, "Multi-host: let jax.distributed.initialize() detect the cluster."

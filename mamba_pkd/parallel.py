@@ -63,20 +63,13 @@ def set_host_device_count(requested: int, *, batch_sizes: tuple[int, ...] = ()) 
       it divides every one of ``batch_sizes``; 0 or 1 leaves one device.
     batch_sizes: global batch sizes that must split evenly over the devices.
 
-  The count is set through JAX's ``jax_num_cpu_devices`` option, not ``XLA_FLAGS``:
-  XLA_FLAGS are part of every key of JAX's persistent compilation cache, so runs on
-  different device counts could not share a single program there.
-
   Returns:
-    The device count set, or already set by the environment: the XLA flag
-    ``--xla_force_host_platform_device_count`` or ``JAX_NUM_CPU_DEVICES`` (in that order).
+    The device count set (or already set through ``XLA_FLAGS``).
   """
   flag = "--xla_force_host_platform_device_count"
   current = os.environ.get("XLA_FLAGS", "")
   if flag in current:
     return int(current.split(flag + "=")[1].split()[0])
-  if jax.config.jax_num_cpu_devices >= 0:  # JAX_NUM_CPU_DEVICES
-    return max(jax.config.jax_num_cpu_devices, 1)
   if requested < -1:
     raise ValueError(f"cpu_devices must be -1 (auto), 0, 1 or more, got {requested}")
   count = requested
@@ -86,7 +79,7 @@ def set_host_device_count(requested: int, *, batch_sizes: tuple[int, ...] = ()) 
       count -= 1
   count = max(count, 1)
   if count > 1:
-    jax.config.update("jax_num_cpu_devices", count)
+    os.environ["XLA_FLAGS"] = f"{current} {flag}={count}".strip()
   return count
 
 

@@ -96,21 +96,16 @@ def user_xla_env() -> dict:
 
 
 def smoke_env(devices: int = 1) -> dict:
-  """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices.
-
-  The count goes in ``JAX_NUM_CPU_DEVICES``, not in XLA_FLAGS: XLA_FLAGS are part of every
-  key of the compilation cache, so the runs on 1, 2 and 4 devices, the test workers and
-  their subprocesses all read one another's programs where they are the same (each
-  model's init, the report's, the notebooks').
-  """
+  """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices."""
   import os as _os  # pylint: disable=g-import-not-at-top,reimported
 
-  env = dict(_os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-  env["XLA_FLAGS"] = " ".join(
+  env = dict(_os.environ, JAX_PLATFORMS="cpu")
+  flags = [
       f
       for f in env.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count")
-  )
+  ]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   return env
 
 

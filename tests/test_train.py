@@ -243,8 +243,6 @@ def train_small():
 
 
 if __name__ == "__main__":
-  from mamba_pkd import parallel
-  assert parallel.set_host_device_count(int(sys.argv[1])) == int(sys.argv[1])
   assert jax.local_device_count() == int(sys.argv[1]), jax.devices()
   print(json.dumps(train_small()))
 """
@@ -255,9 +253,7 @@ def _run_on_devices(n):
     namespace = {"__name__": "in_process"}  # this process already has one CPU device
     exec(_MULTI_DEVICE_SCRIPT, namespace)  # pylint: disable=exec-used
     return np.array(namespace["train_small"]())
-  # As `main` sets it (parallel.set_host_device_count), with nothing in the environment.
   env = smoke_env(n)
-  del env["JAX_NUM_CPU_DEVICES"]
   out = subprocess.run(
       [sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(n)],
       env=env,
