@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba_pkd.cnn_mlp import POOL, CNNConfig, MLPConfig
-from mamba_pkd.models import ModelConfig, create_model, init_params
+from mamba_pkd.models import ModelConfig, create_model, param_shapes
 
 # Elementwise op counts, per element.
 _SILU = 5  # XLA: logistic as exp (1 transcendental) + 4 arithmetic ops
@@ -211,9 +211,7 @@ def xla_forward_flops(config: ModelConfig, batch_size: int = 1) -> dict[str, flo
   Returns: {"flops", "transcendentals", "total"} per image.
   """
   cfg = config.replace(scan_method="sequential", scan_unroll=True)
-  # Shapes only: XLA counts the compiled program, whatever the values (initialising
-  # would compile the model's random draws for nothing).
-  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  params = param_shapes(cfg)  # XLA counts the compiled program, whatever the values
   images = jax.ShapeDtypeStruct((batch_size, *cfg.image_shape), jnp.float32)
   prev = (
       jax.ShapeDtypeStruct((batch_size, cfg.connect_dim), jnp.float32) if cfg.connect_dim else None

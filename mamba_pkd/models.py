@@ -238,6 +238,12 @@ def init_params(config, rng: Array) -> dict:
   return _init_params_jit(config, rng)
 
 
+def param_shapes(config) -> dict:
+  """``init_params``'s tree as ``jax.ShapeDtypeStruct`` leaves: nothing computed or compiled
+  (initialising compiles the model's random draws, seconds a config on a CPU)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
 def eager_init_params(config, rng: Array) -> dict:
   """``init_params`` without ``jit``: Flax's op-by-op init (the reference it must equal)."""
   images = jnp.zeros((1, *config.image_shape), jnp.float32)

@@ -20,7 +20,7 @@ import jax
 from mamba_pkd import checkpoints, ensemble, manifest
 from mamba_pkd.ensemble import Member
 from mamba_pkd.models import ModelConfig, apply_members, config_from_dict, create_model
-from mamba_pkd.models import init_params
+from mamba_pkd.models import param_shapes
 from mamba_pkd.preprocessing import Preprocessing
 
 PyTree = Any
@@ -66,7 +66,7 @@ def load_stage_params(workdir: pathlib.Path, stage: str, config: ModelConfig) ->
         f"stage {stage!r} has no final checkpoint ({directory}/final is missing); "
         "re-run mamba_pkd.main with the same --workdir to complete it"
     )
-  template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  template = param_shapes(config)
   with checkpoints.StageCheckpointer(directory, is_writer=False) as ckpt:
     return ckpt.load_final(template)[0]
 

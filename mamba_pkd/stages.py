@@ -28,7 +28,7 @@ from mamba_pkd import checkpoints, ensemble, evaluate, flops, manifest, parallel
 from mamba_pkd import settings, train
 from mamba_pkd import data as data_lib
 from mamba_pkd.metrics import MetricsWriter
-from mamba_pkd.models import ModelConfig, feature_width, init_params
+from mamba_pkd.models import ModelConfig, feature_width, param_shapes
 from mamba_pkd.ladders import family_sizes, ladder_configs
 
 PyTree = Any
@@ -392,7 +392,7 @@ def run_stage(
   ckpt = checkpoints.StageCheckpointer(directory, is_writer=ctx.is_writer)
   if parallel.agree(ckpt.is_complete(), f"stage {name} is complete"):
     # Shapes and dtypes only: nothing is computed or compiled to restore a stage.
-    template = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    template = param_shapes(model_config)
     params, info = ckpt.load_final(template)
     logging.info("stage %s: already complete, not retrained", name)
   else:

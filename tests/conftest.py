@@ -84,28 +84,26 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 
-def user_xla_env() -> dict:
-  """This process's environment for a subprocess without the suite's fast-compile XLA flags
-  (:data:`_FAST_COMPILE_FLAGS`): it compiles as a user's run does."""
-  names = tuple(flag.split("=")[0] for flag, _ in _FAST_COMPILE_FLAGS)
+def _cpu_env_without(prefixes: tuple[str, ...]) -> dict:
+  """This process's environment, CPU only, without the XLA flags starting with ``prefixes``."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(names)
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(prefixes)
   )
   return env
 
 
+def user_xla_env() -> dict:
+  """Environment for a subprocess without the suite's fast-compile XLA flags
+  (:data:`_FAST_COMPILE_FLAGS`): it compiles as a user's run does."""
+  return _cpu_env_without(tuple(flag.split("=")[0] for flag, _ in _FAST_COMPILE_FLAGS))
+
+
 def smoke_env(devices: int = 1) -> dict:
   """Environment for a subprocess of `main`: CPU only, exactly ``devices`` host devices."""
-  import os as _os  # pylint: disable=g-import-not-at-top,reimported
-
-  env = dict(_os.environ, JAX_PLATFORMS="cpu")
-  flags = [
-      f
-      for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  flag = "--xla_force_host_platform_device_count"
+  env = _cpu_env_without((flag,))
+  env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {flag}={devices}".strip()
   return env
 
 

@@ -168,9 +168,9 @@ def test_wrong_image_shape_is_rejected():
 
 
 # Run with XLA's default settings, what a user's run compiles with (conftest's
-# user_xla_env; at the suite's level 0 a fused exp rounds differently from an eager one, and
-# eager init itself differs from a user's): every leaf of jitted init_params against eager Flax init, for the default
-# job's s1 (every Mamba initialiser, both branches, and Flax's Dense/Conv ones). One size,
+# user_xla_env; at the suite's level 0 a fused exp rounds differently from an eager one,
+# and eager init itself differs from a user's): every leaf of jitted init_params against
+# eager Flax init, for the default job's s1 (every Mamba initialiser, both branches, and Flax's Dense/Conv ones). One size,
 # as each eager op is a program of its own (~20 s of compiling); checked by hand at this
 # level with two seeds: mnist teacher and s1..s5, tiny s1 connected, tiny s3 with "last"
 # pooling, cifar s2, cnn_s1, mlp_s3 (the CNN and MLP use Flax's own initialisers).
