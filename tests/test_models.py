@@ -173,7 +173,8 @@ def test_wrong_image_shape_is_rejected():
 # eager Flax init, for the default job's s1 (every Mamba initialiser, both branches, and Flax's Dense/Conv ones). One size,
 # as each eager op is a program of its own (~20 s of compiling); checked by hand at this
 # level with two seeds: mnist teacher and s1..s5, tiny s1 connected, tiny s3 with "last"
-# pooling, cifar s2, cnn_s1, mlp_s3 (the CNN and MLP use Flax's own initialisers).
+# pooling, cifar s2, cnn_s1, mlp_s3 (the CNN and MLP use Flax's own initialisers); again
+# after init_params batched its Threefry hashes (mamba_pkd/batched_threefry.py).
 _INIT_CHECK = """
 import json
 import jax, numpy as np
