@@ -59,7 +59,8 @@ def batched_threefry(fun: Callable, static_argnums: tuple[int, ...] = ()) -> Cal
 
   Meant to be called under ``jax.jit`` (the waves then compile as one program); the
   arguments other than ``static_argnums`` and the results are pytrees of arrays, keys
-  included.
+  included. For pure functions: one with side effects (callbacks, prints) runs
+  unchanged. Nested ``jit``s are inlined, their sharding annotations with them.
   """
 
   @functools.wraps(fun)
@@ -74,6 +75,8 @@ def batched_threefry(fun: Callable, static_argnums: tuple[int, ...] = ()) -> Cal
       return fun(*(static[i] if i in static else next(it) for i in range(len(args))))
 
     closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*dynamic)
+    if closed.effects:  # evaluation in waves reorders equations: pure functions only
+      return fun(*args)
     graph = _Graph()
     in_refs = [graph.value(x) for x in jax.tree.leaves(dynamic)]
     try:

@@ -73,3 +73,15 @@ def test_a_models_init_hashes_once_per_level():
   plain = bt.count_threefry(lambda k: models.eager_init_params(config, k), key)
   batched = bt.count_threefry(lambda k: batched_init(config, k), key)
   assert plain > 20 and batched == 2, (plain, batched)
+
+
+def test_functions_with_side_effects_run_unchanged():
+  def fun(key):
+    x = jax.random.normal(jax.random.fold_in(key, 1), (3,))
+    jax.debug.callback(lambda v: None, x)
+    return x
+
+  key = jax.random.key(1)
+  batched = bt.batched_threefry(fun)
+  assert bt.count_threefry(batched, key) == bt.count_threefry(fun, key) == 2
+  assert _equal(jax.jit(batched)(key), jax.jit(fun)(key))
