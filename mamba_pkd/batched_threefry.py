@@ -214,7 +214,14 @@ def _expansion(eqn):
   impl = getattr(key_aval.dtype, "_impl", None)
   if impl is None or impl.name != "threefry2x32" or key_aval.shape != ():
     raise _Unsupported(f"{eqn.primitive.name} on {key_aval}")
-  name, params = eqn.primitive.name, eqn.params
+  args = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+  return _expansion_of(eqn.primitive.name, tuple(sorted(eqn.params.items())), impl, args)
+
+
+@functools.lru_cache(maxsize=256)
+def _expansion_of(name: str, params: tuple, impl, args: tuple):
+  """Cached by op and shapes: a model's ~50 ``fold_in``s share one jaxpr."""
+  params = dict(params)
 
   def op(key, *rest):
     raw = jax.random.key_data(key)
@@ -224,6 +231,4 @@ def _expansion(eqn):
       return impl.random_bits(raw, params["bit_width"], params["shape"])
     return jax.random.wrap_key_data(impl.split(raw, params["shape"]), impl=impl.name)
 
-  avals = [v.aval for v in eqn.invars]
-  args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
   return jax.make_jaxpr(op)(*args)
