@@ -363,7 +363,7 @@ def train_stage(
     return create_train_state(params, tx)
 
   # Restored against the state's shapes alone: initialising a model compiles its random
-  # draws (3.5-6.3 s a config at XLA's defaults on a 2-core CPU), wasted on a resume.
+  # draws (1-3 s a config at XLA's defaults on a 2-core CPU), wasted on a resume.
   restored = None
   if checkpointer is not None:
     restored = checkpointer.restore_latest(jax.eval_shape(initial_state))
