@@ -16,8 +16,8 @@ its implementation (JAX's own ``threefry2x32`` PRNG functions, traced on the key
 data), which hashes with the ``threefry2x32`` primitive. The equations are then evaluated
 in waves: everything that can run runs; the hashes whose inputs are ready wait and are
 computed together, as one ``threefry2x32`` over their concatenated inputs. A key
-derivation ``d`` levels deep needs ``d + 1`` waves, so the MNIST teacher's 73 hashes
-become 4. The hash is elementwise in its four inputs, so batching changes no bit of any
+derivation ``d`` levels deep needs ``d + 1`` waves; a Flax init derives each parameter's
+key from the root in one level, so the MNIST teacher's 73 hashes become 2. The hash is elementwise in its four inputs, so batching changes no bit of any
 result (tests/test_batched_threefry.py, and tests/test_models.py against Flax's eager
 init).
 
@@ -46,7 +46,7 @@ except (ImportError, AttributeError):  # another JAX layout: run the function as
   _THREEFRY_P = None
 
 _KEY_OPS = ("random_fold_in", "random_bits", "random_split")
-_INLINED = ("jit", "pjit", "closed_call", "core_call")
+_INLINED = ("jit", "pjit")  # the jit primitive's name in newer and older JAX
 
 
 def active() -> bool:
@@ -193,7 +193,7 @@ class _Graph:
 
   def _hash(self, nodes: list[_Node]) -> None:
     """One ``threefry2x32`` for all ``nodes``: inputs broadcast, flattened and concatenated."""
-    shapes = [jnp.broadcast_shapes(*(np.shape(self.values[r]) for r in n.ins)) for n in nodes]
+    shapes = [np.broadcast_shapes(*(np.shape(self.values[r]) for r in n.ins)) for n in nodes]
     sizes = [int(np.prod(s)) for s in shapes]
     cols = [
         jnp.concatenate(
