@@ -17,9 +17,9 @@ data), which hashes with the ``threefry2x32`` primitive. The equations are then 
 in waves: everything that can run runs; the hashes whose inputs are ready wait and are
 computed together, as one ``threefry2x32`` over their concatenated inputs. A key
 derivation ``d`` levels deep needs ``d + 1`` waves; a Flax init derives each parameter's
-key from the root in one level, so the MNIST teacher's 73 hashes become 2. The hash is elementwise in its four inputs, so batching changes no bit of any
-result (tests/test_batched_threefry.py, and tests/test_models.py against Flax's eager
-init).
+key from the root in one level, so the MNIST teacher's 73 hashes become 2. The hash is
+elementwise in its four inputs, so batching changes no bit of any result
+(tests/test_batched_threefry.py, and tests/test_models.py against Flax's eager init).
 
 It relies on JAX internals (the ``threefry2x32`` primitive and the key primitives'
 names); where they are not as expected, or a key is not a Threefry key, the function
@@ -96,16 +96,8 @@ def count_threefry(fun: Callable, *args) -> int:
 
 
 def _count(jaxpr) -> int:
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive is _THREEFRY_P or eqn.primitive.name in _KEY_OPS
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (tuple, list)) else (p,):
-        if isinstance(sub, _core.ClosedJaxpr):
-          n += _count(sub.jaxpr)
-        elif isinstance(sub, _core.Jaxpr):
-          n += _count(sub)
-  return n
+  own = sum(e.primitive is _THREEFRY_P or e.primitive.name in _KEY_OPS for e in jaxpr.eqns)
+  return own + sum(_count(sub) for sub in _core.subjaxprs(jaxpr))
 
 
 class _Unsupported(Exception):
