@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Size family: auto (the preset of the images' shape: 28x28x1 -> mnist, 32x32x3 -> cifar;
   # any other shape derived by ladders.auto_ladder_spec) | mnist | cifar | tiny (ladders.LADDERS).
   config.model.ladder = "auto"
-  config.model.scan_method = "auto"  # auto | fused | sequential | parallel | chunked | pallas
+  config.model.scan_method = (
+      "auto"  # auto | native | fused | sequential | parallel | chunked | pallas
+  )
   config.model.bidirectional = True  # reversed scan branch in every mixer (images are not causal)
   # The PKD students' family: mamba | cnn | mlp (mamba_pkd.cnn_mlp, each rung at the Mamba rung's
   # FLOPs). Bare names in pkd.ladder are this family's; "cnn_s2" / "mlp_s2" pick one per rung.

@@ -75,7 +75,7 @@ def parse_args(argv=None):
   p.add_argument(
       "--methods",
       default=None,
-      help="comma-separated methods (default: sequential,parallel,chunked,fused"
+      help="comma-separated methods (default: sequential,parallel,chunked,fused,native"
       " and pallas on GPU or with --pallas_interpret)",
   )
   p.add_argument(
@@ -268,7 +268,7 @@ def print_table(shape, methods, results, errors, torch_results, torch_errors):
         f"{ratio(t('parallel', 'fwd+bwd', 1), t(m, 'fwd+bwd', 1)):>14}"
     )
   if torch_results:
-    for ours in [m for m in ("fused", "sequential", "pallas") if m in methods]:
+    for ours in [m for m in ("native", "fused", "sequential", "pallas") if m in methods]:
       for theirs in sorted({m for m, _ in torch_results}):
         print(
             f"  ours/theirs (wall) {ours} / {theirs}: fwd {t(ours, 'fwd') / t(theirs, 'fwd'):.3f}, "

@@ -20,6 +20,7 @@ from mamba_pkd.ssm import ScanMethod
 from mamba_pkd.ssm import as_scan_method
 from mamba_pkd.ssm import common
 from mamba_pkd.ssm import fused
+from mamba_pkd.ssm import native
 from mamba_pkd.ssm import scan as scan_lib
 from mamba_pkd.ssm import selective_scan
 from scan_reference import ARG_NAMES
@@ -50,7 +51,12 @@ def make_inputs(batch, length, d_inner, n_state, seed=0, delta_mean=0.0, dtype=n
 
 
 def require(method):
-  """Skips (with the reason) when the Pallas kernel cannot run here."""
+  """Skips (with the reason) when the Pallas or native kernel cannot run here."""
+  if method == "native":
+    ok, why = native.native_available()
+    if not ok:
+      pytest.skip(f"native kernel unavailable: {why}")
+    return
   if method != "pallas":
     return
   try:
@@ -146,7 +152,7 @@ def test_long_sequence_large_delta_is_finite(method):
   y = jitted(method)(*args)
   assert np.all(np.isfinite(y))
   assert rel_err(y, reference_scan(*args)) <= F32_RTOL
-  if method == "fused":  # a hand-written backward (Pallas' is tested in test_pallas_scan.py)
+  if method in ("fused", "native"):  # hand-written backwards (Pallas': test_pallas_scan.py)
     for name, g in zip(ARG_NAMES, grads_of(method, args)):
       assert np.all(np.isfinite(g)), name
 
@@ -221,17 +227,55 @@ def test_bfloat16_inputs(method):
   assert rel_err(jnp.asarray(y16, jnp.float32), y32) <= BF16_RTOL
 
 
-def test_auto_resolves_to_fused_on_cpu_and_logs_once(caplog):
+def test_auto_resolves_to_native_on_cpu_and_logs_once(caplog):
   if jax.default_backend() == "gpu":
     pytest.skip("'auto' means 'pallas' on GPU")
+  ok, why = native.native_available()
+  expected = "native" if ok else "fused"
   args = make_inputs(2, 5, 3, 4)
   scan_lib._AUTO_LOGGED.clear()
   with caplog.at_level(logging.INFO, logger=scan_lib.__name__):
     y = selective_scan(*args[:6], delta_bias=args[6])
     selective_scan(*args[:6], delta_bias=args[6], method="auto")
   lines = [r.getMessage() for r in caplog.records if "method='auto'" in r.getMessage()]
-  assert len(lines) == 1 and "'fused'" in lines[0]
+  assert len(lines) == 1 and f"-> {expected!r}" in lines[0], (lines, why)
+  np.testing.assert_array_equal(y, selective_scan(*args[:6], delta_bias=args[6], method=expected))
+
+
+def test_without_the_native_kernel_auto_is_fused_and_native_raises(monkeypatch, caplog):
+  """No compiler (or headers): 'auto' keeps the XLA fused method and says why;
+  method='native' fails with one line naming the reason."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native kernel is CPU only")
+  monkeypatch.setattr(native, "_state", {"ok": False, "why": "no C++ compiler ('g++' ...)"})
+  args = make_inputs(2, 5, 3, 4)
+  scan_lib._AUTO_LOGGED.clear()
+  with caplog.at_level(logging.INFO, logger=scan_lib.__name__):
+    y = selective_scan(*args[:6], delta_bias=args[6])
+  (line,) = [r.getMessage() for r in caplog.records if "method='auto'" in r.getMessage()]
+  assert "-> 'fused'" in line and "native kernel is unavailable (no C++ compiler" in line
   np.testing.assert_array_equal(y, selective_scan(*args[:6], delta_bias=args[6], method="fused"))
+  with pytest.raises(RuntimeError, match=r"^scan method 'native' is unavailable: no C\+\+ comp"):
+    selective_scan(*args[:6], delta_bias=args[6], method="native")
+  scan_lib._AUTO_LOGGED.clear()
+
+
+def test_native_results_do_not_depend_on_threads():
+  """Rows are independent and each is computed in a fixed order: 1 and 3 threads give
+  bit-identical outputs and gradients (the parameter gradients are summed by JAX)."""
+  if not native.native_available()[0]:
+    pytest.skip(f"native kernel unavailable: {native.native_available()[1]}")
+  s1, s2 = _two_streams((7, 37, 5, 4))
+  w = jnp.asarray(grad_weights(s1[0].shape))
+
+  def run(threads):
+    f = lambda a, b: native.scan_native_streams([a, b], [False, True], True, threads=threads)
+    loss = lambda a, b: sum(jnp.sum(w * y) for y in f(a, b))
+    return jax.jit(f)(s1, s2), jax.jit(jax.grad(loss, (0, 1)))(s1, s2)
+
+  one, three = run(1), run(3)
+  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(three)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_sequential_unroll_matches():
@@ -286,7 +330,9 @@ def test_as_scan_method_accepts_members_and_names_only():
 
 def test_config_and_scan_use_the_one_validator():
   """ModelConfig, selective_scan and the Pallas-free dispatch raise the same one-line error."""
-  expected = "is not a scan method; valid: sequential, parallel, chunked, fused, pallas, auto"
+  expected = (
+      "is not a scan method; valid: sequential, parallel, chunked, fused, native, pallas, auto"
+  )
   with pytest.raises(ValueError) as e:
     models.ModelConfig(scan_method="magic")
   assert str(e.value) == f"scan_method='magic' {expected}"
@@ -489,12 +535,14 @@ def _two_streams(shape=(5, 37, 5, 4)):
   return a, b[:5] + (None, b[6])  # the second stream has no D
 
 
-@pytest.mark.parametrize("method", ["fused", "sequential"])
+@pytest.mark.parametrize("method", ["fused", "native", "sequential"])
 def test_streams_equal_separate_scans_values_and_gradients(method, monkeypatch):
   """One call for a forward and a reverse scan == two selective_scan calls (fused:
   3 batch tiles of 2 rows, one padded, per stream, so 6 tiles in one loop)."""
+  require(method)
   monkeypatch.setattr(fused, "FUSED_TILE_ELEMENTS", 40)
   monkeypatch.setattr(fused, "FUSED_MAX_CHUNK", 8)
+  monkeypatch.setattr(native, "MAX_CHUNK", 8)  # 5 chunks of 8 steps, the last one partial
   s1, s2 = _two_streams()
   w = jnp.asarray(grad_weights(s1[0].shape))
 

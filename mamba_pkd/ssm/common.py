@@ -39,6 +39,7 @@ class ScanMethod(str, enum.Enum):
   PARALLEL = "parallel"
   CHUNKED = "chunked"
   FUSED = "fused"
+  NATIVE = "native"
   PALLAS = "pallas"
   AUTO = "auto"
 

@@ -5,8 +5,9 @@ This module owns the public entry points :func:`selective_scan` (validation via
 :func:`selective_scan_streams` (several equal-shaped scans, e.g. both directions
 of a bidirectional mixer, in one fused call), and the plain
 XLA methods ``"sequential"``, ``"parallel"`` and ``"chunked"``. The ``"fused"``
-method lives in :mod:`mamba_pkd.ssm.fused`, the ``"pallas"`` kernel in
-:mod:`mamba_pkd.ssm.pallas_scan`; neither imports this module.
+method lives in :mod:`mamba_pkd.ssm.fused`, the ``"native"`` CPU kernel in
+:mod:`mamba_pkd.ssm.native`, the ``"pallas"`` kernel in
+:mod:`mamba_pkd.ssm.pallas_scan`; none imports this module.
 
 Notation (code name -> paper symbol, Gu & Dao 2023, Algorithm 2):
 
@@ -47,9 +48,14 @@ Methods (all agree to float32 rounding and are differentiable):
   experiments/bench_scan.py). Independent loops do not help: XLA:CPU (JAX
   0.10.2) was profiled running two data-independent while loops one after the
   other on one thread.
+* ``"native"``: :mod:`mamba_pkd.ssm.native`, the fused method's algorithm as a C++
+  kernel called through ``jax.ffi`` (compiled on first use with the system's
+  C++ compiler; CPU, float32; the batch rows spread over threads). On the same
+  benchmark shape it is several times faster than ``"fused"`` (README, "Speed").
 * ``"pallas"``: the kernel in :mod:`mamba_pkd.ssm.pallas_scan` (``interpret=True``
   off GPU).
-* ``"auto"``: ``"pallas"`` on GPU, ``"fused"`` elsewhere.
+* ``"auto"``: ``"pallas"`` on GPU; on CPU ``"native"`` where its kernel builds,
+  else ``"fused"`` (the reason is logged once).
 
 Inputs may be float32 or bfloat16; everything is accumulated in float32 (float64
 if the inputs are float64, for gradient checks) and ``y`` is returned in
@@ -65,6 +71,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mamba_pkd.ssm import fused
+from mamba_pkd.ssm import native
 from mamba_pkd.ssm import pallas_scan
 from mamba_pkd.ssm.common import SCAN_METHODS
 from mamba_pkd.ssm.common import ScanMethod
@@ -179,10 +186,17 @@ def _scan_chunked(u, dt, A, B, C, reverse, chunk_size):
 
 
 def _resolve_auto():
-  """PALLAS on GPU (when its kernel can run), FUSED elsewhere; logs the reason once."""
+  """PALLAS on GPU (when its kernel can run); on CPU NATIVE (when its kernel builds),
+  else FUSED; logs the reason once."""
   platform = jax.default_backend()
-  method, reason = ScanMethod.FUSED, f"default backend is {platform!r}, not 'gpu'"
-  if platform == "gpu":
+  method, reason = ScanMethod.FUSED, f"default backend is {platform!r}"
+  if platform == "cpu":
+    ok, why = native.native_available()
+    if ok:
+      method, reason = ScanMethod.NATIVE, "default backend is 'cpu' and the native kernel built"
+    else:
+      reason = f"default backend is 'cpu' but the native kernel is unavailable ({why})"
+  elif platform == "gpu":
     ok, why = pallas_scan.pallas_available(interpret=False)
     if ok:
       method, reason = ScanMethod.PALLAS, "default backend is 'gpu'"
@@ -253,6 +267,14 @@ def selective_scan(
     )
 
   cdt = compute_dtype(u, delta, A, B, C, D, delta_bias)
+  if method is ScanMethod.NATIVE:
+    native.require_native()
+    if cdt == jnp.float32:
+      (y,) = native.scan_native_streams(
+          [(u, delta, A, B, C, D, delta_bias)], [reverse], delta_softplus
+      )
+      return y.astype(u.dtype)
+    method = ScanMethod.FUSED  # the kernel is float32 only (float64: gradient checks)
   uc, Ac, Bc, Cc = (x.astype(cdt) for x in (u, A, B, C))
   if method is ScanMethod.FUSED:
     Dc, biasc = (None if x is None else x.astype(cdt) for x in (D, delta_bias))
@@ -285,10 +307,10 @@ def selective_scan_streams(
 
   ``selective_scan_streams([f, b], reverse=[False, True])`` equals
   ``[selective_scan(*f), selective_scan(*b, reverse=True)]`` (values, and
-  gradients to float32 rounding). With ``method="fused"`` (or ``"auto"`` when it
-  resolves to ``"fused"``) the streams go through one fused call: one
-  ``custom_vjp`` whose batch tiles of all streams run in independent loops on
-  separate cores, forward and backward. Other methods run one call per stream.
+  gradients to float32 rounding). With ``method="fused"`` or ``"native"`` (or
+  ``"auto"`` when it resolves to one of them) the streams go through one call:
+  one ``custom_vjp`` over all streams' batch rows, forward and backward. Other
+  methods run one call per stream.
 
   Args:
     streams: sequence of tuples ``(u, delta, A, B, C, D, delta_bias)`` as in
@@ -326,6 +348,13 @@ def selective_scan_streams(
       )
   if method is ScanMethod.AUTO:
     method = _resolve_auto()
+  cdt = compute_dtype(*(x for s in streams for x in s))
+  if method is ScanMethod.NATIVE and len(streams) > 1:
+    native.require_native()
+    if cdt == jnp.float32:
+      ys = native.scan_native_streams(streams, reverse, delta_softplus)
+      return [y.astype(s[0].dtype) for y, s in zip(ys, streams)]
+    method = ScanMethod.FUSED  # float64: the XLA fused method
   if method is not ScanMethod.FUSED or len(streams) == 1:
     return [
         selective_scan(
@@ -339,7 +368,6 @@ def selective_scan_streams(
         )
         for s, r in zip(streams, reverse)
     ]
-  cdt = compute_dtype(*(x for s in streams for x in s))
   cast = [tuple(None if x is None else x.astype(cdt) for x in s) for s in streams]
   ys = fused.scan_fused_streams(cast, reverse, delta_softplus)
   return [y.astype(s[0].dtype) for y, s in zip(ys, streams)]
