@@ -56,7 +56,7 @@ def get_config():
   config.checkpoint_every = 500
   config.log_every = 100
   config.model.ladder = "cifar"
-  config.model.scan_method = "auto"  # pallas on GPU, fused elsewhere
+  config.model.scan_method = "auto"  # pallas on GPU; native on CPU where it compiles, else fused
   config.teacher.epochs = 100
   config.teacher.batch_size = 512  # global; divisible by 1, 2, 4, 8 devices
   config.teacher.learning_rate = 1e-3

@@ -149,7 +149,7 @@ class MambaMixer(nn.Module):
     dt_min, dt_max, dt_init_floor, dt_scale: step-size initialisation.
     bidirectional: add the reversed branch.
     scan_method: passed to :func:`mamba_pkd.ssm.selective_scan_streams` (with
-      ``bidirectional``, "fused" runs both branches' scans as one fused call).
+      ``bidirectional``, "fused" and "native" run both branches' scans as one call).
     scan_unroll: ``unroll`` of the "sequential" method (True: no while loop).
   """
 
@@ -180,7 +180,7 @@ class MambaMixer(nn.Module):
     if self.bidirectional:
       # The reversed branch works on flip(x) (its own conv, projections, A and D)
       # and its output is flipped back; both scans go through one call, which
-      # the "fused" method runs as one fused scan of both branches.
+      # the "fused" and "native" methods run as one scan of both branches.
       streams.append(self._branch_inputs(jnp.flip(x, axis=1), suffix="_b"))
     ys = selective_scan_streams(
         streams,
