@@ -25,6 +25,7 @@ It imports nothing from ``mamba_pkd``.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -106,6 +107,18 @@ def _build(cxx: str) -> pathlib.Path:
   if lib.exists():
     return lib
   out_dir.mkdir(parents=True, exist_ok=True)
+  # One compile per machine: processes starting together (test workers, a job's
+  # subprocesses) wait for the first one's compile instead of each running their own.
+  with open(out_dir / "build.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if lib.exists():
+      return lib
+    _compile(cxx, include, lib, out_dir)
+  return lib
+
+
+def _compile(cxx: str, include: str, lib: pathlib.Path, out_dir: pathlib.Path) -> None:
+  """Compiles the object with COMPILE_FLAGS and links it (without them) into ``lib``."""
   with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
     obj = pathlib.Path(tmp) / "native_scan.o"
     so = pathlib.Path(tmp) / "native_scan.so"
@@ -117,9 +130,8 @@ def _build(cxx: str) -> pathlib.Path:
       if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed: {' | '.join(tail)}")
-    os.replace(so, lib)  # atomic: concurrent builders leave one whole file
+    os.replace(so, lib)  # atomic: a reader never sees a partial file
   _logger.info("native scan kernel compiled: %s", lib)
-  return lib
 
 
 def native_available() -> tuple[bool, str]:
