@@ -54,6 +54,8 @@ BACKWARD_TARGET = "mamba_pkd_native_scan_backward"
 # (one chunk's states and decays, ~256 KiB: stays in L2).
 MAX_CHUNK = 32
 CHUNK_ELEMENTS = 65536
+# State updates (rows x L x d_inner x N) per thread below which a call stays on one thread.
+MIN_WORK_PER_THREAD = 1 << 20
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -280,8 +282,8 @@ def scan_native_streams(streams, reverse, delta_softplus, threads=None):
       u, delta [b, l, d]; A [d, n]; B, C [b, l, n]; D, delta_bias [d] or None.
     reverse: one bool per stream.
     delta_softplus: apply softplus to ``delta + delta_bias``.
-    threads: threads per call (default :func:`default_threads`); results do not
-      depend on it.
+    threads: threads per call (default :func:`default_threads`, fewer for calls with
+      less than MIN_WORK_PER_THREAD state updates a thread); results do not depend on it.
 
   Returns:
     list of y [b, l, d] (float32), each including ``D * u``.
@@ -305,7 +307,10 @@ def scan_native_streams(streams, reverse, delta_softplus, threads=None):
   bias = stack([zeros if s[6] is None else s[6] for s in streams])
   mask = sum(1 << i for i, r in enumerate(reverse) if r)
   if threads is None:
-    threads = default_threads()
+    # A thread is started per call: worth it only for enough work (at batch 1 the
+    # thread's start, tens of microseconds, exceeded a small member's whole scan).
+    work = len(streams) * batch * length * d_inner * n_state
+    threads = max(1, min(default_threads(), work // MIN_WORK_PER_THREAD))
   statics = (mask, int(bool(delta_softplus)), chunk_length(length, d_inner, n_state), threads)
   y = _core(u, delta, At, B, C, D, bias, statics)
   return [y[i] for i in range(len(streams))]
