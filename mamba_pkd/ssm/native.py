@@ -130,7 +130,8 @@ def _compile(cxx: str, include: str, lib: pathlib.Path, out_dir: pathlib.Path) -
     ):
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = [l for l in lines if "error" in l][:3] or lines[-3:]  # not a warning's tail
         raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed: {' | '.join(tail)}")
     os.replace(so, lib)  # atomic: a reader never sees a partial file
   _logger.info("native scan kernel compiled: %s", lib)

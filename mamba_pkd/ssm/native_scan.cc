@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -114,11 +115,19 @@ void ForwardRow(const Dims& m, int64_t s, int64_t b, bool rev, bool softplus,
   }
 }
 
+// Per-thread buffers of the backward, reused across rows and calls (every element is
+// written before it is read: g is zeroed per row, the rest per chunk or step).
 struct BackwardScratch {
   std::vector<float> g, H, dA, pre, dt, gbs, gd;
-  BackwardScratch(const Dims& m)
-      : g(m.N * m.D), H((m.T + 1) * m.N * m.D), dA(m.T * m.N * m.D), pre(m.T * m.D),
-        dt(m.T * m.D), gbs(m.D), gd(m.D) {}
+  void Resize(const Dims& m) {
+    g.resize(m.N * m.D);
+    H.resize((m.T + 1) * m.N * m.D);
+    dA.resize(m.T * m.N * m.D);
+    pre.resize(m.T * m.D);
+    dt.resize(m.T * m.D);
+    gbs.resize(m.D);
+    gd.resize(m.D);
+  }
 };
 
 void BackwardRow(const Dims& m, int64_t s, int64_t b, bool rev, bool softplus,
@@ -273,7 +282,8 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta,
   const Dims m = GetDims(u, At, chunk);
   if (auto e = CheckDims(m); e.failure()) return e;
   ParallelRows(m.S * m.B, threads, [&](int64_t row) {
-    BackwardScratch w(m);
+    thread_local BackwardScratch w;
+    w.Resize(m);
     const int64_t s = row / m.B, b = row % m.B;
     BackwardRow(m, s, b, (reverse_mask >> s) & 1, softplus != 0, u.typed_data(),
                 delta.typed_data(), At.typed_data(), Bm.typed_data(), Cm.typed_data(),
@@ -286,41 +296,39 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta,
 
 }  // namespace
 
+namespace {
+
+// The seven inputs both handlers take first: u, delta, At, B, C, D, bias.
+auto BindInputs() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>();
+}
+
+// The attributes both handlers take last (native.py's _attrs).
+template <typename Binding>
+auto BindAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("reverse_mask")
+      .template Attr<int64_t>("softplus")
+      .template Attr<int64_t>("chunk")
+      .template Attr<int64_t>("threads");
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdScanForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // u
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // At
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // C
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // D
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Attr<int64_t>("reverse_mask")
-                                  .Attr<int64_t>("softplus")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<int64_t>("threads"));
+                              BindAttrs(BindInputs()
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // y
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // hs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdScanBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // u
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // At
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // C
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // D
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // gy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gu
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gdelta
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gB
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gC
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gA
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gD
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gbias
-                                  .Attr<int64_t>("reverse_mask")
-                                  .Attr<int64_t>("softplus")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<int64_t>("threads"));
+                              BindAttrs(BindInputs()
+                                            .Arg<ffi::Buffer<ffi::F32>>()    // gy
+                                            .Arg<ffi::Buffer<ffi::F32>>()    // hs
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gu
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gdelta
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gB
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gC
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gA
+                                            .Ret<ffi::Buffer<ffi::F32>>()    // gD
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // gbias

@@ -208,6 +208,19 @@ def _resolve_auto():
   return method
 
 
+def _native(cdt, streams, reverse, delta_softplus):
+  """The native kernel's outputs (each in its stream's ``u.dtype``), or None where the
+  compute dtype is not float32 (float64 gradient checks), which then run ``"fused"``.
+
+  Raises RuntimeError when the kernel cannot be built here.
+  """
+  native.require_native()
+  if cdt != jnp.float32:
+    return None
+  ys = native.scan_native_streams(streams, reverse, delta_softplus)
+  return [y.astype(s[0].dtype) for y, s in zip(ys, streams)]
+
+
 def selective_scan(
     u,
     delta,
@@ -268,13 +281,10 @@ def selective_scan(
 
   cdt = compute_dtype(u, delta, A, B, C, D, delta_bias)
   if method is ScanMethod.NATIVE:
-    native.require_native()
-    if cdt == jnp.float32:
-      (y,) = native.scan_native_streams(
-          [(u, delta, A, B, C, D, delta_bias)], [reverse], delta_softplus
-      )
-      return y.astype(u.dtype)
-    method = ScanMethod.FUSED  # the kernel is float32 only (float64: gradient checks)
+    ys = _native(cdt, [(u, delta, A, B, C, D, delta_bias)], [reverse], delta_softplus)
+    if ys is not None:
+      return ys[0]
+    method = ScanMethod.FUSED
   uc, Ac, Bc, Cc = (x.astype(cdt) for x in (u, A, B, C))
   if method is ScanMethod.FUSED:
     Dc, biasc = (None if x is None else x.astype(cdt) for x in (D, delta_bias))
@@ -350,11 +360,10 @@ def selective_scan_streams(
     method = _resolve_auto()
   cdt = compute_dtype(*(x for s in streams for x in s))
   if method is ScanMethod.NATIVE and len(streams) > 1:
-    native.require_native()
-    if cdt == jnp.float32:
-      ys = native.scan_native_streams(streams, reverse, delta_softplus)
-      return [y.astype(s[0].dtype) for y, s in zip(ys, streams)]
-    method = ScanMethod.FUSED  # float64: the XLA fused method
+    ys = _native(cdt, streams, reverse, delta_softplus)
+    if ys is not None:
+      return ys
+    method = ScanMethod.FUSED
   if method is not ScanMethod.FUSED or len(streams) == 1:
     return [
         selective_scan(
