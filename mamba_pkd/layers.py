@@ -32,6 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mamba_pkd.ssm import native
+from mamba_pkd.ssm.common import ScanMethod
+from mamba_pkd.ssm.scan import resolve_method
 from mamba_pkd.ssm.scan import selective_scan_streams
 
 Array = jax.Array
@@ -108,13 +111,21 @@ class CausalDepthwiseConv1d(nn.Module):
   (``kernel`` [K, 1, d], lecun-normal; ``bias`` [d], zeros), computed as K
   shifted multiply-adds: XLA's CPU backend runs the grouped convolution and
   its gradient 15-35x slower (train-step gradient of one [64, 49, 128] conv:
-  21.4 ms as a convolution, 0.6 ms as shifted sums).
+  21.4 ms as a convolution, 0.6 ms as shifted sums). With ``native=True`` (float32
+  inputs) the convolution and the SiLU run as one C++ kernel
+  (:func:`mamba_pkd.ssm.native.causal_conv`): XLA kept each shifted copy and each
+  elementwise op as a pass over memory of its own.
 
   Attributes:
     kernel_size: K, the number of taps (``d_conv``).
+    silu: apply SiLU to the output (what the mixer does next).
+    native: compute with the native kernel (the mixer passes True when its scan
+      method resolves to ``"native"``); other dtypes than float32 stay in XLA.
   """
 
   kernel_size: int
+  silu: bool = False
+  native: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -122,11 +133,13 @@ class CausalDepthwiseConv1d(nn.Module):
     taps, length, channels = self.kernel_size, x.shape[1], x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (taps, 1, channels))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
+    if self.native and x.dtype == jnp.float32:
+      return native.causal_conv(x, kernel, bias, silu=self.silu)
     padded = jnp.pad(x, ((0, 0), (taps - 1, 0), (0, 0)))
     y = bias.astype(x.dtype)
     for k in range(taps):  # tap k reads x_{t - (taps - 1 - k)}
       y = y + padded[:, k : k + length] * kernel[k, 0].astype(x.dtype)
-    return y
+    return nn.silu(y) if self.silu else y
 
 
 class MambaMixer(nn.Module):
@@ -200,8 +213,10 @@ class MambaMixer(nn.Module):
     scan's (u, delta, A, B, C, D, delta_bias) of this branch (delta_bias None)."""
     d_inner = self.d_inner
     dt_rank = resolve_dt_rank(self.d_model, self.dt_rank)
-    x = CausalDepthwiseConv1d(self.d_conv, name="conv1d" + suffix)(x)
-    x = nn.silu(x)  # [B, L, d_inner]
+    on_native = resolve_method(self.scan_method) is ScanMethod.NATIVE
+    x = CausalDepthwiseConv1d(self.d_conv, silu=True, native=on_native, name="conv1d" + suffix)(
+        x
+    )  # [B, L, d_inner]
     x_dbl = nn.Dense(dt_rank + 2 * self.d_state, use_bias=False, name="x_proj" + suffix)(x)
     dt, b_mat, c_mat = jnp.split(x_dbl, [dt_rank, dt_rank + self.d_state], axis=-1)
     # softplus(dt_proj(dt)) is the step size. The reference adds dt_proj's bias

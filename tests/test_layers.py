@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 
 from mamba_pkd import layers
+from mamba_pkd.ssm import native
+
+
+def _skip_without_native(method="native"):
+  if method == "native" and not native.native_available()[0]:
+    pytest.skip(f"native kernel unavailable: {native.native_available()[1]}")
 
 
 def _silu(x):
@@ -61,10 +67,12 @@ def _mixer_reference(p, hidden, *, d_state, dt_rank, d_conv, bidirectional):
   return y @ p["out_proj"]["kernel"]
 
 
-@pytest.mark.parametrize("method", ["sequential", "fused"])
+@pytest.mark.parametrize("method", ["sequential", "fused", "native"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mixer_matches_step_by_step_recurrence(bidirectional, method):
-  """ "fused" with bidirectional=True runs both branches in one fused scan."""
+  """ "fused" with bidirectional=True runs both branches in one fused scan; "native"
+  also runs the convolution and its SiLU in the C++ kernel."""
+  _skip_without_native(method)
   mixer = layers.MambaMixer(
       d_model=8,
       d_state=3,
@@ -84,25 +92,89 @@ def test_mixer_matches_step_by_step_recurrence(bidirectional, method):
   np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
 
 
-def test_bidirectional_fused_mixer_equals_sequential_in_params_values_and_gradients():
+@pytest.mark.parametrize("method", ["fused", "native"])
+def test_bidirectional_mixer_equals_sequential_in_params_values_and_gradients(method):
+  _skip_without_native(method)
   hidden = jax.random.normal(jax.random.key(3), (5, 11, 8))
   mixers = {
       m: layers.MambaMixer(d_model=8, d_state=4, bidirectional=True, scan_method=m)
-      for m in ("sequential", "fused")
+      for m in ("sequential", method)
   }
   params = {m: mixer.init(jax.random.key(0), hidden)["params"] for m, mixer in mixers.items()}
-  assert jax.tree.structure(params["fused"]) == jax.tree.structure(params["sequential"])
-  jax.tree.map(np.testing.assert_array_equal, params["fused"], params["sequential"])
+  assert jax.tree.structure(params[method]) == jax.tree.structure(params["sequential"])
+  jax.tree.map(np.testing.assert_array_equal, params[method], params["sequential"])
   p = jax.tree.map(
-      lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params["fused"]
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params[method]
   )
   out = {}
   for m, mixer in mixers.items():
     loss = lambda q, mixer=mixer: jnp.sum(jnp.sin(mixer.apply({"params": q}, hidden)))
     out[m] = jax.jit(jax.value_and_grad(loss))(p)
-  np.testing.assert_allclose(out["fused"][0], out["sequential"][0], rtol=1e-5)
-  for g, g_ref in zip(jax.tree.leaves(out["fused"][1]), jax.tree.leaves(out["sequential"][1])):
+  np.testing.assert_allclose(out[method][0], out["sequential"][0], rtol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(out[method][1]), jax.tree.leaves(out["sequential"][1])):
     assert float(jnp.max(jnp.abs(g - g_ref))) <= 1e-4 * float(jnp.max(jnp.abs(g_ref)))
+
+
+def _conv_loop(x, kernel, bias, silu):
+  """The causal depthwise conv (+ SiLU) as a float64 NumPy loop over time and taps."""
+  x, kernel, bias = (np.asarray(a, np.float64) for a in (x, kernel, bias))
+  taps, length = kernel.shape[0], x.shape[1]
+  out = np.zeros_like(x)
+  for t in range(length):
+    acc = bias.copy()
+    for k in range(taps):
+      if t - (taps - 1) + k >= 0:
+        acc = acc + kernel[k, 0] * x[:, t - (taps - 1) + k]
+    out[:, t] = _silu(acc) if silu else acc
+  return out
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("shape", [(3, 9, 5, 4), (2, 2, 7, 4), (4, 16, 33, 3)])
+def test_native_conv_matches_float64_loop_and_its_gradients(shape, silu):
+  """The C++ conv(+SiLU) against a float64 loop (values) and against the XLA layer's
+  autodiff in float64 (gradients of x, kernel and bias), including L < K."""
+  _skip_without_native()
+  batch, length, channels, taps = shape
+  rng = np.random.default_rng(sum(shape))
+  x = rng.standard_normal((batch, length, channels)).astype(np.float32)
+  kernel = rng.standard_normal((taps, 1, channels)).astype(np.float32)
+  bias = rng.standard_normal(channels).astype(np.float32)
+  weights = rng.standard_normal(x.shape).astype(np.float32)
+  out = native.causal_conv(x, kernel, bias, silu=silu)
+  np.testing.assert_allclose(out, _conv_loop(x, kernel, bias, silu), rtol=1e-5, atol=1e-5)
+
+  def loss(x, kernel, bias, on_native):
+    conv = layers.CausalDepthwiseConv1d(taps, silu=silu, native=on_native)
+    return jnp.sum(weights * conv.apply({"params": {"kernel": kernel, "bias": bias}}, x))
+
+  grads = jax.grad(loss, (0, 1, 2))(x, kernel, bias, True)
+  with jax.enable_x64(True):
+    args = [jnp.asarray(a, jnp.float64) for a in (x, kernel, bias)]
+    ref = jax.grad(loss, (0, 1, 2))(*args, False)
+    ref = [np.asarray(r) for r in ref]
+  for g, r in zip(grads, ref):
+    assert g.dtype == jnp.float32 and g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+def test_native_conv_does_not_depend_on_threads():
+  """Rows are independent; the kernel and bias gradients are per-row partials summed by
+  JAX in a fixed order: 1 and 3 threads give bit-identical values and gradients."""
+  _skip_without_native()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((7, 13, 24)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((4, 1, 24)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
+
+  def run(threads):
+    f = lambda *a: native.causal_conv(*a, threads=threads)
+    return f(x, kernel, bias), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2))(
+        x, kernel, bias
+    )
+
+  for a, b in zip(jax.tree.leaves(run(1)), jax.tree.leaves(run(3))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_mixer_parameter_names_and_shapes_follow_reference_mamba():

@@ -19,6 +19,16 @@
 // chunk's states and dA = exp(dt A) from the saved start state, then runs the
 // reverse-time recurrence of the state gradient g_t = C_t gy_t + dA_{t+1} g_{t+1}
 // (the same formulas as mamba_pkd/ssm/fused.py's _fused_tile_backward).
+//
+// The mixer's causal depthwise convolution with its SiLU (layers.CausalDepthwiseConv1d
+// then nn.silu) is here too, as a second pair of handlers:
+//   x, gy, out, gx  [B, L, E]
+//   w               [K, E]   (tap k reads x_{t-K+1+k})
+//   bias            [E]
+//   gw              [B, K, E] per batch row (summed by JAX)
+//   gbias           [B, E]    per batch row (summed by JAX)
+// out_t = act(bias + sum_k w_k x_{t-K+1+k}) with act = SiLU (or the identity); the
+// backward recomputes the pre-activation instead of reading a saved one.
 
 #include <algorithm>
 #include <cmath>
@@ -294,6 +304,120 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta,
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------
+// Causal depthwise convolution + SiLU.
+// ---------------------------------------------------------------------------
+
+// pre[e] = bias[e] + sum_k w[k, e] x[t - K + 1 + k, e] (taps before t = 0 read zeros).
+inline void ConvPre(const float* __restrict x_r, const float* __restrict w,
+                    const float* __restrict bias, int64_t t, int64_t K, int64_t E,
+                    float* __restrict pre) {
+  for (int64_t e = 0; e < E; ++e) pre[e] = bias[e];
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t src = t - (K - 1) + k;
+    if (src < 0) continue;
+    const float* __restrict xs = x_r + src * E;
+    const float* __restrict wk = w + k * E;
+    for (int64_t e = 0; e < E; ++e) pre[e] += wk[e] * xs[e];
+  }
+}
+
+ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t silu, int64_t threads) {
+  auto dx = x.dimensions();
+  const int64_t B = dx[0], L = dx[1], E = dx[2], K = w.dimensions()[0];
+  if (B < 1 || L < 1 || E < 1 || K < 1) {
+    return ffi::Error::InvalidArgument("mamba_pkd native conv: empty dimension");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
+  float* op = out->typed_data();
+  ParallelRows(B, threads, [&](int64_t b) {
+    const float* x_r = xp + b * L * E;
+    float* o_r = op + b * L * E;
+    for (int64_t t = 0; t < L; ++t) {
+      float* __restrict o = o_r + t * E;
+      ConvPre(x_r, wp, bp, t, K, E, o);
+      if (silu) {
+        for (int64_t e = 0; e < E; ++e) o[e] = o[e] * Sigmoid(o[e]);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gy,
+                            ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw,
+                            ffi::ResultBuffer<ffi::F32> gbias, int64_t silu,
+                            int64_t threads) {
+  auto dx = x.dimensions();
+  const int64_t B = dx[0], L = dx[1], E = dx[2], K = w.dimensions()[0];
+  if (B < 1 || L < 1 || E < 1 || K < 1) {
+    return ffi::Error::InvalidArgument("mamba_pkd native conv: empty dimension");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
+  const float* gyp = gy.typed_data();
+  float* gxp = gx->typed_data();
+  float* gwp = gw->typed_data();
+  float* gbp = gbias->typed_data();
+  ParallelRows(B, threads, [&](int64_t b) {
+    thread_local std::vector<float> gpre_buf;
+    gpre_buf.resize(L * E);
+    float* __restrict gpre = gpre_buf.data();
+    const float* x_r = xp + b * L * E;
+    const float* gy_r = gyp + b * L * E;
+    float* __restrict gx_r = gxp + b * L * E;
+    float* __restrict gw_r = gwp + b * K * E;
+    float* __restrict gb_r = gbp + b * E;
+    // Gradient of the pre-activation: silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
+    for (int64_t t = 0; t < L; ++t) {
+      float* __restrict g = gpre + t * E;
+      const float* __restrict gy_t = gy_r + t * E;
+      ConvPre(x_r, wp, bp, t, K, E, g);
+      if (silu) {
+        for (int64_t e = 0; e < E; ++e) {
+          const float a = g[e], sg = Sigmoid(a);
+          g[e] = gy_t[e] * (sg * (1.0f + a * (1.0f - sg)));
+        }
+      } else {
+        for (int64_t e = 0; e < E; ++e) g[e] = gy_t[e];
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) gb_r[e] = 0.0f;
+    for (int64_t i = 0; i < K * E; ++i) gw_r[i] = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+      const float* __restrict g = gpre + t * E;
+      for (int64_t e = 0; e < E; ++e) gb_r[e] += g[e];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = t - (K - 1) + k;
+        if (src < 0) continue;
+        const float* __restrict xs = x_r + src * E;
+        float* __restrict gwk = gw_r + k * E;
+        for (int64_t e = 0; e < E; ++e) gwk[e] += xs[e] * g[e];
+      }
+    }
+    // gx_s = sum_k w_k gpre_{s + K - 1 - k} (outputs past L - 1 do not exist).
+    for (int64_t src = 0; src < L; ++src) {
+      float* __restrict o = gx_r + src * E;
+      for (int64_t e = 0; e < E; ++e) o[e] = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t t = src + (K - 1) - k;
+        if (t >= L) continue;
+        const float* __restrict g = gpre + t * E;
+        const float* __restrict wk = wp + k * E;
+        for (int64_t e = 0; e < E; ++e) o[e] += wk[e] * g[e];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 namespace {
@@ -332,3 +456,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdScanBackward, BackwardImpl,
                                             .Ret<ffi::Buffer<ffi::F32>>()    // gA
                                             .Ret<ffi::Buffer<ffi::F32>>()    // gD
                                             .Ret<ffi::Buffer<ffi::F32>>()));  // gbias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<int64_t>("silu")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdConvBackward, ConvBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gw
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gbias
+                                  .Attr<int64_t>("silu")
+                                  .Attr<int64_t>("threads"));

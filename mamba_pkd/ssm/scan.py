@@ -208,6 +208,13 @@ def _resolve_auto():
   return method
 
 
+def resolve_method(method) -> ScanMethod:
+  """``method`` (a :class:`ScanMethod` or its value) with ``"auto"`` resolved for the
+  default backend, as :func:`selective_scan` resolves it."""
+  method = as_scan_method(method)
+  return _resolve_auto() if method is ScanMethod.AUTO else method
+
+
 def _native(cdt, streams, reverse, delta_softplus):
   """The native kernel's outputs (each in its stream's ``u.dtype``), or None where the
   compute dtype is not float32 (float64 gradient checks), which then run ``"fused"``.
