@@ -131,9 +131,10 @@ def _conv_loop(x, kernel, bias, silu):
 
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("shape", [(3, 9, 5, 4), (2, 2, 7, 4), (4, 16, 33, 3)])
-def test_native_conv_matches_float64_loop_and_its_gradients(shape, silu):
-  """The C++ conv(+SiLU) against a float64 loop (values) and against the XLA layer's
-  autodiff in float64 (gradients of x, kernel and bias), including L < K."""
+def test_native_conv_gradient_matches_float64_autodiff(shape, silu):
+  """The layer with native=True: values against a float64 loop, and the C++ backward's
+  gradients (x, kernel, bias) against XLA's autodiff of the shifted sums in float64,
+  including L < K."""
   _skip_without_native()
   batch, length, channels, taps = shape
   rng = np.random.default_rng(sum(shape))
@@ -141,39 +142,33 @@ def test_native_conv_matches_float64_loop_and_its_gradients(shape, silu):
   kernel = rng.standard_normal((taps, 1, channels)).astype(np.float32)
   bias = rng.standard_normal(channels).astype(np.float32)
   weights = rng.standard_normal(x.shape).astype(np.float32)
-  out = native.causal_conv(x, kernel, bias, silu=silu)
-  np.testing.assert_allclose(out, _conv_loop(x, kernel, bias, silu), rtol=1e-5, atol=1e-5)
 
   def loss(x, kernel, bias, on_native):
     conv = layers.CausalDepthwiseConv1d(taps, silu=silu, native=on_native)
     return jnp.sum(weights * conv.apply({"params": {"kernel": kernel, "bias": bias}}, x))
 
-  grads = jax.grad(loss, (0, 1, 2))(x, kernel, bias, True)
+  conv = layers.CausalDepthwiseConv1d(taps, silu=silu, native=True)
+  out = conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  np.testing.assert_allclose(out, _conv_loop(x, kernel, bias, silu), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(x, kernel, bias, True)
   with jax.enable_x64(True):
     args = [jnp.asarray(a, jnp.float64) for a in (x, kernel, bias)]
-    ref = jax.grad(loss, (0, 1, 2))(*args, False)
-    ref = [np.asarray(r) for r in ref]
+    ref = [np.asarray(r) for r in jax.grad(loss, (0, 1, 2))(*args, False)]
   for g, r in zip(grads, ref):
     assert g.dtype == jnp.float32 and g.shape == r.shape
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
 
 
-def test_native_conv_does_not_depend_on_threads():
+def test_native_conv_gradient_does_not_depend_on_threads():
   """Rows are independent; the kernel and bias gradients are per-row partials summed by
-  JAX in a fixed order: 1 and 3 threads give bit-identical values and gradients."""
+  JAX in a fixed order: 1 and 3 threads give bit-identical gradients."""
   _skip_without_native()
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((7, 13, 24)), jnp.float32)
+  x, gy = (jnp.asarray(rng.standard_normal((7, 13, 24)), jnp.float32) for _ in range(2))
   kernel = jnp.asarray(rng.standard_normal((4, 1, 24)), jnp.float32)
   bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
-
-  def run(threads):
-    f = lambda *a: native.causal_conv(*a, threads=threads)
-    return f(x, kernel, bias), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2))(
-        x, kernel, bias
-    )
-
-  for a, b in zip(jax.tree.leaves(run(1)), jax.tree.leaves(run(3))):
+  run = lambda threads: native.causal_conv_backward(x, kernel, bias, gy, threads=threads)
+  for a, b in zip(run(1), run(3)):
     np.testing.assert_array_equal(a, b)
 
 

@@ -17,11 +17,11 @@ jaxlib version and CPU; later processes load the cached file. Where that fails
 (no compiler, no headers) :func:`native_available` says why, ``method="auto"``
 keeps the XLA ``"fused"`` method, and ``method="native"`` raises.
 
-The same library holds the mixer's causal depthwise convolution with its SiLU
-(:func:`causal_conv`), which :class:`mamba_pkd.layers.CausalDepthwiseConv1d` uses
-when the mixer's scan method resolves to ``"native"``: one pass forward, one backward
-that recomputes the pre-activation (XLA kept every shifted copy and elementwise op
-as a pass over memory of its own).
+The same library holds the backward of the mixer's causal depthwise convolution
+with its SiLU (:func:`causal_conv_backward`), which
+:class:`mamba_pkd.layers.CausalDepthwiseConv1d` uses when the mixer's scan method
+resolves to ``"native"``: one pass that recomputes the pre-activation (XLA's own
+gradient kept every shifted copy and elementwise op as a pass over memory of its own).
 
 float32 only: other compute dtypes (float64 gradient checks) run the XLA
 ``"fused"`` method. CPU only (on a GPU ``"auto"`` means the Pallas kernel).
@@ -56,7 +56,6 @@ SOURCE = pathlib.Path(__file__).with_name("native_scan.cc")
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c++17")
 FORWARD_TARGET = "mamba_pkd_native_scan_forward"
 BACKWARD_TARGET = "mamba_pkd_native_scan_backward"
-CONV_FORWARD_TARGET = "mamba_pkd_native_conv_forward"
 CONV_BACKWARD_TARGET = "mamba_pkd_native_conv_backward"
 # Largest chunk of the backward's recompute buffer, and its target size in floats
 # (one chunk's states and decays, ~256 KiB: stays in L2).
@@ -169,9 +168,6 @@ def _load() -> tuple[bool, str]:
     )
     jax.ffi.register_ffi_target(
         BACKWARD_TARGET, jax.ffi.pycapsule(lib.MambaPkdScanBackward), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        CONV_FORWARD_TARGET, jax.ffi.pycapsule(lib.MambaPkdConvForward), platform="cpu"
     )
     jax.ffi.register_ffi_target(
         CONV_BACKWARD_TARGET, jax.ffi.pycapsule(lib.MambaPkdConvBackward), platform="cpu"
@@ -337,65 +333,48 @@ def _call_threads(work: int, threads: int | None) -> int:
 
 
 # ----------------------------------------------------------------------------
-# The mixer's causal depthwise convolution and its SiLU.
+# The backward of the mixer's causal depthwise convolution and its SiLU.
 # ----------------------------------------------------------------------------
 
 
-def _conv_attrs(silu, threads):
-  return dict(silu=np.int64(silu), threads=np.int64(threads))
+def causal_conv_backward(x, kernel, bias, gy, *, silu=True, threads=None):
+  """Gradients of ``sum(gy * silu(bias + sum_k kernel[k] * x[:, t - K + 1 + k]))``.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv_core(x, w, bias, statics):
-  silu, threads = statics
-  return jax.ffi.ffi_call(
-      CONV_FORWARD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential"
-  )(x, w, bias, **_conv_attrs(silu, threads))
-
-
-def _conv_core_fwd(x, w, bias, statics):
-  return _conv_core(x, w, bias, statics), (x, w, bias)
-
-
-def _conv_core_bwd(statics, res, gy):
-  x, w, bias = res
-  silu, threads = statics
-  batch = x.shape[0]
-  sd = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  gx, gw, gbias = jax.ffi.ffi_call(
-      CONV_BACKWARD_TARGET,
-      (sd(*x.shape), sd(batch, *w.shape), sd(batch, *bias.shape)),
-      vmap_method="sequential",
-  )(x, w, bias, gy.astype(jnp.float32), **_conv_attrs(silu, threads))
-  # Per-row parameter gradients, summed here in a fixed order (thread-independent).
-  return gx, gw.sum(axis=0), gbias.sum(axis=0)
-
-
-_conv_core.defvjp(_conv_core_fwd, _conv_core_bwd)
-
-
-def causal_conv(x, kernel, bias, *, silu=True, threads=None):
-  """``silu(bias + sum_k kernel[k] * x[:, t - K + 1 + k])`` (zeros before t = 0) in C++.
-
-  What :class:`mamba_pkd.layers.CausalDepthwiseConv1d` followed by ``nn.silu``
-  computes, in one pass forward and one backward (which recomputes the
-  pre-activation) instead of XLA's shifted copies and separate elementwise ops.
+  The backward of :class:`mamba_pkd.layers.CausalDepthwiseConv1d` (with its SiLU) in
+  one pass over each batch row: it recomputes the pre-activation and writes the
+  input gradient and per-row kernel and bias gradients, which are summed here in a
+  fixed order (the result does not depend on ``threads``). XLA's own gradient of the
+  shifted sums kept every shifted copy and elementwise op as a pass of its own.
 
   Args:
-    x: [batch, L, d] float32.
-    kernel: [K, 1, d] (the Flax layer's parameter) or [K, d].
+    x: [batch, L, d] float32 (the convolution's input).
+    kernel: [K, 1, d] (the Flax layer's parameter).
     bias: [d].
-    silu: apply SiLU (else the plain convolution).
-    threads: threads per call (default: as for the scan); results do not depend on it.
+    gy: [batch, L, d], the output's cotangent.
+    silu: the output went through SiLU (else the plain convolution).
+    threads: threads per call (default: as for the scan).
 
   Returns:
-    [batch, L, d] float32.
+    (gx [batch, L, d], gkernel [K, 1, d], gbias [d]), float32.
   """
   require_native()
   batch, length, d = x.shape
   if not all(isinstance(v, int) for v in (batch, length, d)):
     raise ValueError("the native convolution needs concrete shapes; use scan method 'fused'")
-  w = jnp.reshape(jnp.asarray(kernel, jnp.float32), (kernel.shape[0], d))
-  work = batch * length * d * w.shape[0]
-  statics = (int(bool(silu)), _call_threads(work, threads))
-  return _conv_core(jnp.asarray(x, jnp.float32), w, jnp.asarray(bias, jnp.float32), statics)
+  taps = kernel.shape[0]
+  f32 = jnp.float32
+  sd = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
+  gx, gw, gbias = jax.ffi.ffi_call(
+      CONV_BACKWARD_TARGET,
+      (sd(batch, length, d), sd(batch, taps, d), sd(batch, d)),
+      vmap_method="sequential",
+  )(
+      jnp.asarray(x, f32),
+      jnp.reshape(jnp.asarray(kernel, f32), (taps, d)),
+      jnp.asarray(bias, f32),
+      jnp.asarray(gy, f32),
+      silu=np.int64(bool(silu)),
+      threads=np.int64(_call_threads(batch * length * d * taps, threads)),
+  )
+  # Per-row parameter gradients, summed here in a fixed order (thread-independent).
+  return gx, gw.sum(axis=0).reshape(kernel.shape), gbias.sum(axis=0)

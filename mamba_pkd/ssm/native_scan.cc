@@ -20,15 +20,15 @@
 // reverse-time recurrence of the state gradient g_t = C_t gy_t + dA_{t+1} g_{t+1}
 // (the same formulas as mamba_pkd/ssm/fused.py's _fused_tile_backward).
 //
-// The mixer's causal depthwise convolution with its SiLU (layers.CausalDepthwiseConv1d
-// then nn.silu) is here too, as a second pair of handlers:
-//   x, gy, out, gx  [B, L, E]
+// The backward of the mixer's causal depthwise convolution with its SiLU
+// (layers.CausalDepthwiseConv1d; its forward stays in XLA, one fused loop) is here too:
+//   x, gy, gx       [B, L, E]
 //   w               [K, E]   (tap k reads x_{t-K+1+k})
 //   bias            [E]
 //   gw              [B, K, E] per batch row (summed by JAX)
 //   gbias           [B, E]    per batch row (summed by JAX)
-// out_t = act(bias + sum_k w_k x_{t-K+1+k}) with act = SiLU (or the identity); the
-// backward recomputes the pre-activation instead of reading a saved one.
+// for out_t = act(bias + sum_k w_k x_{t-K+1+k}) with act = SiLU (or the identity); it
+// recomputes the pre-activation instead of reading a saved one.
 
 #include <algorithm>
 #include <cmath>
@@ -306,7 +306,7 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta,
 
 
 // ---------------------------------------------------------------------------
-// Causal depthwise convolution + SiLU.
+// Causal depthwise convolution + SiLU: the backward.
 // ---------------------------------------------------------------------------
 
 // pre[e] = bias[e] + sum_k w[k, e] x[t - K + 1 + k, e] (taps before t = 0 read zeros).
@@ -321,32 +321,6 @@ inline void ConvPre(const float* __restrict x_r, const float* __restrict w,
     const float* __restrict wk = w + k * E;
     for (int64_t e = 0; e < E; ++e) pre[e] += wk[e] * xs[e];
   }
-}
-
-ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
-                           int64_t silu, int64_t threads) {
-  auto dx = x.dimensions();
-  const int64_t B = dx[0], L = dx[1], E = dx[2], K = w.dimensions()[0];
-  if (B < 1 || L < 1 || E < 1 || K < 1) {
-    return ffi::Error::InvalidArgument("mamba_pkd native conv: empty dimension");
-  }
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  const float* bp = bias.typed_data();
-  float* op = out->typed_data();
-  ParallelRows(B, threads, [&](int64_t b) {
-    const float* x_r = xp + b * L * E;
-    float* o_r = op + b * L * E;
-    for (int64_t t = 0; t < L; ++t) {
-      float* __restrict o = o_r + t * E;
-      ConvPre(x_r, wp, bp, t, K, E, o);
-      if (silu) {
-        for (int64_t e = 0; e < E; ++e) o[e] = o[e] * Sigmoid(o[e]);
-      }
-    }
-  });
-  return ffi::Error::Success();
 }
 
 ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -456,15 +430,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdScanBackward, BackwardImpl,
                                             .Ret<ffi::Buffer<ffi::F32>>()    // gA
                                             .Ret<ffi::Buffer<ffi::F32>>()    // gD
                                             .Ret<ffi::Buffer<ffi::F32>>()));  // gbias
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Attr<int64_t>("silu")
-                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaPkdConvBackward, ConvBackwardImpl,
                               ffi::Ffi::Bind()
