@@ -3,7 +3,7 @@ r"""Profile of one teacher and one student training step on the CPU, beside the 
 Times jitted pieces in isolation at the real shapes of one step of the default
 run (configs/default.py: teacher d_model 64 x 4 bidirectional layers, 49 tokens;
 student s5 of the mnist ladder: d_model 48 x 2 layers, d_state 16, 16 tokens;
-batch 128, scan_method "auto" -> "fused" on the CPU):
+batch 128, scan_method "auto": "native" on a CPU where its kernel builds, else "fused"):
 
   * the project's own step (``train.make_train_step``, ``train.create_optimizer``
     with the config's settings, pmapped by ``parallel.data_parallel``) on 1 and
@@ -12,7 +12,8 @@ batch 128, scan_method "auto" -> "fused" on the CPU):
     optimizer update alone, the selective scan of one layer (both directions,
     one fused call) forward and forward+backward, the projections of one layer
     (in_proj, x_proj x2, dt_proj x2, out_proj) as matmuls, the two depthwise
-    convs of one layer, one RMSNorm;
+    convs of one layer with their SiLU (gradient from the native kernel where the
+    scan is native, as in the mixer), one RMSNorm;
   * host work: one epoch of ``data.train_batches`` (shift augmentation) per
     batch, and ``jax.device_put`` of a batch; dispatch: a trivial jitted call;
   * the roofline: float32 matmuls (1024^3 and the step's in_proj shape) and an
@@ -157,7 +158,8 @@ def model_pieces(name: str, cfg, optim, stage_loss, cached: bool) -> tuple[dict,
   """Returns (pieces, facts) for one model config: name -> callable; facts: flops/bytes."""
   from mamba_pkd import flops as flops_lib
   from mamba_pkd import layers, losses, models, parallel, train
-  from mamba_pkd.ssm import selective_scan_streams
+  from mamba_pkd.ssm import ScanMethod, selective_scan_streams
+  from mamba_pkd.ssm.scan import resolve_method
 
   rng = np.random.default_rng(0)
   b, length, d, e = BATCH, cfg.num_tokens, cfg.d_model, cfg.d_inner
@@ -265,7 +267,9 @@ def model_pieces(name: str, cfg, optim, stage_loss, cached: bool) -> tuple[dict,
   pieces["projections of 1 layer, fwd"] = lambda: proj_f(mats)
   pieces["projections of 1 layer, fwd+bwd"] = lambda: proj_fb(mats, proj_ct)
 
-  conv = layers.CausalDepthwiseConv1d(kconv)
+  # As the mixer builds it: the SiLU included, the gradient native where the scan is.
+  on_native = resolve_method(cfg.scan_method) is ScanMethod.NATIVE
+  conv = layers.CausalDepthwiseConv1d(kconv, silu=True, native=on_native)
   xc = [rnd(b, length, e) for _ in range(branches)]
   conv_params = [conv.init(jax.random.key(i), xc[0]) for i in range(branches)]
 
@@ -276,8 +280,8 @@ def model_pieces(name: str, cfg, optim, stage_loss, cached: bool) -> tuple[dict,
   conv_ct = [rnd(b, length, e) for _ in range(branches)]
   conv_f = jax.jit(conv_fn)
   conv_fb = jax.jit(fwd_bwd_of(conv_fn))
-  pieces["depthwise convs of 1 layer, fwd"] = lambda: conv_f((conv_params, xc))
-  pieces["depthwise convs of 1 layer, fwd+bwd"] = lambda: conv_fb((conv_params, xc), conv_ct)
+  pieces["depthwise convs + SiLU of 1 layer, fwd"] = lambda: conv_f((conv_params, xc))
+  pieces["depthwise convs + SiLU of 1 layer, fwd+bwd"] = lambda: conv_fb((conv_params, xc), conv_ct)
 
   norm = layers.RMSNorm()
   xn = rnd(b, length, d)
@@ -318,8 +322,8 @@ def model_pieces(name: str, cfg, optim, stage_loss, cached: bool) -> tuple[dict,
           "scan of 1 layer, forward direction only, fwd+bwd": 3 * scan_flops // branches,
           "projections of 1 layer, fwd": proj_flops,
           "projections of 1 layer, fwd+bwd": 3 * proj_flops,
-          "depthwise convs of 1 layer, fwd": conv_flops,
-          "depthwise convs of 1 layer, fwd+bwd": 3 * conv_flops,
+          "depthwise convs + SiLU of 1 layer, fwd": conv_flops,
+          "depthwise convs + SiLU of 1 layer, fwd+bwd": 3 * conv_flops,
           "RMSNorm, fwd": norm_flops,
           "RMSNorm, fwd+bwd": 3 * norm_flops,
       },
@@ -333,8 +337,8 @@ def model_pieces(name: str, cfg, optim, stage_loss, cached: bool) -> tuple[dict,
           "scan of 1 layer, fwd+bwd": bytes_accessed(fwd_bwd_of(scan_fn), streams, scan_ct),
           "projections of 1 layer, fwd": bytes_accessed(proj_plain, mats),
           "projections of 1 layer, fwd+bwd": bytes_accessed(fwd_bwd_of(proj_plain), mats, proj_ct),
-          "depthwise convs of 1 layer, fwd": bytes_accessed(conv_fn, (conv_params, xc)),
-          "depthwise convs of 1 layer, fwd+bwd": bytes_accessed(
+          "depthwise convs + SiLU of 1 layer, fwd": bytes_accessed(conv_fn, (conv_params, xc)),
+          "depthwise convs + SiLU of 1 layer, fwd+bwd": bytes_accessed(
               fwd_bwd_of(conv_fn), (conv_params, xc), conv_ct
           ),
           "RMSNorm, fwd": bytes_accessed(norm_fn, (norm_params, xn)),
