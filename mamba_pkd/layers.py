@@ -213,12 +213,15 @@ class MambaMixer(nn.Module):
     d_inner = self.d_inner
     xz = nn.Dense(2 * d_inner, use_bias=False, name="in_proj")(hidden)
     x, z = jnp.split(xz, 2, axis=-1)  # each [B, L, d_inner]
-    streams = [self._branch_inputs(x, suffix="")]
+    # The convolution's gradient comes from the native kernel where the scan does.
+    on_native = resolve_method(self.scan_method) is ScanMethod.NATIVE
+    streams = [self._branch_inputs(x, suffix="", on_native=on_native)]
     if self.bidirectional:
       # The reversed branch works on flip(x) (its own conv, projections, A and D)
       # and its output is flipped back; both scans go through one call, which
       # the "fused" and "native" methods run as one scan of both branches.
-      streams.append(self._branch_inputs(jnp.flip(x, axis=1), suffix="_b"))
+      flipped = jnp.flip(x, axis=1)
+      streams.append(self._branch_inputs(flipped, suffix="_b", on_native=on_native))
     ys = selective_scan_streams(
         streams,
         reverse=[False] * len(streams),
@@ -232,12 +235,11 @@ class MambaMixer(nn.Module):
     y = y * nn.silu(z)
     return nn.Dense(self.d_model, use_bias=False, name="out_proj")(y)
 
-  def _branch_inputs(self, x: Array, *, suffix: str) -> tuple:
+  def _branch_inputs(self, x: Array, *, suffix: str, on_native: bool) -> tuple:
     """x: [batch, L, d_inner] (after in_proj, flipped for the reversed branch) -> the
     scan's (u, delta, A, B, C, D, delta_bias) of this branch (delta_bias None)."""
     d_inner = self.d_inner
     dt_rank = resolve_dt_rank(self.d_model, self.dt_rank)
-    on_native = resolve_method(self.scan_method) is ScanMethod.NATIVE
     x = CausalDepthwiseConv1d(self.d_conv, silu=True, native=on_native, name="conv1d" + suffix)(
         x
     )  # [B, L, d_inner]

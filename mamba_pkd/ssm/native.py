@@ -302,11 +302,7 @@ def scan_native_streams(streams, reverse, delta_softplus, threads=None):
   require_native()
   batch, length, d_inner = streams[0][0].shape
   n_state = streams[0][2].shape[1]
-  if not all(isinstance(x, int) for x in (batch, length, d_inner, n_state)):
-    raise ValueError(
-        "scan method 'native' needs concrete shapes (it cannot be exported with a symbolic"
-        " batch); use 'fused'"
-    )
+  _require_concrete(batch, length, d_inner, n_state)
   zeros = jnp.zeros((d_inner,), jnp.float32)
   stack = lambda xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])
   u = stack([s[0] for s in streams])
@@ -323,6 +319,15 @@ def scan_native_streams(streams, reverse, delta_softplus, threads=None):
   statics = (mask, int(bool(delta_softplus)), chunk_length(length, d_inner, n_state), threads)
   y = _core(u, delta, At, B, C, D, bias, statics)
   return [y[i] for i in range(len(streams))]
+
+
+def _require_concrete(*dims) -> None:
+  """Raises ValueError unless every dimension is a Python int (not symbolic)."""
+  if not all(isinstance(v, int) for v in dims):
+    raise ValueError(
+        "scan method 'native' needs concrete shapes (it cannot be exported with a symbolic"
+        " batch); use 'fused'"
+    )
 
 
 def _call_threads(work: int, threads: int | None) -> int:
@@ -359,8 +364,7 @@ def causal_conv_backward(x, kernel, bias, gy, *, silu=True, threads=None):
   """
   require_native()
   batch, length, d = x.shape
-  if not all(isinstance(v, int) for v in (batch, length, d)):
-    raise ValueError("the native convolution needs concrete shapes; use scan method 'fused'")
+  _require_concrete(batch, length, d)
   taps = kernel.shape[0]
   f32 = jnp.float32
   sd = lambda *shape: jax.ShapeDtypeStruct(shape, f32)

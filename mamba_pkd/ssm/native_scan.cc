@@ -304,7 +304,6 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta,
   return ffi::Error::Success();
 }
 
-
 // ---------------------------------------------------------------------------
 // Causal depthwise convolution + SiLU: the backward.
 // ---------------------------------------------------------------------------
@@ -392,17 +391,13 @@ ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-}  // namespace
-
-namespace {
-
-// The seven inputs both handlers take first: u, delta, At, B, C, D, bias.
+// The seven inputs both scan handlers take first: u, delta, At, B, C, D, bias.
 auto BindInputs() {
   using F32 = ffi::Buffer<ffi::F32>;
   return ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>();
 }
 
-// The attributes both handlers take last (native.py's _attrs).
+// The attributes both scan handlers take last (native.py's _attrs).
 template <typename Binding>
 auto BindAttrs(Binding binding) {
   return std::move(binding)

@@ -270,8 +270,7 @@ def selective_scan(
   method = as_scan_method(method)
   check_chunk_size(chunk_size)
   validate_scan_inputs(u, delta, A, B, C, D, delta_bias)
-  if method is ScanMethod.AUTO:
-    method = _resolve_auto()
+  method = resolve_method(method)
   if method is ScanMethod.PALLAS:
     return pallas_scan.selective_scan_pallas(
         u,
@@ -363,8 +362,7 @@ def selective_scan_streams(
           f"stream {i} has u {jnp.shape(s[0])} and A {jnp.shape(s[2])}; stream 0 has"
           f" u {u0} and A {a0} (all streams need equal shapes)"
       )
-  if method is ScanMethod.AUTO:
-    method = _resolve_auto()
+  method = resolve_method(method)
   cdt = compute_dtype(*(x for s in streams for x in s))
   if method is ScanMethod.NATIVE and len(streams) > 1:
     ys = _native(cdt, streams, reverse, delta_softplus)
