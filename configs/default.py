@@ -1,6 +1,6 @@
 r"""Default run: offline MNIST subset (mnist5k), ensemble PKD, finishes on 2 CPU cores.
 
-Launch (after `pip install -e .`):
+Launch (after `pip install --no-compile -e .`):
 
   python -m mamba_pkd.main --config=configs/default.py --workdir=runs/default
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import inspect
 import logging as std_logging
+import os
 import pathlib
+import platform
 import sys
 
 from absl import app
@@ -143,6 +145,7 @@ def main(argv):
     return 0
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/default")
+  logging.info("GLIBC_TUNABLES=%r", os.environ.get("GLIBC_TUNABLES", ""))
   distributed = bool(FLAGS.coordinator_address or FLAGS.distributed_auto)
   workdir = pathlib.Path(FLAGS.workdir)
   existed = workdir.exists()
@@ -244,7 +247,41 @@ def run_job(config, workdir: str) -> int:
   return 0
 
 
+# XLA's CPU client allocates each step's temporaries (the teacher's ~120 MB per device and
+# step on mnist5k) with glibc's malloc, which serves a block that large with a fresh mmap and
+# returns it with munmap: every step touched ~60,000 new 4 KiB pages (15 million page faults
+# in 185 teacher steps, ~20% of the step's time in the kernel clearing pages). With the
+# tunable below, malloc asks the kernel for transparent huge pages (madvise), 512 times
+# fewer faults; the arithmetic is unchanged (the same parameters, bit for bit).
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+REEXEC_ENV = "MAMBA_PKD_MALLOC_REEXEC"  # set (to anything) in the environment: never re-exec
+
+
+def _reexec_with_malloc_tunable() -> None:
+  """Restarts this process once with :data:`MALLOC_TUNABLE` in ``GLIBC_TUNABLES``.
+
+  glibc reads its tunables when a process starts, so they cannot be set from inside it.
+  Nothing happens off Linux/glibc, when the tunable (or any ``glibc.malloc.hugetlb``) is
+  already set, or when ``$MAMBA_PKD_MALLOC_REEXEC`` is set (the restarted process has it).
+  The process keeps its id, arguments, environment and open files.
+  """
+  if REEXEC_ENV in os.environ or not sys.platform.startswith("linux"):
+    return
+  if platform.libc_ver()[0] != "glibc":
+    return
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if "glibc.malloc.hugetlb" in tunables:
+    return
+  env = dict(os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, MALLOC_TUNABLE) if t)
+  env[REEXEC_ENV] = "1"
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def run():
+  _reexec_with_malloc_tunable()
   app.run(main)
 
 
