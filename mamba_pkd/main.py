@@ -145,7 +145,6 @@ def main(argv):
     return 0
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/default")
-  logging.info("GLIBC_TUNABLES=%r", os.environ.get("GLIBC_TUNABLES", ""))
   distributed = bool(FLAGS.coordinator_address or FLAGS.distributed_auto)
   workdir = pathlib.Path(FLAGS.workdir)
   existed = workdir.exists()

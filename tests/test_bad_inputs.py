@@ -242,6 +242,9 @@ def _run_case(
   """Runs the probed main; returns its output, wall time and the probes' events."""
   env = dict(smoke_env(case.devices), JAX_LOG_COMPILES="1")
   env["MAMBA_PKD_PROBE_EVENTS"] = str(events)
+  # main.run restarts the process once (glibc's malloc tunable, tests/test_main_malloc.py);
+  # here that would run the probing wrapper, and log its installation, twice.
+  env["MAMBA_PKD_MALLOC_REEXEC"] = "0"
   cmd = [
       sys.executable,
       "-c",
