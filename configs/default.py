@@ -13,8 +13,8 @@ logits, each weighted into the ensemble by a held-out line search; then trains
 each accepted size alone with cross-entropy on the same views and steps (the
 baseline rows), and writes results.json / results.md / accuracy_vs_flops.png.
 Measured on 2 CPU cores (Intel, AVX-512) from a clean clone with the native scan
-kernel: 774 s for this command, 13 min 48.7 s with the install; the README has the
-table it printed.
+kernel: ~545 s for this command, 9 min 35.7 s with the README's install (2026-12-04);
+the README has the table it printed.
 """
 
 import ml_collections
