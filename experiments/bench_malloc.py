@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from mamba_pkd import main as main_lib
+
 CHILD = r"""
 import os, sys, time
 import jax, numpy as np
@@ -40,8 +42,8 @@ def run(n, s):
   for i in range(n):
     s, m = step(s, batches[i % 20], frozen, keys)
     pending.append(m)
-    if len(pending) > 4:
-      jax.block_until_ready(pending[-5])  # as train.MAX_STEPS_AHEAD
+    if len(pending) > train.MAX_STEPS_AHEAD:  # as train.train_stage (see its deadlock note)
+      jax.block_until_ready(pending[-train.MAX_STEPS_AHEAD - 1])
   return jax.block_until_ready(s)
 s = run(3, s)
 t = time.perf_counter()
@@ -55,7 +57,7 @@ def child(size, steps, tunable, out):
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   if tunable:
-    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    env["GLIBC_TUNABLES"] = main_lib.MALLOC_TUNABLE
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
   proc = subprocess.run(
       [sys.executable, "-c", CHILD, size, str(steps), out],

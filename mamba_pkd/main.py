@@ -15,7 +15,6 @@ import inspect
 import logging as std_logging
 import os
 import pathlib
-import platform
 import sys
 
 from absl import app
@@ -248,12 +247,21 @@ def run_job(config, workdir: str) -> int:
 
 # XLA's CPU client allocates each step's temporaries (the teacher's ~120 MB per device and
 # step on mnist5k) with glibc's malloc, which serves a block that large with a fresh mmap and
-# returns it with munmap: every step touched ~60,000 new 4 KiB pages (15 million page faults
-# in 185 teacher steps, ~20% of the step's time in the kernel clearing pages). With the
-# tunable below, malloc asks the kernel for transparent huge pages (madvise), 512 times
-# fewer faults; the arithmetic is unchanged (the same parameters, bit for bit).
+# returns it with munmap: every step touched ~60,000 new 4 KiB pages (15.1 million page
+# faults in 185 teacher steps, ~10% of a profile's samples in the kernel's fault handling and
+# page clearing). With the tunable below, malloc asks the kernel for transparent huge pages
+# (madvise): 0.6 million faults for the same steps; the arithmetic is unchanged (the same
+# parameters, bit for bit). docs/performance.md and experiments/bench_malloc.py measure it.
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 REEXEC_ENV = "MAMBA_PKD_MALLOC_REEXEC"  # set (to anything) in the environment: never re-exec
+
+
+def is_glibc() -> bool:
+  """Whether this process runs on glibc (asked of the C library, nothing read from disk)."""
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION") is not None
+  except (AttributeError, ValueError, OSError):  # not a POSIX system / name unknown
+    return False
 
 
 def _reexec_with_malloc_tunable() -> None:
@@ -264,9 +272,7 @@ def _reexec_with_malloc_tunable() -> None:
   already set, or when ``$MAMBA_PKD_MALLOC_REEXEC`` is set (the restarted process has it).
   The process keeps its id, arguments, environment and open files.
   """
-  if REEXEC_ENV in os.environ or not sys.platform.startswith("linux"):
-    return
-  if platform.libc_ver()[0] != "glibc":
+  if REEXEC_ENV in os.environ or not is_glibc():
     return
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:

@@ -8,7 +8,6 @@ was started with, and ``$MAMBA_PKD_MALLOC_REEXEC`` turns the restart off.
 """
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -17,8 +16,7 @@ import pytest
 from mamba_pkd import main
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="the restart applies to Linux with glibc only",
+    not main.is_glibc(), reason="the restart applies to glibc's malloc only"
 )
 
 # Counts its own starts in a file, restarts (maybe), then prints what the final process sees.
