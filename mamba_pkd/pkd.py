@@ -62,7 +62,7 @@ import numpy as np
 
 from mamba_pkd import anytime, combine, comparisons, ensemble, flops, losses, manifest, parallel
 from mamba_pkd import report, sanity, train, weak_learner
-from mamba_pkd.evaluate import accuracy, build_rows, pixel_baseline_row
+from mamba_pkd.evaluate import LatencyPrograms, accuracy, build_rows, pixel_baseline_row
 from mamba_pkd.models import ModelConfig, feature_width
 from mamba_pkd.preprocessing import Preprocessing
 from mamba_pkd.settings import PKDSettings
@@ -372,6 +372,22 @@ def write_run_manifest(
   )
 
 
+def latency_programs_ahead(
+    ctx: RunContext, teacher: Trained, students: Sequence[Trained]
+) -> LatencyPrograms | None:
+  """Starts compiling the report's latency programs (teacher, each standalone student, each
+  prefix) on a background thread, so they compile while the baselines train; ``None``
+  when the report measures no latency."""
+  if not ctx.config.report.latency:
+    return None
+  programs = LatencyPrograms(ctx.dataset.image_shape)
+  groups = [[teacher]] + [[m] for m in students if not m.config.connect_dim]
+  if ctx.settings.mode == "ensemble":
+    groups += [students[:k] for k in range(1, len(students) + 1)]
+  programs.start(groups)
+  return programs
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, retrain_changed: bool = False
 ) -> list[report.Row]:
@@ -401,29 +417,35 @@ def train_and_evaluate(
     students, decisions = distil_chain(ctx, teacher, pool)
     k = len(students)  # the deployed student, distilled directly with its own seed
     direct = [distil_direct(ctx, teacher, pool, students[-1].size, config.seed + 1000 * k)]
-  baselines = comparisons.train_baselines(ctx, students) if config.baselines else []
-  family = comparisons.train_family_rows(
-      ctx,
-      pool,
-      teacher,
-      students,
-      ctx.settings.family_rows,
-      stage_loss_for(ctx.settings, first=True),
-  )
-  predictions = {}  # row name -> predicted class per test image (for paired tests)
-  rows = build_rows(
-      teacher=teacher,
-      students=students,
-      baselines=baselines,
-      direct=direct,
-      family=family,
-      predictions=predictions,
-      labels=ctx.dataset.y_test,
-      image_shape=ctx.dataset.image_shape,
-      prefixes=ctx.settings.mode == "ensemble",
-      latency=config.report.latency,
-      repeats=config.report.repeats,
-  )
+  programs = latency_programs_ahead(ctx, teacher, students)
+  try:
+    baselines = comparisons.train_baselines(ctx, students) if config.baselines else []
+    family = comparisons.train_family_rows(
+        ctx,
+        pool,
+        teacher,
+        students,
+        ctx.settings.family_rows,
+        stage_loss_for(ctx.settings, first=True),
+    )
+    predictions = {}  # row name -> predicted class per test image (for paired tests)
+    rows = build_rows(
+        teacher=teacher,
+        students=students,
+        baselines=baselines,
+        direct=direct,
+        family=family,
+        predictions=predictions,
+        labels=ctx.dataset.y_test,
+        image_shape=ctx.dataset.image_shape,
+        prefixes=ctx.settings.mode == "ensemble",
+        latency=config.report.latency,
+        repeats=config.report.repeats,
+        programs=programs,
+    )
+  finally:
+    if programs is not None:
+      programs.close()
   ds = ctx.dataset
   rows.append(
       pixel_baseline_row(

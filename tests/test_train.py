@@ -201,6 +201,54 @@ def test_predict_dataset_covers_every_example(dataset):
   np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-6)
 
 
+def test_latency_programs_compiled_ahead_are_the_summed_forward_and_reused():
+  """The report's latency programs, compiled on the background thread, compute F_k = f_1 + f_2
+  (against a hand-chained ``apply``), at each batch; a row asking again (a baseline of the
+  same size) gets the same compiled program, not a new compile; ``build_rows`` times them."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  cfgs = (STUDENT, STUDENT.replace(d_model=8))
+  members = [
+      types.SimpleNamespace(config=c, params=models.init_params(c, jax.random.key(i)))
+      for i, c in enumerate(cfgs)
+  ]
+  programs = evaluate.LatencyPrograms(TINY["image_shape"])
+  programs.start([members[:1], members], batches=(1, 5))
+  images = jax.random.normal(jax.random.key(9), (5, 8, 8, 1))
+  params = jax.device_put(tuple(m.params for m in members))
+  forward = programs.get(cfgs, params, 5)
+  f1 = jit_apply(cfgs[0])({"params": params[0]}, images)
+  f2 = jit_apply(cfgs[1])({"params": params[1]}, images)
+  np.testing.assert_allclose(forward(params, images), f1 + f2, rtol=1e-6, atol=1e-6)
+  assert programs.get(cfgs[:1], params[:1], 1) is programs.get(cfgs[:1], params[:1], 1)
+  assert programs.get(cfgs, params, 5) is forward
+  # Not started ahead: compiled on request, then kept.
+  alone = programs.get(cfgs[1:], params[1:], 3)
+  np.testing.assert_allclose(alone(params[1:], images[:3]), f2[:3], rtol=1e-6, atol=1e-6)
+  assert programs.get(cfgs[1:], params[1:], 3) is alone
+  programs.close()
+
+  logits = np.asarray(f1)
+  trained = [
+      types.SimpleNamespace(**vars(m), name=f"m{i}", size=f"s{i}", test_logits=logits)
+      for i, m in enumerate(members)
+  ]
+  rows = evaluate.build_rows(
+      teacher=trained[1],
+      students=trained[:1],
+      baselines=trained[:1],
+      labels=np.zeros(5, np.int64),
+      image_shape=TINY["image_shape"],
+      prefixes=True,
+      latency=True,
+      repeats=2,
+  )
+  assert [r.name for r in rows] == ["teacher", "m0", "prefix_1..1", "m0"]
+  for r in rows:
+    assert np.isfinite(r.latency_ms_b1) and r.latency_ms_b1 > 0
+    assert np.isfinite(r.latency_ms_b256) and r.latency_ms_b256 > 0
+
+
 def test_non_finite_loss_stops_with_stage_and_step_range(dataset):
   params = models.init_params(STUDENT, jax.random.key(0))
   params = jax.tree.map(lambda x: x * np.nan, params)
