@@ -168,18 +168,16 @@ class LatencyPrograms:
 
 
 def latency_ms(
+    programs: LatencyPrograms,
     configs: Sequence[ModelConfig],
     params: Sequence[Any],
-    image_shape,
     batch: int,
     repeats: int,
-    programs: LatencyPrograms | None = None,
 ) -> float:
   """Median per-image ms of the summed forward of ``configs`` at ``batch``."""
-  programs = programs or LatencyPrograms(image_shape)
   params = jax.device_put(tuple(params))
   forward = programs.get(tuple(configs), params, batch)
-  images = jnp.zeros((batch, *image_shape), jnp.float32)
+  images = jnp.zeros((batch, *programs.image_shape), jnp.float32)
   ms = report.compute_latency_ms(
       functools.partial(forward, params), images, repeats=repeats, warmup=2
   )
@@ -225,8 +223,9 @@ def build_rows(
       predictions[name] = logits.argmax(-1)
     if latency:
       params = [m.params for m in members]
-      b1 = latency_ms(configs, params, image_shape, 1, repeats, programs)
-      b256 = latency_ms(configs, params, image_shape, 256, max(3, repeats // 5), programs)
+      small, big = LATENCY_BATCHES
+      b1 = latency_ms(programs, configs, params, small, repeats)
+      b256 = latency_ms(programs, configs, params, big, max(3, repeats // 5))
     return report.Row(
         name=name,
         kind=kind,
